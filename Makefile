@@ -1,0 +1,58 @@
+# InteractiveOmni serving platform. `make demo` and `make test` are all a newcomer needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BASE ?= /usr/bin/python3.11
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMP       := $(VENV)/.installed
+WHEELS      := $(wildcard /opt/wheels)
+PIP_FLAGS   := --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
+APT_PACKAGES := espeak-ng
+CKPT_DIR    ?= .cache/checkpoints
+
+.PHONY: help setup system-packages demo test lint bench checkpoints clean
+
+help:
+	@echo "make demo   - set everything up and run a 3-turn audio-visual conversation"
+	@echo "make test   - run the whole test suite"
+	@echo "make lint   - ruff"
+	@echo "make bench  - per-part latency and tokens/s, written to docs/benchmarks/"
+
+setup: system-packages $(STAMP)
+
+# Installs the Debian packages the demo and tests need, only when one is missing.
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PIP) install $(PIP_FLAGS) --upgrade pip
+	$(PIP) install $(PIP_FLAGS) torch==2.13.0
+	$(PIP) install $(PIP_FLAGS) -e '.[dev]'
+	@touch $(STAMP)
+
+checkpoints: setup
+	@test -f $(CKPT_DIR)/tiny/config.json || $(VENV)/bin/iomni make-checkpoint --size tiny --out $(CKPT_DIR)/tiny
+
+demo: setup checkpoints
+	$(PY) -m iomni.demo --model $(CKPT_DIR)/tiny --workdir .cache/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check services tests loadtests
+	$(VENV)/bin/ruff format --check services tests loadtests
+
+bench: setup
+	$(PY) -m loadtests.bench_inprocess --out docs/benchmarks
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""InteractiveOmni serving platform."""
