@@ -38,11 +38,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install $(PIP_FLAGS) -e '.[dev]'
 	@touch $(STAMP)
 
-checkpoints: setup
-	@test -f $(CKPT_DIR)/tiny/config.json || $(VENV)/bin/iomni make-checkpoint --size tiny --out $(CKPT_DIR)/tiny
+checkpoints: setup $(CKPT_DIR)/tiny/config.json
+
+# Regenerated whenever the model code changes (a few seconds for `tiny`).
+$(CKPT_DIR)/tiny/config.json: $(wildcard services/iomni/model/*.py) | $(STAMP)
+	rm -rf $(CKPT_DIR)/tiny
+	$(VENV)/bin/iomni make-checkpoint --size tiny --out $(CKPT_DIR)/tiny
 
 demo: setup checkpoints
-	$(PY) -m iomni.demo --model $(CKPT_DIR)/tiny --workdir .cache/demo
+	$(PY) -m iomni.cli.demo --model $(CKPT_DIR)/tiny --workdir .cache/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,0 +1,1 @@
+"""Benchmarks and load tests (never run by `make test`)."""

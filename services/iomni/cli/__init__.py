@@ -1,0 +1,5 @@
+"""The `iomni` command line."""
+
+from iomni.cli.main import main
+
+__all__ = ["main"]

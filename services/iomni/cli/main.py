@@ -1,0 +1,180 @@
+"""`iomni` subcommands: make-checkpoint, inspect-checkpoint, chat."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from iomni.errors import IomniError
+
+log = logging.getLogger("iomni")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iomni", description="InteractiveOmni serving platform")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint")
+    make.add_argument("--size", required=True, choices=["tiny", "small", "4b", "8b"])
+    make.add_argument("--out", required=True, type=Path)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--max-shard-gb", type=float, default=None)
+
+    inspect = sub.add_parser("inspect-checkpoint", help="parameters per part and key report")
+    inspect.add_argument("path", type=Path)
+
+    chat = sub.add_parser("chat", help="one turn of a conversation kept in a session file")
+    chat.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    chat.add_argument("--session", required=True, type=Path, help="JSON file with the history")
+    chat.add_argument("--image", action="append", type=Path, default=[])
+    chat.add_argument("--video", type=Path)
+    chat.add_argument("--video-frames", type=int, default=8)
+    chat.add_argument("--audio", type=Path)
+    chat.add_argument("--text", default="")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--top-k", type=int, default=50)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--timings", action="store_true", help="print per-stage timings to stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _quiet_libraries()
+    try:
+        if args.command == "make-checkpoint":
+            return _make_checkpoint(args)
+        if args.command == "inspect-checkpoint":
+            return _inspect(args)
+        return asyncio.run(_chat(args))
+    except IomniError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 2 if exc.code == "INVALID_ARGUMENT" else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    from iomni.model.generate import describe, make_checkpoint
+
+    shard = int(args.max_shard_gb * (1 << 30)) if args.max_shard_gb else None
+    make_checkpoint(args.size, args.out, seed=args.seed, max_shard_bytes=shard)
+    info = describe(args.out)
+    print(
+        f"wrote {args.size} checkpoint to {args.out}: {info['total_bytes'] / 1e6:.1f} MB "
+        f"in {info['shards']} shard(s)"
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from iomni.model.checkpoint import (
+        expected_shapes,
+        key_report,
+        meta_model,
+        part_parameter_counts,
+        stored_shapes,
+    )
+    from iomni.model.config import InteractiveOmniConfig
+
+    config = InteractiveOmniConfig.from_file(args.path / "config.json")
+    stored = stored_shapes(args.path)
+    report = key_report(config, stored, expected_shapes(meta_model(config)))
+    total = 0
+    print(f"checkpoint: {args.path}")
+    print(f"{'prefix':<16}{'part':<34}{'parameters':>16}")
+    for prefix, name, count in part_parameter_counts(stored):
+        total += count
+        print(f"{prefix:<16}{name:<34}{count:>16,}")
+    print(f"{'total':<50}{total:>16,}")
+    for line in report.lines():
+        print(line)
+    return 1 if report.missing else 0
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from iomni.cli.session_file import SessionFile
+    from iomni.engine.parts import InProcessParts
+    from iomni.engine.turn import TurnEngine, TurnRequest
+    from iomni.model.checkpoint import load_checkpoint
+    from iomni.model.conversation import MediaPart, Message, TextPart
+    from iomni.model.processor import Processor
+    from iomni.model.sampling import SamplingParams
+
+    parts: list[TextPart | MediaPart] = [
+        MediaPart.from_bytes("image", _read(p, "--image")) for p in args.image
+    ]
+    if args.video:
+        parts.append(
+            MediaPart.from_bytes(
+                "video", _read(args.video, "--video"), num_frames=args.video_frames
+            )
+        )
+    if args.audio:
+        parts.append(MediaPart.from_bytes("audio", _read(args.audio, "--audio")))
+    if args.text:
+        parts.append(TextPart(args.text))
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    ).validate()
+    session = SessionFile.open(args.session)
+    checkpoint = load_checkpoint(args.model)
+    engine = TurnEngine(
+        InProcessParts(checkpoint),
+        Processor.from_checkpoint(args.model),
+        embeddings=session.embedding_cache(),
+        media=session.media_store(),
+    )
+    turn = engine.start(
+        TurnRequest(user=Message("user", tuple(parts)), history=session.messages, params=params)
+    )
+    async for event in turn.events():
+        if hasattr(event, "text"):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        else:
+            sys.stdout.write("\n")
+            session.append(*event.record)
+            session.save()
+            if args.timings:
+                stages = " ".join(f"{k}={v:.1f}ms" for k, v in event.timings_ms.items())
+                print(
+                    f"[{event.stop_reason}] {event.usage.completion_tokens} tokens; {stages}",
+                    file=sys.stderr,
+                )
+    return 0
+
+
+def _read(path: Path, flag: str) -> bytes:
+    from iomni.errors import InvalidInput
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{flag} {path}: {exc.strerror or exc}") from exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""InteractiveOmni in PyTorch: every part of the model, its processor and checkpoints."""
