@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
@@ -81,8 +81,10 @@ def weight_files(path: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
         files = {name: path / shard for name, shard in weight_map.items()}
         for shard in set(files.values()):
             if not shard.exists():
@@ -90,8 +92,11 @@ def weight_files(path: Path) -> dict[str, Path]:
         return files
     single = path / SINGLE_FILE
     if single.exists():
-        with safe_open(single, "pt") as handle:
-            return {name: single for name in handle.keys()}  # noqa: SIM118
+        try:
+            with safe_open(single, "pt") as handle:
+                return {name: single for name in handle.keys()}  # noqa: SIM118
+        except SafetensorError as exc:
+            raise CheckpointError(f"{single} is not a readable safetensors file: {exc}") from exc
     raise CheckpointError(f"{path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 
@@ -101,9 +106,19 @@ def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     for name, file in weight_files(path).items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, "pt") as handle:
-            for name in names:
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
+        try:
+            with safe_open(file, "pt") as handle:
+                present = set(handle.keys())
+                absent = [name for name in names if name not in present]
+                if absent:
+                    raise CheckpointError(
+                        f"{INDEX_FILE} maps {len(absent)} tensors to {file.name}, which does not "
+                        f"hold them, e.g. {', '.join(absent[:5])}"
+                    )
+                for name in names:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
     return shapes
 
 

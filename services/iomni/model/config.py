@@ -67,6 +67,8 @@ class InteractiveOmniConfig:
     model_type = "interactiveomni"
 
     def __init__(self, raw: dict[str, Any]) -> None:
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"config.json must hold a JSON object, got {type(raw).__name__}")
         self._raw = copy.deepcopy(raw)
         for key, default in TOP_LEVEL_DEFAULTS.items():
             self._raw.setdefault(key, default)

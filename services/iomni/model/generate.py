@@ -24,6 +24,9 @@ def make_checkpoint(
     raw["iomni_seed"] = seed
     config = InteractiveOmniConfig(raw)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An old config.json would mark a half-written directory as complete; old shards linger.
+    for stale in [*out_dir.glob("config.json"), *out_dir.glob("model*.safetensors*")]:
+        stale.unlink()
     write_offline_tokenizer(out_dir)
     AudioFeatureExtractor().save(out_dir)
     write_generation_config(out_dir, Tokenizer.from_dir(out_dir).special.stop_ids)
