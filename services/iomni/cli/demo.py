@@ -1,8 +1,9 @@
 """`make demo`: a 3-turn audio-visual conversation, in-process, on a generated checkpoint.
 
 Turn 1 shows an image, turn 2 a short video, turn 3 asks a spoken question (synthesised with
-espeak-ng). Each reply is printed with its per-stage timings. The weights are random, so the
-replies are pseudo-words: the demo shows the pipeline, not the model's knowledge.
+espeak-ng). Each reply is printed with its per-stage timings and time to first audio, and its
+speech is written to reply-N.wav. The weights are random, so the replies are pseudo-words and
+the speech is noise: the demo shows the pipeline, not the model's knowledge.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def make_assets(workdir: Path) -> dict[str, Path]:
     return {"image": image, "video": video, "audio": speech}
 
 
-async def converse(model: Path, assets: dict[str, Path], seed: int) -> None:
+async def converse(model: Path, assets: dict[str, Path], seed: int, workdir: Path) -> None:
     checkpoint = load_checkpoint(model)
     engine = TurnEngine(
         InProcessParts(checkpoint), Processor.from_checkpoint(model), media=MemoryMediaStore()
@@ -109,7 +110,7 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     assets = make_assets(args.workdir)
     print(f"model: {args.model}   assets: {', '.join(str(p) for p in assets.values())}")
-    asyncio.run(converse(args.model, assets, args.seed))
+    asyncio.run(converse(args.model, assets, args.seed, args.workdir))
     return 0
 
 

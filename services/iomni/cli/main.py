@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=0.9)
     chat.add_argument("--top-k", type=int, default=50)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--out", type=Path, help="speak the reply and write it to this WAV file")
+    chat.add_argument("--speaker", type=Path, help="reference WAV to clone the voice from")
     chat.add_argument("--timings", action="store_true", help="print per-stage timings to stderr")
     return parser
 
@@ -87,7 +89,6 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from iomni.model.checkpoint import (
-        expected_shapes,
         key_report,
         meta_model,
         part_parameter_counts,
@@ -97,7 +98,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     config = InteractiveOmniConfig.from_file(args.path / "config.json")
     stored = stored_shapes(args.path)
-    report = key_report(config, stored, expected_shapes(meta_model(config)))
+    report = key_report(meta_model(config), stored)
     total = 0
     print(f"checkpoint: {args.path}")
     print(f"{'prefix':<16}{'part':<34}{'parameters':>16}")
@@ -110,10 +111,19 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if report.missing else 0
 
 
+def _write_wav(path: Path, pcm: bytes) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(path, np.frombuffer(pcm, dtype="<i2"), 24000, subtype="PCM_16")
+
+
 async def _chat(args: argparse.Namespace) -> int:
     from iomni.cli.session_file import SessionFile
-    from iomni.engine.parts import InProcessParts
+    from iomni.engine.events import AudioChunk, TextDelta
+    from iomni.engine.parts import InProcessParts, SpeechOptions
     from iomni.engine.turn import TurnEngine, TurnRequest
+    from iomni.errors import InvalidInput
     from iomni.model.checkpoint import load_checkpoint
     from iomni.model.conversation import MediaPart, Message, TextPart
     from iomni.model.processor import Processor
@@ -139,6 +149,12 @@ async def _chat(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     ).validate()
+    if args.speaker and not args.out:
+        raise InvalidInput("--speaker only makes sense with --out (speech output)")
+    speech = None
+    if args.out:
+        speaker = _read(args.speaker, "--speaker") if args.speaker else None
+        speech = SpeechOptions(speaker_wav=speaker, seed=args.seed or 0)
     session = SessionFile.open(args.session)
     checkpoint = load_checkpoint(args.model)
     engine = TurnEngine(
@@ -147,15 +163,20 @@ async def _chat(args: argparse.Namespace) -> int:
         embeddings=session.embedding_cache(),
         media=session.media_store(),
     )
-    turn = engine.start(
-        TurnRequest(user=Message("user", tuple(parts)), history=session.messages, params=params)
+    request = TurnRequest(
+        user=Message("user", tuple(parts)), history=session.messages, params=params, speech=speech
     )
-    async for event in turn.events():
-        if hasattr(event, "text"):
+    audio: list[bytes] = []
+    async for event in engine.start(request).events():
+        if isinstance(event, TextDelta):
             sys.stdout.write(event.text)
             sys.stdout.flush()
+        elif isinstance(event, AudioChunk):
+            audio.append(event.pcm)
         else:
             sys.stdout.write("\n")
+            if args.out:
+                _write_wav(args.out, b"".join(audio))
             session.append(*event.record)
             session.save()
             if args.timings:
@@ -165,6 +186,13 @@ async def _chat(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     return 0
+
+
+def _write_wav(path: Path, pcm: bytes) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(path, np.frombuffer(pcm, dtype="<i2"), 24000, subtype="PCM_16")
 
 
 def _read(path: Path, flag: str) -> bytes:

@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.llm import embed_token, forward
 from iomni.model.sampling import SamplingParams, make_generator, sample_next
+from iomni.model.speech.speaker import SpeakerEncoder
+from iomni.model.speech.stream import SpeechSession
 
 
 @dataclass
@@ -28,6 +31,26 @@ class GenerationRequest:
     stop_ids: Sequence[int]
     session_id: str = ""
     return_hidden: bool = True
+
+
+@dataclass(frozen=True)
+class SpeechOptions:
+    """Speak the reply. `speaker_wav` clones a voice; None uses the checkpoint's default."""
+
+    speaker_wav: bytes | None = None
+    seed: int = 0
+
+
+class SpeechStream(Protocol):
+    """One reply's speech: text in, float32 24 kHz sample arrays out, in order."""
+
+    async def push_text(
+        self, token_ids: Sequence[int], hidden: torch.Tensor
+    ) -> list[np.ndarray]: ...
+
+    async def finish(self) -> list[np.ndarray]: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,8 @@ class ModelParts(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[LLMStep]: ...
 
+    async def open_speech(self, options: SpeechOptions) -> SpeechStream: ...
+
 
 class InProcessParts:
     """PyTorch modules called directly, one forward at a time (a lock serialises the model)."""
@@ -55,6 +80,7 @@ class InProcessParts:
         self.model = checkpoint.model
         self.model_id = checkpoint.fingerprint
         self._lock = threading.Lock()
+        self._speaker: SpeakerEncoder | None = None
 
     def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         with self._lock, torch.inference_mode():
@@ -88,3 +114,35 @@ class InProcessParts:
             step, cache = await asyncio.to_thread(
                 self._run, lambda t=token, c=cache: forward(lm, embed_token(lm, t), c)
             )
+
+    async def open_speech(self, options: SpeechOptions) -> SpeechStream:
+        model = self.model
+        if options.speaker_wav is None:
+            speaker = model.default_speaker_embedding.detach()
+        else:
+            encoder = await asyncio.to_thread(self._speaker_encoder)
+            speaker = await asyncio.to_thread(encoder.embed, options.speaker_wav)
+        session = SpeechSession(
+            model.voicelm, model.flow, model.hifigan, speaker, seed=options.seed
+        )
+        return InProcessSpeech(self, session)
+
+    def _speaker_encoder(self) -> SpeakerEncoder:
+        if self._speaker is None:
+            self._speaker = SpeakerEncoder.from_checkpoint(self.checkpoint.path)
+        return self._speaker
+
+
+class InProcessSpeech:
+    def __init__(self, parts: InProcessParts, session: SpeechSession) -> None:
+        self.parts = parts
+        self.session = session
+
+    async def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
+        return await asyncio.to_thread(self.parts._run, self.session.push_text, token_ids, hidden)
+
+    async def finish(self) -> list[np.ndarray]:
+        return await asyncio.to_thread(self.parts._run, self.session.finish)
+
+    async def close(self) -> None:
+        self.session.done = True

@@ -8,18 +8,22 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from iomni.engine.cache import EmbeddingCache, MediaStore, MemoryEmbeddingCache, embedding_key
-from iomni.engine.events import TextDelta, TurnDone, TurnEvent, Usage
-from iomni.engine.parts import GenerationRequest, ModelParts
+from iomni.engine.events import AudioChunk, TextDelta, TurnDone, TurnEvent, Usage
+from iomni.engine.parts import GenerationRequest, ModelParts, SpeechOptions, SpeechStream
 from iomni.errors import InvalidInput, IomniError, NotFound
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.model.processor import DEFAULT_VIDEO_FRAMES, Processor
 from iomni.model.sampling import SamplingParams
+from iomni.model.speech.stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, to_pcm16
 from iomni.model.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
+# Text tokens per speech-decoder step (InteractiveOmni's 5:25 interleave).
+SPEECH_TEXT_GROUP = 5
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,36 @@ class TurnRequest:
     user: Message  # media parts carry their bytes
     history: Sequence[Message] = ()
     params: SamplingParams = field(default_factory=SamplingParams)
+    speech: SpeechOptions | None = None  # None: text only
     session_id: str = ""
     turn_id: str = ""
+
+
+@dataclass
+class _TurnStats:
+    started: float
+    timings: dict[str, float]
+    usage: dict[str, int]
+    completion: int = 0
+    audio_chunks: int = 0
+    audio_samples: int = 0
+    decode_started: float | None = None
+
+    def first_step(self, step_timings: dict[str, float]) -> None:
+        if self.decode_started is None:
+            self.decode_started = time.perf_counter()
+            self.timings.update(step_timings)
+            self.timings["first_token"] = (self.decode_started - self.started) * 1000
+
+    def end_decode(self) -> None:
+        if self.decode_started is not None:
+            self.timings["decode"] = (time.perf_counter() - self.decode_started) * 1000
+
+    def add(self, stage: str, since: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + (time.perf_counter() - since) * 1000
+
+    def mark_first_audio(self) -> None:
+        self.timings.setdefault("first_audio", (time.perf_counter() - self.started) * 1000)
 
 
 @dataclass
@@ -87,42 +119,50 @@ class Turn:
         _validate_user(request.user, self.engine.limits)
         media = await self._resolve_media([*request.history, request.user])
         messages, ids, dropped = self._fit_prompt(request, media)
-        timings = dict(media.timings_ms)
-        usage = dict(
-            media_cache_hits=media.hits,
-            media_encoded=media.encoded,
-            history_turns_dropped=dropped,
-            prompt_tokens=len(ids),
+        special = self.engine.processor.tokenizer.special
+        stats = _TurnStats(
+            started,
+            dict(media.timings_ms),
+            dict(
+                media_cache_hits=media.hits,
+                media_encoded=media.encoded,
+                history_turns_dropped=dropped,
+                prompt_tokens=len(ids),
+                image_tokens=ids.count(special.img_context),
+                audio_tokens=ids.count(special.audio_context),
+            ),
         )
         if self.cancelled:
-            yield self._done("cancelled", "", 0, usage, timings, started)
+            yield self._done("cancelled", "", stats)
             return
-        decoder = IncrementalDecoder(self.engine.processor.tokenizer)
-        special = self.engine.processor.tokenizer.special
+        speech = await self._open_speech(stats)
         generation = GenerationRequest(
             input_ids=ids,
             media=_placeholder_rows(messages, media.rows, special),
             params=params,
             stop_ids=special.stop_ids,
             session_id=request.session_id,
+            return_hidden=speech is not None,
         )
-        usage["image_tokens"] = ids.count(special.img_context)
-        usage["audio_tokens"] = ids.count(special.audio_context)
-        count, reason, decode_started = 0, "length", None
+        decoder = IncrementalDecoder(self.engine.processor.tokenizer)
+        pending: list[tuple[int, torch.Tensor]] = []  # text not yet given to the speech decoder
+        reason = "length"
         stream = self.engine.parts.generate(generation)
         try:
             async for step in stream:
-                if decode_started is None:
-                    decode_started = time.perf_counter()
-                    timings.update(step.timings_ms)
-                    timings["first_token"] = (decode_started - started) * 1000
+                stats.first_step(step.timings_ms)
                 if step.token_id in special.stop_ids:
                     reason = "eos"
                     break
-                count += 1
+                stats.completion += 1
                 delta = decoder.push(step.token_id)
                 if delta:
-                    yield TextDelta(delta, count - 1)
+                    yield TextDelta(delta, stats.completion - 1)
+                if speech is not None:
+                    pending.append((step.token_id, step.hidden))
+                    if len(pending) >= SPEECH_TEXT_GROUP:
+                        for chunk in await self._speak(speech, pending, stats):
+                            yield chunk
                 if self.cancelled:
                     reason = "cancelled"
                     break
@@ -130,15 +170,53 @@ class Turn:
             await stream.aclose()
         tail = decoder.flush()
         if tail:
-            yield TextDelta(tail, count - 1)
-        if decode_started is not None:
-            timings["decode"] = (time.perf_counter() - decode_started) * 1000
-        yield self._done(reason, decoder.text, count, usage, timings, started)
+            yield TextDelta(tail, stats.completion - 1)
+        stats.end_decode()
+        if speech is not None:
+            if reason != "cancelled":
+                for chunk in await self._speak(speech, pending, stats, final=True):
+                    yield chunk
+            await speech.close()
+        yield self._done(reason, decoder.text, stats)
 
-    def _done(
-        self, reason: str, text: str, completion: int, usage: dict, timings: dict, started: float
-    ) -> TurnDone:
-        timings["total"] = (time.perf_counter() - started) * 1000
+    async def _open_speech(self, stats: _TurnStats) -> SpeechStream | None:
+        if self.request.speech is None:
+            return None
+        opened = time.perf_counter()
+        speech = await self.engine.parts.open_speech(self.request.speech)
+        stats.add("speech", opened)
+        return speech
+
+    async def _speak(
+        self,
+        speech: SpeechStream,
+        pending: list[tuple[int, torch.Tensor]],
+        stats: _TurnStats,
+        final: bool = False,
+    ) -> list[AudioChunk]:
+        """Give buffered text to the speech decoder; the audio it returns, as events."""
+        started = time.perf_counter()
+        arrays: list[np.ndarray] = []
+        if pending:
+            ids = [token for token, _ in pending]
+            hidden = torch.stack([h for _, h in pending])
+            pending.clear()
+            arrays += await speech.push_text(ids, hidden)
+        if final:
+            arrays += await speech.finish()
+        stats.add("speech", started)
+        chunks = []
+        for samples in arrays:
+            chunks.append(
+                AudioChunk(to_pcm16(samples), stats.audio_chunks, text_tokens=stats.completion)
+            )
+            stats.audio_chunks += 1
+            stats.audio_samples += samples.size
+            stats.mark_first_audio()
+        return chunks
+
+    def _done(self, reason: str, text: str, stats: _TurnStats) -> TurnDone:
+        stats.timings["total"] = (time.perf_counter() - stats.started) * 1000
         user = Message(
             "user",
             tuple(
@@ -146,10 +224,16 @@ class Turn:
             ),
         )
         assistant = Message("assistant", (TextPart(text),))
+        usage = Usage(
+            completion_tokens=stats.completion,
+            speech_tokens=stats.audio_samples // SAMPLES_PER_TOKEN,
+            audio_ms=1000.0 * stats.audio_samples / SAMPLE_RATE,
+            **stats.usage,
+        )
         return TurnDone(
             stop_reason=reason,
-            usage=Usage(completion_tokens=completion, **usage),  # type: ignore[arg-type]
-            timings_ms=timings,
+            usage=usage,  # type: ignore[arg-type]
+            timings_ms=stats.timings,
             record=(user, assistant),
         )
 

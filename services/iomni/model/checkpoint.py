@@ -19,19 +19,22 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from iomni.errors import CheckpointError
-from iomni.model.config import SPEECH_SUBCONFIGS, InteractiveOmniConfig
-from iomni.model.interactive_omni import PARTS, InteractiveOmniModel, parameters_by_part
+from iomni.model.config import InteractiveOmniConfig
+from iomni.model.interactive_omni import (
+    ALL_PARTS,
+    PART_GROUPS,
+    PARTS,
+    InteractiveOmniModel,
+    parameters_by_part,
+    tied_parameters,
+)
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TIED_LM_HEAD = "language_model.lm_head.weight"
-# Prefixes of the speech decoder (built by a later part of the code); reported, not errors.
-SPEECH_PREFIXES = ("voicelm", "flow", "hifigan", "hift", "speech_decoder")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,6 +43,7 @@ class KeyReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     tied: list[str] = field(default_factory=list)
+    not_loaded: dict[str, int] = field(default_factory=dict)  # prefix -> tensors (parts skipped)
 
     def unexpected_by_prefix(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -55,8 +59,9 @@ class KeyReport:
             out.append(f"  ... and {len(self.missing) - 20} more")
         out.append(f"unexpected keys: {len(self.unexpected)}")
         for prefix, count in sorted(self.unexpected_by_prefix().items()):
-            why = " (speech decoder: not loaded by this build)" if prefix in SPEECH_PREFIXES else ""
-            out.append(f"  - {prefix}.*: {count}{why}")
+            out.append(f"  - {prefix}.*: {count}")
+        for prefix, count in sorted(self.not_loaded.items()):
+            out.append(f"not loaded by this process: {prefix}.* ({count} tensors)")
         if self.tied:
             out.append(f"tied (not stored): {', '.join(self.tied)}")
         return out
@@ -135,30 +140,31 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def meta_model(config: InteractiveOmniConfig) -> InteractiveOmniModel:
+def meta_model(
+    config: InteractiveOmniConfig, parts: tuple[str, ...] = ALL_PARTS
+) -> InteractiveOmniModel:
     with torch.device("meta"):
-        return InteractiveOmniModel(config)
+        return InteractiveOmniModel(config, parts)
 
 
 def expected_shapes(model: InteractiveOmniModel) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    """Tensors a checkpoint must hold for `model` (tied duplicates are not stored)."""
+    tied = tied_parameters(model)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
 
-def key_report(
-    config: InteractiveOmniConfig,
-    stored: dict[str, tuple[int, ...]],
-    expected: dict[str, tuple[int, ...]],
-) -> KeyReport:
-    report = KeyReport()
-    tie = bool(config.llm_config.tie_word_embeddings)
-    for name in expected:
-        if name in stored:
-            continue
-        if tie and name == TIED_LM_HEAD:
-            report.tied.append(name)
+def key_report(model: InteractiveOmniModel, stored: dict[str, tuple[int, ...]]) -> KeyReport:
+    expected = expected_shapes(model)
+    built = set(model.prefixes)
+    skipped = {p for group in PART_GROUPS.values() for p in group} - built
+    report = KeyReport(tied=sorted(tied_parameters(model)))
+    report.missing = [name for name in expected if name not in stored]
+    for name in sorted(set(stored) - set(expected)):
+        prefix = name.split(".", 1)[0]
+        if prefix in skipped:
+            report.not_loaded[prefix] = report.not_loaded.get(prefix, 0) + 1
         else:
-            report.missing.append(name)
-    report.unexpected = sorted(set(stored) - set(expected))
+            report.unexpected.append(name)
     return report
 
 
@@ -175,19 +181,23 @@ def _check_shapes(stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[
 
 
 def load_checkpoint(
-    path: Path | str, dtype: torch.dtype | None = None, device: str = "cpu"
+    path: Path | str,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    parts: tuple[str, ...] = ALL_PARTS,
 ) -> LoadedCheckpoint:
-    """Load config and weights; raise CheckpointError on any missing or misshaped tensor."""
+    """Load config and the weights of `parts`; raise CheckpointError on any missing or
+    misshaped tensor of those parts."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     config = InteractiveOmniConfig.from_file(path / "config.json")
     dtype = dtype or torch.float32
-    model = meta_model(config)
+    model = meta_model(config, parts)
     expected = expected_shapes(model)
     files = weight_files(path)
     stored = stored_shapes(path)
-    report = key_report(config, stored, expected)
+    report = key_report(model, stored)
     if report.missing:
         raise CheckpointError(
             f"checkpoint {path} is missing {len(report.missing)} required tensors, e.g. "
@@ -197,9 +207,10 @@ def load_checkpoint(
     for line in report.lines()[1:]:
         log.info("checkpoint %s: %s", path.name, line.strip())
     state = _read_tensors(files, expected, dtype, device)
+    tied = tied_parameters(model)
     model.load_state_dict(state, strict=False, assign=True)
-    if report.tied:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    for name, source in tied.items():
+        _set_parameter(model, name, model.get_parameter(source))
     _materialise_buffers(model, device)
     model.eval()
     return LoadedCheckpoint(path, config, model, report, fingerprint(path))
@@ -220,11 +231,20 @@ def _read_tensors(
     return state
 
 
+def _set_parameter(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, value)
+
+
 def _materialise_buffers(model: InteractiveOmniModel, device: str) -> None:
-    # Rotary frequencies are non-persistent buffers: rebuild them from the config.
-    lm = model.language_model.model
-    with torch.device(device):
-        lm.rotary_emb = Qwen3RotaryEmbedding(config=lm.config)
+    # Non-persistent buffers (rotary frequencies) are not in checkpoints: rebuild their
+    # modules from the module's own config.
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
+            with torch.device(device):
+                fresh = type(module)(config=module.config)
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, fresh)
     left = [name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     left += [name for name, t in model.named_buffers() if t.is_meta]
     if left:
@@ -248,11 +268,13 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "bias":
         return torch.zeros(shape)
+    if name.endswith("parametrizations.weight.original0"):  # weight-norm gains: unit filters
+        return torch.ones(shape)
     if leaf in ("ls1", "ls2"):
         return torch.full(shape, 0.1)
     if name.endswith("embed_positions.weight"):
         return _sinusoids(*shape)
-    if len(shape) == 1:  # LayerNorm / RMSNorm scales
+    if len(shape) == 1 and name != "default_speaker_embedding":  # norm scales, snake alphas
         return torch.ones(shape)
     tensor_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
     generator = torch.Generator().manual_seed(tensor_seed)
@@ -304,18 +326,14 @@ def write_tensors(
 def random_state(
     config: InteractiveOmniConfig, seed: int, dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    expected = expected_shapes(meta_model(config))
-    tie = bool(config.llm_config.tie_word_embeddings)
-    for name, shape in expected.items():
-        if tie and name == TIED_LM_HEAD:
-            continue
+    for name, shape in expected_shapes(meta_model(config)).items():
         yield name, random_tensor(name, shape, seed).to(dtype)
 
 
 def model_state(model: InteractiveOmniModel) -> Iterator[tuple[str, torch.Tensor]]:
-    tie = bool(model.config.llm_config.tie_word_embeddings)
+    tied = tied_parameters(model)
     for name, tensor in model.state_dict().items():
-        if not (tie and name == TIED_LM_HEAD):
+        if name not in tied:
             yield name, tensor.detach().cpu()
 
 
@@ -326,10 +344,6 @@ def save_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save(out_dir / "config.json")
     write_tensors(model_state(model), out_dir, max_shard_bytes)
-
-
-def speech_subconfigs_present(config: InteractiveOmniConfig) -> list[str]:
-    return [name for name in SPEECH_SUBCONFIGS if config.speech_config(name) is not None]
 
 
 def part_parameter_counts(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, str, int]]:

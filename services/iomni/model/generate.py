@@ -10,6 +10,7 @@ from iomni.model.config import InteractiveOmniConfig
 from iomni.model.media import AudioFeatureExtractor
 from iomni.model.presets import preset_config
 from iomni.model.processor import write_generation_config
+from iomni.model.speech.speaker import CAMPPLUS_FILE, write_standin_campplus
 from iomni.model.tokenizer import Tokenizer, write_offline_tokenizer
 
 # Shard sizes: one file for test sizes, ~4 GB like the published 4B for the real sizes.
@@ -30,6 +31,7 @@ def make_checkpoint(
     write_offline_tokenizer(out_dir)
     AudioFeatureExtractor().save(out_dir)
     write_generation_config(out_dir, Tokenizer.from_dir(out_dir).special.stop_ids)
+    write_standin_campplus(out_dir / CAMPPLUS_FILE, seed=seed)
     dtype = DTYPES[raw["torch_dtype"]]
     write_tensors(
         random_state(config, seed, dtype),

@@ -398,6 +398,13 @@ def load_audio(
     data: bytes, limits: MediaLimits = DEFAULT_LIMITS, target_rate: int = AUDIO_RATE
 ) -> np.ndarray:
     """Decode audio bytes into float32 mono samples in [-1, 1] at target_rate."""
+    return load_audio_with_rate(data, limits, target_rate)[0]
+
+
+def load_audio_with_rate(
+    data: bytes, limits: MediaLimits = DEFAULT_LIMITS, target_rate: int = AUDIO_RATE
+) -> tuple[np.ndarray, int]:
+    """Like `load_audio`, also returning the sample rate the file was recorded at."""
     _check_size(data, "audio", limits.max_audio_bytes)
     channels, rate = _decode_audio(data, limits)
     if rate <= 0:
@@ -408,7 +415,7 @@ def load_audio(
         g = math.gcd(target_rate, rate)
         mono = resample_poly(mono, target_rate // g, rate // g)
     # Resampling can overshoot near full scale; the encoder expects [-1, 1].
-    return np.clip(mono, -1.0, 1.0).astype(np.float32)
+    return np.clip(mono, -1.0, 1.0).astype(np.float32), rate
 
 
 def audio_token_count(num_samples: int) -> int:

@@ -12,6 +12,8 @@ import copy
 from typing import Any
 
 from iomni.errors import InvalidInput
+from iomni.model.speech.flow import SMALL_FLOW_CONFIG, TINY_FLOW_CONFIG, FlowConfig
+from iomni.model.speech.hift import SMALL_HIFT_CONFIG, TINY_HIFT_CONFIG, HiFTConfig
 
 QWEN_VOCAB = 151936
 
@@ -170,9 +172,19 @@ def _llm_config(dims: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _speech_configs(voicelm: dict[str, Any], llm_hidden: int) -> dict[str, Any]:
+def _as_dict(config: Any) -> dict[str, Any]:
+    return config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(config)
+
+
+def _speech_configs(voicelm: dict[str, Any], llm_hidden: int, size: str) -> dict[str, Any]:
     # Built by the speech-decoder code; kept in config.json so checkpoints carry them already.
     width = voicelm["hidden_size"]
+    flow = _as_dict(
+        {"tiny": TINY_FLOW_CONFIG, "small": SMALL_FLOW_CONFIG}.get(size) or FlowConfig()
+    )
+    hift = _as_dict(
+        {"tiny": TINY_HIFT_CONFIG, "small": SMALL_HIFT_CONFIG}.get(size) or HiFTConfig()
+    )
     return {
         "voicelm_config": {
             "llm_input_size": width,
@@ -191,24 +203,8 @@ def _speech_configs(voicelm: dict[str, Any], llm_hidden: int) -> dict[str, Any]:
                 **voicelm,
             },
         },
-        "flow_config": {
-            "input_size": 512,
-            "output_size": 80,
-            "spk_embed_dim": 192,
-            "vocab_size": 6561,
-            "input_frame_rate": 25,
-            "token_mel_ratio": 2,
-            "pre_lookahead_len": 3,
-        },
-        "hifigan_config": {
-            "in_channels": 80,
-            "base_channels": 512,
-            "nb_harmonics": 8,
-            "sampling_rate": 24000,
-            "upsample_rates": [8, 5, 3],
-            "upsample_kernel_sizes": [16, 11, 7],
-            "istft_params": {"n_fft": 16, "hop_len": 4},
-        },
+        "flow_config": flow,
+        "hifigan_config": hift,
     }
 
 
@@ -237,5 +233,5 @@ def preset_config(size: str) -> dict[str, Any]:
         "max_dynamic_patch": spec["max_dynamic_patch"],
         "torch_dtype": "float32" if size in ("tiny", "small") else "bfloat16",
     }
-    raw.update(_speech_configs(voicelm, spec["llm"]["hidden_size"]))
+    raw.update(_speech_configs(voicelm, spec["llm"]["hidden_size"], size))
     return raw

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from iomni.errors import CheckpointError
+
+TIED_LM_HEAD = "language_model.lm_head.weight"
 from iomni.model.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
-    TIED_LM_HEAD,
     LoadedCheckpoint,
     expected_shapes,
     load_checkpoint,
@@ -79,7 +80,7 @@ def test_save_load_is_bit_exact_and_keeps_tie(tiny: LoadedCheckpoint, tmp_path: 
     _assert_same_state(tiny.model, loaded.model)
     assert loaded.config.llm_config.tie_word_embeddings
     assert _lm_tied(tiny) and _lm_tied(loaded)
-    assert loaded.report.tied == [TIED_LM_HEAD]
+    assert loaded.report.tied == [TIED_LM_HEAD, "voicelm.llm.model.lm_head.weight"]
     assert loaded.report.missing == [] and loaded.report.unexpected == []
 
 
@@ -145,20 +146,35 @@ def test_unexpected_keys_are_reported(tiny_dir: Path, tmp_path: Path) -> None:
     path = _copy(tiny_dir, tmp_path / "ckpt")
 
     def add(state: Tensors) -> None:
-        state["voicelm.llm_embedding.weight"] = torch.zeros(2, 4)
+        state["voicelm.extra_head.weight"] = torch.zeros(2, 4)
         state["foo.bar"] = torch.ones(3)
 
     _rewrite(path, add)
     loaded = load_checkpoint(path)
-    assert loaded.report.unexpected == ["foo.bar", "voicelm.llm_embedding.weight"]
+    assert loaded.report.unexpected == ["foo.bar", "voicelm.extra_head.weight"]
     assert loaded.report.missing == []
     lines = loaded.report.lines()
     assert "unexpected keys: 2" in lines
-    voicelm = [line for line in lines if "voicelm" in line]
-    assert len(voicelm) == 1 and "speech decoder" in voicelm[0]
-    foo = [line for line in lines if "foo" in line]
-    assert len(foo) == 1 and "speech decoder" not in foo[0]
+    assert "  - foo.*: 1" in lines and "  - voicelm.*: 1" in lines
     assert _lm_tied(loaded)
+
+
+def test_loading_some_parts_reports_the_rest_as_not_loaded(tiny_dir: Path) -> None:
+    loaded = load_checkpoint(tiny_dir, parts=("vision",))
+    assert loaded.report.missing == [] and loaded.report.unexpected == []
+    assert set(loaded.report.not_loaded) == {
+        "mlp2",
+        "audio_model",
+        "language_model",
+        "voicelm",
+        "flow",
+        "hifigan",
+        "default_speaker_embedding",
+    }
+    assert not hasattr(loaded.model, "language_model")
+    assert loaded.model.encode_images(torch.zeros(1, 3, 448, 448)).shape[1] == 256
+    with pytest.raises(CheckpointError, match="did not load the llm part"):
+        loaded.model.inputs_embeds(torch.tensor([1]), {})
 
 
 def test_wrong_shape_is_an_error(tiny_dir: Path, tmp_path: Path) -> None:
@@ -272,16 +288,22 @@ def test_config_without_llm_config_is_an_error() -> None:
 # Parameter counts of the real sizes (meta device: no memory)
 
 
-@pytest.mark.parametrize(("size", "low", "high"), [("4b", 4.8e9, 5.2e9), ("8b", 9.0e9, 9.4e9)])
-def test_preset_parameter_counts(size: str, low: float, high: float) -> None:
+@pytest.mark.parametrize(
+    ("size", "low", "high", "speech_low", "speech_high"),
+    [("4b", 4.8e9, 5.2e9, 5.5e9, 5.9e9), ("8b", 9.0e9, 9.4e9, 9.6e9, 10.1e9)],
+)
+def test_preset_parameter_counts(
+    size: str, low: float, high: float, speech_low: float, speech_high: float
+) -> None:
+    """4B: ~5.9 B params in the published 11.83 GB bf16 checkpoint (model.md)."""
     config = InteractiveOmniConfig(preset_config(size))
-    shapes = expected_shapes(meta_model(config))
-    if config.llm_config.tie_word_embeddings:
-        del shapes[TIED_LM_HEAD]  # shares embed_tokens' storage
-    prefixes = {name.split(".", 1)[0] for name in shapes}
+    understanding = expected_shapes(meta_model(config, ("vision", "audio", "llm")))
+    assert TIED_LM_HEAD not in understanding or not config.llm_config.tie_word_embeddings
+    prefixes = {name.split(".", 1)[0] for name in understanding}
     assert prefixes == {"vision_model", "mlp1", "audio_model", "mlp2", "language_model"}
-    total = sum(math.prod(shape) for shape in shapes.values())
-    assert low < total < high
+    assert low < sum(math.prod(s) for s in understanding.values()) < high
+    everything = expected_shapes(meta_model(config))
+    assert speech_low < sum(math.prod(s) for s in everything.values()) < speech_high
 
 
 # ---------------------------------------------------------------------------------------------

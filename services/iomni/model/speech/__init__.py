@@ -1,0 +1,1 @@
+"""The speech decoder: speech-token LM, flow matching, HiFT vocoder."""

@@ -1,0 +1,237 @@
+"""The speech-token LM ("VoiceLM"): a Qwen2 backbone that turns text into 25 Hz speech tokens.
+
+Bistream decoding as in CosyVoice2's `Qwen2LM.inference_bistream`, at InteractiveOmni's 5:25
+ratio: every 5 text tokens (LLM text-token ids + the LLM's hidden states, fused by an adaptor)
+are followed by up to 25 speech tokens; a forced `fill` token asks for the next 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+SOS, TASK_ID, FILL_MARKER = 0, 1, 2  # rows of `llm_embedding`
+IGNORE = -1
+
+
+@dataclass
+class RasConfig:
+    top_p: float = 0.8
+    top_k: int = 25
+    win_size: int = 10
+    tau_r: float = 0.1
+
+
+@dataclass
+class VoiceLMConfig:
+    llm_input_size: int = 896
+    llm_output_size: int = 896
+    speech_token_size: int = 6561
+    text_hidden_size: int = 2560
+    mix_ratio: tuple[int, int] = (5, 25)
+    sampling: RasConfig = field(default_factory=RasConfig)
+    llm_config: dict[str, Any] = field(default_factory=dict)
+    max_tail_ratio: int = 20  # speech tokens per text token, cap for the final phase
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VoiceLMConfig:
+        sampling = raw.get("sampling_config") or {}
+        return cls(
+            llm_input_size=raw.get("llm_input_size", 896),
+            llm_output_size=raw.get("llm_output_size", 896),
+            speech_token_size=raw.get("speech_token_size", 6561),
+            text_hidden_size=raw.get("text_hidden_size", 2560),
+            mix_ratio=tuple(raw.get("mix_ratio", (5, 25))),  # type: ignore[arg-type]
+            sampling=RasConfig(
+                **{k: v for k, v in sampling.items() if k in RasConfig.__dataclass_fields__}
+            ),
+            llm_config=dict(raw.get("llm_config") or {}),
+        )
+
+    @property
+    def eos(self) -> int:
+        return self.speech_token_size
+
+    @property
+    def fill(self) -> int:
+        return self.speech_token_size + 2
+
+
+class Qwen2Encoder(nn.Module):
+    """Holds the backbone as `model` so keys read `voicelm.llm.model.model.*` like CosyVoice2."""
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        config._attn_implementation = "sdpa"
+        self.model = Qwen2ForCausalLM(config)
+
+    def step(
+        self, embeds: torch.Tensor, cache: DynamicCache | None
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        out = self.model.model(inputs_embeds=embeds, cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], out.cache
+
+
+class TextAdaptor(nn.Module):
+    """LLM hidden states + text-token embeddings -> VoiceLM input (gated fusion).
+
+    The real adaptor's layout is unknown; this follows the public LLaMA-Omni2 design: project
+    the hidden state, then gate it against the backbone's own embedding of the text token.
+    """
+
+    def __init__(self, text_hidden: int, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Linear(text_hidden, 2 * width), nn.ReLU(), nn.Linear(2 * width, width)
+        )
+        self.gate = nn.Linear(2 * width, width)
+
+    def forward(self, hidden: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        h = self.proj(hidden)
+        g = torch.sigmoid(self.gate(torch.cat([h, text_embeds], dim=-1)))
+        return g * h + (1 - g) * text_embeds
+
+
+class VoiceLM(nn.Module):
+    def __init__(self, config: VoiceLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.llm_input_size
+        self.llm_embedding = nn.Embedding(3, width)
+        self.speech_embedding = nn.Embedding(config.speech_token_size + 3, width)
+        self.llm = Qwen2Encoder(Qwen2Config(**config.llm_config))
+        self.llm_decoder = nn.Linear(config.llm_output_size, config.speech_token_size + 3)
+        self.adaptor = TextAdaptor(config.text_hidden_size, width)
+
+    def embed_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> torch.Tensor:
+        """(n,) LLM token ids + (n, H_llm) hidden states -> (1, n, width)."""
+        table = self.llm.model.get_input_embeddings()
+        ids = torch.tensor(list(token_ids), dtype=torch.long, device=table.weight.device)
+        text = table(ids)
+        return self.adaptor(hidden.to(text.dtype), text).unsqueeze(0)
+
+    def marker(self, index: int) -> torch.Tensor:
+        return self.llm_embedding.weight[index].reshape(1, 1, -1)
+
+    def speech(self, token: int) -> torch.Tensor:
+        return self.speech_embedding.weight[token].reshape(1, 1, -1)
+
+    def log_probs(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.llm_decoder(last_hidden).float(), dim=-1)[0]
+
+
+def ras_sample(
+    logp: torch.Tensor,
+    recent: Sequence[int],
+    config: RasConfig,
+    generator: torch.Generator,
+    forbid: Sequence[int] = (),
+) -> int:
+    """Repetition-aware sampling (CosyVoice2): nucleus draw, redraw from the full
+    distribution when the token already appears in the recent window."""
+    logp = logp.clone()
+    for token in forbid:
+        logp[token] = float("-inf")
+    probs = logp.exp()
+    sorted_probs, order = probs.sort(descending=True, stable=True)
+    keep = (sorted_probs.cumsum(0) - sorted_probs) < config.top_p
+    keep[config.top_k :] = False
+    keep[0] = True
+    pick = torch.multinomial(sorted_probs * keep, 1, generator=generator)
+    token = int(order[pick])
+    window = list(recent)[-config.win_size :]
+    if window.count(token) >= config.win_size * config.tau_r:
+        probs[token] = 0.0  # HEAD behaviour: the repeated id cannot be redrawn
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    return token
+
+
+class BistreamDecoder:
+    """One utterance: push text groups, get speech tokens as soon as they exist."""
+
+    def __init__(self, lm: VoiceLM, generator: torch.Generator) -> None:
+        self.lm = lm
+        self.generator = generator
+        self.text_per_group, self.speech_per_group = lm.config.mix_ratio
+        self.pending: torch.Tensor | None = None  # adapted text embeddings not yet fed
+        self.cache: DynamicCache | None = None
+        self.history: list[int] = []  # speech tokens and fills, for the RAS window
+        self.started = False
+        self.finished = False
+
+    @torch.inference_mode()
+    def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[int]:
+        if not token_ids:
+            return []
+        embeds = self.lm.embed_text(token_ids, hidden)
+        self.pending = embeds if self.pending is None else torch.cat([self.pending, embeds], 1)
+        out: list[int] = []
+        while self.pending is not None and self.pending.shape[1] >= self.text_per_group:
+            group = self.pending[:, : self.text_per_group]
+            rest = self.pending[:, self.text_per_group :]
+            self.pending = rest if rest.shape[1] else None
+            out += self._decode_group(group)
+        return out
+
+    def _decode_group(self, text: torch.Tensor) -> list[int]:
+        # The first group follows <sos>; later ones replace the fill (which is never fed).
+        lm_input = torch.cat([self.lm.marker(SOS), text], 1) if not self.started else text
+        self.started = True
+        out: list[int] = []
+        config = self.lm.config
+        while True:
+            last, self.cache = self.lm.llm.step(lm_input, self.cache)
+            if len(out) == self.speech_per_group:
+                self.history.append(config.fill)  # forced fill: group complete
+                return out
+            logp = self.lm.log_probs(last)
+            token = ras_sample(
+                logp,
+                self.history,
+                config.sampling,
+                self.generator,
+                forbid=(config.eos, config.eos + 1, config.fill),
+            )
+            self.history.append(token)
+            out.append(token)
+            lm_input = self.lm.speech(token)
+
+    @torch.inference_mode()
+    def finish(self) -> list[int]:
+        """Remaining text + <task_id>, then decode until eos (capped)."""
+        if self.finished:
+            return []
+        self.finished = True
+        config = self.lm.config
+        parts = [] if self.started else [self.lm.marker(SOS)]
+        remaining = 0
+        if self.pending is not None:
+            parts.append(self.pending)
+            remaining = self.pending.shape[1]
+        parts.append(self.lm.marker(TASK_ID))
+        lm_input = torch.cat(parts, 1)
+        cap = min(config.max_tail_ratio * max(remaining, 1), 2 * self.speech_per_group)
+        out: list[int] = []
+        while len(out) < cap:
+            last, self.cache = self.lm.llm.step(lm_input, self.cache)
+            logp = self.lm.log_probs(last)
+            token = ras_sample(
+                logp,
+                self.history,
+                config.sampling,
+                self.generator,
+                forbid=(config.eos + 1, config.fill),
+            )
+            if token == config.eos:
+                break
+            self.history.append(token)
+            out.append(token)
+            lm_input = self.lm.speech(token)
+        return out
