@@ -13,8 +13,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from iomni.errors import CheckpointError
-
-TIED_LM_HEAD = "language_model.lm_head.weight"
 from iomni.model.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -33,6 +31,7 @@ from iomni.model.generate import make_checkpoint
 from iomni.model.presets import preset_config
 
 QKV = "vision_model.encoder.layers.0.attn.qkv.weight"
+TIED_LM_HEAD = "language_model.lm_head.weight"
 Tensors = dict[str, torch.Tensor]
 
 
