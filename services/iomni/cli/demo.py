@@ -15,11 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 from PIL import Image, ImageDraw
 
 from iomni.engine.cache import MemoryMediaStore
-from iomni.engine.events import TextDelta, TurnDone
-from iomni.engine.parts import InProcessParts
+from iomni.engine.events import AudioChunk, TextDelta, TurnDone
+from iomni.engine.parts import InProcessParts, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.model.checkpoint import load_checkpoint
 from iomni.model.conversation import MediaPart, Message, TextPart
@@ -71,30 +73,49 @@ async def converse(model: Path, assets: dict[str, Path], seed: int, workdir: Pat
         kinds = ", ".join(p.type for p in parts)
         print(f"\n--- turn {number} (user sends: {kinds})")
         print("assistant: ", end="", flush=True)
-        turn = engine.start(
-            TurnRequest(
-                user=Message("user", tuple(parts)),
-                history=history,
-                params=params,
-                session_id="demo",
-            )
+        request = TurnRequest(
+            user=Message("user", tuple(parts)),
+            history=history,
+            params=params,
+            speech=SpeechOptions(seed=seed),
+            session_id="demo",
         )
-        async for event in turn.events():
+        audio: list[bytes] = []
+        async for event in engine.start(request).events():
             if isinstance(event, TextDelta):
                 print(event.text, end="", flush=True)
+            elif isinstance(event, AudioChunk):
+                audio.append(event.pcm)
             elif isinstance(event, TurnDone):
                 history += list(event.record)
-                _print_done(event)
+                wav = workdir / f"reply-{number}.wav"
+                sf.write(wav, np.frombuffer(b"".join(audio), dtype="<i2"), 24000, subtype="PCM_16")
+                _print_done(event, wav)
 
 
-def _print_done(done: TurnDone) -> None:
+def _print_done(done: TurnDone, wav: Path) -> None:
     u = done.usage
     print(
         f"\n  [{done.stop_reason}] prompt {u.prompt_tokens} tokens (image {u.image_tokens}, "
         f"audio {u.audio_tokens}), generated {u.completion_tokens}, media encoded "
         f"{u.media_encoded}, from cache {u.media_cache_hits}"
     )
-    order = ["vision_encode", "audio_encode", "prefill", "first_token", "decode", "total"]
+    first_audio = done.timings_ms.get("first_audio")
+    ttfa = f"{first_audio:.0f} ms" if first_audio is not None else "n/a"
+    print(
+        f"  speech: {u.audio_ms / 1000:.2f} s ({u.speech_tokens} speech tokens) -> {wav}; "
+        f"time to first audio {ttfa}"
+    )
+    order = [
+        "vision_encode",
+        "audio_encode",
+        "prefill",
+        "first_token",
+        "first_audio",
+        "speech",
+        "decode",
+        "total",
+    ]
     stages = "  ".join(f"{k} {done.timings_ms[k]:.0f} ms" for k in order if k in done.timings_ms)
     print(f"  timings: {stages}")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from PIL import Image
 
 from iomni.model.conversation import content_hash
@@ -81,8 +82,12 @@ def test_chat_two_turns_in_one_session(tiny_dir: Path, tmp_path: Path) -> None:
     assert [p["type"] for p in assistant["parts"]] == ["text"]
     assert assistant["parts"][0]["text"].strip() == first.stdout.strip()
 
-    second = iomni(*common, "--text", "And then?", "--max-new-tokens", 4)
+    reply = tmp_path / "reply.wav"
+    second = iomni(*common, "--text", "And then?", "--max-new-tokens", 6, "--out", reply)
     assert second.returncode == 0, second.stderr
+    info = sf.info(str(reply))
+    assert info.samplerate == 24000 and info.channels == 1
+    assert info.frames > 0 and info.frames % 960 == 0  # 40 ms per speech token
     history = messages(session)
     assert len(history) == 4
     assert history[:2] == [user, assistant]

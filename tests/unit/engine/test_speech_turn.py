@@ -1,0 +1,141 @@
+"""Speech in a turn: audio interleaved with text, speech off, cancel, speakers."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from iomni.engine.events import AudioChunk, TextDelta, TurnDone, TurnEvent
+from iomni.engine.parts import InProcessParts, SpeechOptions
+from iomni.engine.turn import TurnEngine, TurnRequest
+from iomni.errors import CheckpointError, InvalidInput
+from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from iomni.model.conversation import Message, TextPart
+from iomni.model.processor import Processor
+from iomni.model.sampling import SamplingParams
+from iomni.model.speech.stream import SAMPLES_PER_TOKEN
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
+
+
+@pytest.fixture
+def engine(tiny: LoadedCheckpoint, processor: Processor) -> TurnEngine:
+    return TurnEngine(InProcessParts(tiny), processor)
+
+
+def voice(seconds: float = 2.0, rate: int = 16000, pitch: float = 180.0) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    buffer = io.BytesIO()
+    sf.write(buffer, wave.astype(np.float32), rate, format="WAV")
+    return buffer.getvalue()
+
+
+async def run(
+    engine: TurnEngine, speech: SpeechOptions | None, params: SamplingParams = GREEDY
+) -> list[TurnEvent]:
+    request = TurnRequest(
+        user=Message("user", (TextPart("Say something"),)), params=params, speech=speech
+    )
+    return [e async for e in engine.start(request).events()]
+
+
+def audio_of(events: list[TurnEvent]) -> bytes:
+    return b"".join(e.pcm for e in events if isinstance(e, AudioChunk))
+
+
+async def test_audio_starts_after_five_text_tokens_and_before_the_text_ends(
+    engine: TurnEngine,
+) -> None:
+    events = await run(engine, SpeechOptions(seed=1))
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.usage.completion_tokens == 24
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    first = events.index(chunks[0])
+    text_before = sum(1 for e in events[:first] if isinstance(e, TextDelta))
+    assert chunks[0].text_tokens >= 5 and text_before >= 1
+    assert chunks[0].text_tokens < done.usage.completion_tokens  # speaking while thinking
+    assert [c.sequence for c in chunks] == list(range(len(chunks)))
+    assert {c.sample_rate for c in chunks} == {24000}
+
+
+async def test_audio_duration_matches_speech_tokens(engine: TurnEngine) -> None:
+    events = await run(engine, SpeechOptions(seed=1))
+    done = events[-1]
+    samples = len(audio_of(events)) // 2
+    assert samples == done.usage.speech_tokens * SAMPLES_PER_TOKEN
+    assert done.usage.audio_ms == pytest.approx(samples / 24)
+    assert done.usage.speech_tokens >= 24 // 5 * 25
+    assert "first_audio" in done.timings_ms and "speech" in done.timings_ms
+
+
+async def test_speech_off_yields_no_audio(engine: TurnEngine) -> None:
+    events = await run(engine, None)
+    assert not any(isinstance(e, AudioChunk) for e in events)
+    assert events[-1].usage.audio_ms == 0
+
+
+async def test_same_seed_same_audio(engine: TurnEngine) -> None:
+    a = audio_of(await run(engine, SpeechOptions(seed=3)))
+    b = audio_of(await run(engine, SpeechOptions(seed=3)))
+    c = audio_of(await run(engine, SpeechOptions(seed=4)))
+    assert a == b and a != c
+
+
+async def test_cancel_mid_speech_stops_audio(engine: TurnEngine) -> None:
+    params = SamplingParams(temperature=0.0, max_new_tokens=200)
+    turn = engine.start(
+        TurnRequest(
+            user=Message("user", (TextPart("Talk"),)), params=params, speech=SpeechOptions()
+        )
+    )
+    events: list[TurnEvent] = []
+    async for event in turn.events():
+        events.append(event)
+        if isinstance(event, AudioChunk) and not turn.cancelled:
+            turn.cancel()
+            cancelled_at = len(events)
+    after = events[cancelled_at:]
+    assert not any(isinstance(e, AudioChunk) for e in after)
+    done = events[-1]
+    assert done.stop_reason == "cancelled" and done.usage.completion_tokens < 200
+    assert done.record[1].text == "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+async def test_cloned_voice_changes_the_audio(engine: TurnEngine) -> None:
+    default = audio_of(await run(engine, SpeechOptions(seed=1)))
+    cloned = audio_of(await run(engine, SpeechOptions(speaker_wav=voice(), seed=1)))
+    assert len(default) == len(cloned) and default != cloned
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (b"definitely not audio", "speaker reference: audio could not be decoded"),
+        (voice(seconds=0.4), "speaker reference is 0.40 s long"),
+        (voice(rate=8000), "sampled at 8000 Hz"),
+        (voice(pitch=0.0), "speaker reference: audio is silent"),
+    ],
+)
+async def test_bad_speaker_reference_is_invalid_input(
+    engine: TurnEngine, reference: bytes, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        await run(engine, SpeechOptions(speaker_wav=reference))
+
+
+async def test_cloning_without_the_speaker_model_is_a_clear_error(
+    tiny_dir: Path, processor: Processor, tmp_path: Path
+) -> None:
+    copy = tmp_path / "no-campplus"
+    shutil.copytree(tiny_dir, copy)
+    (copy / "campplus.onnx").unlink()
+    engine = TurnEngine(InProcessParts(load_checkpoint(copy)), processor)
+    with pytest.raises(CheckpointError, match="campplus.onnx"):
+        await run(engine, SpeechOptions(speaker_wav=voice()))
+    assert audio_of(await run(engine, SpeechOptions())) != b""  # the default voice still works
