@@ -1,4 +1,5 @@
-"""In-process benchmark: per-part latency and LLM tokens/s for the `tiny` and `small` sizes.
+"""In-process benchmark for the `tiny` and `small` sizes: per-part latency, LLM tokens/s,
+speech-decoder real-time factor and time to first audio.
 
 Prints a table and writes docs/benchmarks/inprocess.{md,json}. Timing is measured here, never
 asserted in tests.
@@ -23,13 +24,14 @@ import torch
 from PIL import Image
 
 from iomni.engine.events import TurnDone
-from iomni.engine.parts import GenerationRequest, InProcessParts
+from iomni.engine.parts import GenerationRequest, InProcessParts, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.model.checkpoint import load_checkpoint
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.model.generate import make_checkpoint
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
+from iomni.model.speech.stream import SpeechSession
 
 SIZES = ("tiny", "small")
 
@@ -95,6 +97,43 @@ async def turn_latency(engine: TurnEngine, image: bytes) -> dict:
     }
 
 
+async def speech_turn(engine: TurnEngine) -> dict:
+    user = Message("user", (TextPart("Tell me about your day."),))
+    params = SamplingParams(temperature=0.0, max_new_tokens=40)
+    request = TurnRequest(user=user, params=params, speech=SpeechOptions(seed=0))
+    done = None
+    async for event in engine.start(request).events():
+        if isinstance(event, TurnDone):
+            done = event
+    return {
+        "speech_turn_first_audio_ms": done.timings_ms["first_audio"],
+        "speech_turn_first_token_ms": done.timings_ms["first_token"],
+        "speech_turn_audio_s": done.usage.audio_ms / 1000,
+        "speech_turn_total_ms": done.timings_ms["total"],
+    }
+
+
+def speech_rtf(checkpoint, text_tokens: int = 50) -> dict:  # type: ignore[no-untyped-def]
+    """Speech decoder alone: wall time / audio time for one utterance (VoiceLM+flow+HiFT)."""
+    m = checkpoint.model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 150000, (text_tokens,), generator=g).tolist()
+    hidden = torch.randn(text_tokens, checkpoint.config.llm_hidden_size, generator=g)
+    session = SpeechSession(m.voicelm, m.flow, m.hifigan, m.default_speaker_embedding)
+    started = time.perf_counter()
+    first = None
+    samples = 0
+    with torch.inference_mode():
+        for i in range(0, text_tokens, 5):
+            chunks = session.push_text(ids[i : i + 5], hidden[i : i + 5])
+            if chunks and first is None:
+                first = time.perf_counter() - started
+            samples += sum(c.size for c in chunks)
+        samples += sum(c.size for c in session.finish())
+    wall = time.perf_counter() - started
+    return {"speech_rtf": wall / (samples / 24000), "speech_first_chunk_ms": first * 1000}
+
+
 def bench_size(size: str, root: Path) -> dict:
     path = root / size
     if not (path / "config.json").exists():
@@ -119,8 +158,14 @@ def bench_size(size: str, root: Path) -> dict:
     result.update(
         {f"turn_{k}": v for k, v in asyncio.run(turn_latency(engine, png_bytes(640, 480))).items()}
     )
+    result.update(speech_rtf(checkpoint))
+    result.update(asyncio.run(speech_turn(engine)))
     result["parameters_millions"] = sum(p.numel() for p in model.parameters()) / 1e6
     return result
+
+
+def _cell(value: float) -> str:
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -148,7 +193,7 @@ def write_report(results: dict, out: Path) -> None:
         "|---|" + "---|" * len(results),
     ]
     for key in keys:
-        cells = [f"{r[key]:.1f}" if key in r else "" for r in results.values()]
+        cells = [_cell(r[key]) if key in r else "" for r in results.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     (out / "inprocess.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
