@@ -1,0 +1,341 @@
+"""Continuous batching for the `llm` model, with per-session KV-cache reuse.
+
+A background loop owns the model. Between decode steps it admits new sequences (prefilling
+each on top of its session's cached prefix when the prompt extends it), then runs ONE forward
+for every active sequence: their caches are left-padded to a common length and masked, and
+each sequence gets its own position id. Cancelled sequences leave before the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, Qwen3ForCausalLM
+
+from iomni.model.sampling import SamplingParams, make_generator, sample_next
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    token_id: int
+    hidden: torch.Tensor | None  # (H,) float32
+    batch_size: int  # sequences that shared this decode step
+    reused_tokens: int = 0  # prompt tokens served from the session's KV cache (first event)
+    prefill_ms: float = 0.0  # first event only
+    finish_reason: str | None = None  # "eos" | "length" | "cancelled" on the last event
+    error: str | None = None
+
+
+@dataclass
+class SequenceRequest:
+    input_ids: Sequence[int]
+    media: Mapping[int, torch.Tensor]  # placeholder id -> (n, H) rows in prompt order
+    params: SamplingParams
+    stop_ids: Sequence[int]
+    emit: Callable[[StepEvent], None]  # called on the loop thread
+    is_cancelled: Callable[[], bool] = lambda: False
+    session_id: str = ""
+    return_hidden: bool = True
+
+
+@dataclass
+class _Active:
+    request: SequenceRequest
+    cache: DynamicCache
+    fed: list[int]  # token ids whose KV is in `cache`
+    generator: torch.Generator
+    next_token: int = -1
+    hidden: torch.Tensor | None = None
+    generated: int = 0
+    first_event: dict = field(default_factory=dict)
+
+
+@dataclass
+class _CacheEntry:
+    ids: list[int]
+    media: dict[int, torch.Tensor]
+    cache: DynamicCache
+
+
+class BatcherMetrics:
+    """What the loop counts. Plain attributes for tests; the Triton model subclasses it to
+    export the same numbers as Prometheus metrics."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.step_sequences: list[int] = []  # batch size of recent steps (bounded)
+        self.generated_tokens = 0
+        self.cancelled = 0
+        self.kv_hits = 0
+        self.kv_misses = 0
+        self.kv_reused_tokens = 0
+
+    def on_step(self, batch: int) -> None:
+        self.steps += 1
+        self.step_sequences = [*self.step_sequences[-255:], batch]
+
+    def on_token(self) -> None:
+        self.generated_tokens += 1
+
+    def on_cancel(self) -> None:
+        self.cancelled += 1
+
+    def on_kv(self, reused: int) -> None:
+        """`reused` prompt tokens served from the session's cache (0: a miss)."""
+        if reused:
+            self.kv_hits += 1
+            self.kv_reused_tokens += reused
+        else:
+            self.kv_misses += 1
+
+    def on_first_token(self, ms: float) -> None:
+        """Time from admission to the first token (Triton 2.51 has no such histogram)."""
+
+
+class SessionKVCache:
+    """Per-session KV caches, least recently used evicted beyond `max_tokens` in total."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self._entries: OrderedDict[str, _CacheEntry] = OrderedDict()
+
+    def take(self, session_id: str) -> _CacheEntry | None:
+        return self._entries.pop(session_id, None) if session_id else None
+
+    def put(self, session_id: str, entry: _CacheEntry) -> None:
+        if not session_id or len(entry.ids) > self.max_tokens:
+            return
+        self._entries[session_id] = entry
+        self._entries.move_to_end(session_id)
+        while sum(len(e.ids) for e in self._entries.values()) > self.max_tokens:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def reusable_prefix(entry: _CacheEntry, ids: Sequence[int],
+                    media: Mapping[int, torch.Tensor]) -> int:
+    """Longest prefix of `ids` whose KV in `entry` is valid: same tokens and, at every media
+    placeholder inside it, the same embedding rows."""
+    limit = min(len(entry.ids), len(ids) - 1)  # keep >= 1 token to compute the next logits
+    common = 0
+    while common < limit and entry.ids[common] == ids[common]:
+        common += 1
+    for token_id, rows in media.items():
+        cached = entry.media.get(token_id)
+        used = sum(1 for t in ids[:common] if t == token_id)
+        if used and (cached is None or cached.shape[0] < used
+                     or not torch.equal(cached[:used], rows[:used])):
+            common = min(common, list(ids).index(token_id))
+    return common
+
+
+class ContinuousBatcher:
+    def __init__(self, language_model: Qwen3ForCausalLM, max_batch: int = 16,
+                 kv_cache_tokens: int = 65536, idle_wait_s: float = 0.05,
+                 metrics: BatcherMetrics | None = None) -> None:
+        self.lm = language_model
+        self.max_batch = max_batch
+        self.kv = SessionKVCache(kv_cache_tokens)
+        self.metrics = metrics or BatcherMetrics()
+        self.idle_wait_s = idle_wait_s
+        self._inbox: queue.Queue[SequenceRequest] = queue.Queue()
+        self._active: list[_Active] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="llm-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def submit(self, request: SequenceRequest) -> None:
+        self._inbox.put(request)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._admit(block=not self._active)
+                    self._drop_cancelled()
+                    if self._active:
+                        self._step()
+                except Exception as exc:  # a dead loop would hang every client
+                    log.exception("llm batcher step failed")
+                    self._fail_all(f"internal error in the llm batcher: {exc}")
+
+    def _admit(self, block: bool) -> None:
+        while len(self._active) < self.max_batch:
+            try:
+                request = self._inbox.get(timeout=self.idle_wait_s) if block else \
+                    self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if request.is_cancelled():
+                self.metrics.on_cancel()
+                request.emit(StepEvent(-1, None, 0, finish_reason="cancelled"))
+                continue
+            try:
+                self._prefill(request)
+            except Exception as exc:
+                log.exception("prefill failed")
+                request.emit(StepEvent(-1, None, 0, error=f"prefill failed: {exc}"))
+
+    def _prefill(self, request: SequenceRequest) -> None:
+        started = time.perf_counter()
+        ids = list(request.input_ids)
+        entry = self.kv.take(request.session_id)
+        reused = reusable_prefix(entry, ids, request.media) if entry else 0
+        if entry and reused:
+            cache = entry.cache
+            surplus = cache.get_seq_length() - reused
+            if surplus:
+                cache.crop(-surplus)  # transformers: a negative count removes that many
+        else:
+            cache = DynamicCache(config=self.lm.config)
+            reused = 0
+        if request.session_id:
+            self.metrics.on_kv(reused)
+        embeds = self._embed(ids, reused, request.media)
+        out = self.lm.model(inputs_embeds=embeds, cache=cache, use_cache=True)
+        seq = _Active(request, out.cache, ids, make_generator(request.params))
+        self._choose(seq, out.last_hidden_state[0, -1])
+        prefill_ms = (time.perf_counter() - started) * 1000
+        seq.first_event = {"reused_tokens": reused, "prefill_ms": prefill_ms}
+        self.metrics.on_first_token(prefill_ms)
+        self._active.append(seq)
+
+    def _embed(self, ids: list[int], start: int, media: Mapping[int, torch.Tensor]
+               ) -> torch.Tensor:
+        """Embeddings of ids[start:], media rows spliced at their placeholders."""
+        suffix = torch.tensor(ids[start:], dtype=torch.long)
+        embeds = self.lm.get_input_embeddings()(suffix.unsqueeze(0))
+        for token_id, rows in media.items():
+            mask = suffix == token_id
+            count = int(mask.sum())
+            if count:
+                offset = sum(1 for t in ids[:start] if t == token_id)
+                embeds[0, mask] = rows[offset:offset + count].to(embeds.dtype)
+        return embeds
+
+    def _choose(self, seq: _Active, hidden: torch.Tensor) -> None:
+        logits = self.lm.lm_head(hidden).float()
+        seq.next_token = sample_next(logits, seq.request.params, seq.generator)
+        seq.hidden = hidden.float() if seq.request.return_hidden else None
+
+    def _step(self) -> None:
+        """Emit every sequence's pending token, then one batched forward for the survivors."""
+        batch = len(self._active)
+        self.metrics.on_step(batch)
+        survivors = []
+        for seq in self._active:
+            if self._emit_pending(seq, batch):
+                survivors.append(seq)
+        self._active = survivors
+        if survivors:
+            self._forward(survivors)
+
+    def _emit_pending(self, seq: _Active, batch: int) -> bool:
+        request = seq.request
+        token = seq.next_token
+        seq.generated += 1
+        self.metrics.on_token()
+        reason = None
+        if token in request.stop_ids:
+            reason = "eos"
+        elif seq.generated >= request.params.max_new_tokens:
+            reason = "length"
+        request.emit(StepEvent(token, seq.hidden, batch, finish_reason=reason, **seq.first_event))
+        seq.first_event = {}
+        if reason is not None:
+            self._retire(seq)
+            return False
+        return True
+
+    def _forward(self, batch: list[_Active]) -> None:
+        tokens = torch.tensor([[s.next_token] for s in batch])
+        embeds = self.lm.get_input_embeddings()(tokens)
+        for seq in batch:
+            seq.fed.append(seq.next_token)
+        if len(batch) == 1:
+            out = self.lm.model(inputs_embeds=embeds, cache=batch[0].cache, use_cache=True)
+            batch[0].cache = out.cache
+            self._choose(batch[0], out.last_hidden_state[0, -1])
+            return
+        cache, mask, positions = _padded_cache(batch)
+        out = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                            cache=cache, use_cache=True)
+        for row, seq in enumerate(batch):
+            for layer, padded in enumerate(out.cache.layers):
+                seq.cache.update(padded.keys[row:row + 1, :, -1:],
+                                 padded.values[row:row + 1, :, -1:], layer)
+            self._choose(seq, out.last_hidden_state[row, -1])
+
+    def _drop_cancelled(self) -> None:
+        kept = []
+        for seq in self._active:
+            if seq.request.is_cancelled():
+                self.metrics.on_cancel()
+                seq.request.emit(StepEvent(-1, None, len(self._active),
+                                           finish_reason="cancelled"))
+                self._retire(seq)
+            else:
+                kept.append(seq)
+        self._active = kept
+
+    def _retire(self, seq: _Active) -> None:
+        request = seq.request
+        self.kv.put(request.session_id,
+                    _CacheEntry(seq.fed, {k: v for k, v in request.media.items()}, seq.cache))
+
+    def _fail_all(self, message: str) -> None:
+        for seq in self._active:
+            try:
+                seq.request.emit(StepEvent(-1, None, 0, error=message))
+            except Exception:
+                log.exception("could not report a failure to a client")
+        self._active = []
+
+
+def _padded_cache(batch: list[_Active]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    """One cache for the batch: each sequence's KV left-padded to the longest, with the
+    attention mask that hides the padding and each sequence's own next position."""
+    lengths = [s.cache.get_seq_length() for s in batch]
+    longest = max(lengths)
+    layers = []
+    for layer in range(len(batch[0].cache.layers)):
+        keys, values = [], []
+        for seq, length in zip(batch, lengths, strict=True):
+            k = seq.cache.layers[layer].keys
+            v = seq.cache.layers[layer].values
+            pad = longest - length
+            if pad:
+                k = torch.nn.functional.pad(k, (0, 0, pad, 0))
+                v = torch.nn.functional.pad(v, (0, 0, pad, 0))
+            keys.append(k)
+            values.append(v)
+        layers.append((torch.cat(keys), torch.cat(values)))
+    mask = torch.zeros(len(batch), longest + 1, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, longest - length:] = 1
+    positions = torch.tensor([[length] for length in lengths])
+    return DynamicCache(ddp_cache_data=layers), mask, positions

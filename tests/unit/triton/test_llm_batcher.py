@@ -1,0 +1,132 @@
+"""Continuous batching and session KV reuse, on the tiny model, without a server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from iomni.model.checkpoint import LoadedCheckpoint
+from iomni.model.llm import embed_token, forward
+from iomni.model.sampling import SamplingParams
+from iomni.triton.llm_batcher import ContinuousBatcher, SequenceRequest, StepEvent
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
+IMG = 151671
+
+
+@pytest.fixture
+def batcher(tiny: LoadedCheckpoint) -> Iterator[ContinuousBatcher]:
+    b = ContinuousBatcher(tiny.model.language_model, max_batch=8, idle_wait_s=0.01)
+    b.start()
+    yield b
+    b.stop()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[StepEvent] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: StepEvent) -> None:
+        self.events.append(event)
+        if event.finish_reason or event.error:
+            self.done.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token_id for e in self.events if e.token_id >= 0]
+
+
+def submit(batcher: ContinuousBatcher, ids: list[int], params: SamplingParams = GREEDY,
+           session: str = "", media: dict | None = None, cancelled=lambda: False) -> Collector:
+    out = Collector()
+    batcher.submit(SequenceRequest(ids, media or {}, params, stop_ids=(), emit=out,
+                                   is_cancelled=cancelled, session_id=session))
+    return out
+
+
+@torch.inference_mode()
+def reference(tiny: LoadedCheckpoint, ids: list[int], n: int = 8,
+              media: dict | None = None) -> list[int]:
+    lm = tiny.model.language_model
+    step, cache = forward(lm, tiny.model.inputs_embeds(torch.tensor(ids), media or {}), None)
+    tokens = []
+    for _ in range(n):
+        token = int(torch.argmax(step.logits))
+        tokens.append(token)
+        step, cache = forward(lm, embed_token(lm, token), cache)
+    return tokens
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 150000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_one_sequence_matches_plain_decoding(tiny: LoadedCheckpoint,
+                                             batcher: ContinuousBatcher) -> None:
+    ids = prompt(20, 0)
+    out = submit(batcher, ids)
+    assert out.done.wait(30)
+    assert out.tokens == reference(tiny, ids)
+    assert out.events[-1].finish_reason == "length"
+    assert out.events[0].hidden is not None and out.events[0].prefill_ms > 0
+
+
+def test_concurrent_sequences_share_steps_and_match_alone(tiny: LoadedCheckpoint,
+                                                          batcher: ContinuousBatcher) -> None:
+    prompts = [prompt(n, seed) for seed, n in enumerate([5, 17, 40, 9])]
+    outs = [submit(batcher, ids, SamplingParams(temperature=0.0, max_new_tokens=12))
+            for ids in prompts]
+    for out in outs:
+        assert out.done.wait(60)
+    for ids, out in zip(prompts, outs, strict=True):
+        assert out.tokens == reference(tiny, ids, 12)
+    assert max(batcher.metrics.step_sequences) >= 2
+    assert max(e.batch_size for out in outs for e in out.events) >= 2
+
+
+def test_cancel_stops_within_one_step(batcher: ContinuousBatcher) -> None:
+    flag = threading.Event()
+    out = Collector()
+
+    def emit(event: StepEvent) -> None:
+        out(event)
+        if len(out.tokens) == 3:
+            flag.set()
+
+    batcher.submit(SequenceRequest(prompt(10, 1), {}, SamplingParams(temperature=0.0,
+                                   max_new_tokens=500), (), emit, is_cancelled=flag.is_set))
+    assert out.done.wait(30)
+    assert out.events[-1].finish_reason == "cancelled"
+    assert len(out.tokens) <= 4
+    assert batcher.metrics.cancelled == 1
+
+
+def test_next_turn_reuses_the_session_prefix(tiny: LoadedCheckpoint,
+                                             batcher: ContinuousBatcher) -> None:
+    first_ids = prompt(30, 2)
+    first = submit(batcher, first_ids, session="s1")
+    assert first.done.wait(30)
+    second_ids = first_ids + first.tokens[:5] + prompt(6, 3)
+    second = submit(batcher, second_ids, session="s1")
+    assert second.done.wait(30)
+    assert second.events[0].reused_tokens == 35
+    assert second.tokens == reference(tiny, second_ids)
+    assert batcher.metrics.kv_hits == 1 and batcher.metrics.kv_misses == 1
+    other = submit(batcher, second_ids, session="s2")
+    assert other.done.wait(30) and other.events[0].reused_tokens == 0
+
+
+def test_changed_media_is_not_reused(tiny: LoadedCheckpoint, batcher: ContinuousBatcher) -> None:
+    hidden = tiny.config.llm_hidden_size
+    ids = [5, 6, IMG, IMG, IMG, 7, 8, 9]
+    first = submit(batcher, ids, session="m", media={IMG: torch.randn(3, hidden)})
+    assert first.done.wait(30)
+    changed = {IMG: torch.randn(3, hidden)}
+    second = submit(batcher, ids + [10], session="m", media=changed)
+    assert second.done.wait(30)
+    assert second.events[0].reused_tokens == 2  # up to the first placeholder
+    assert second.tokens == reference(tiny, ids + [10], media=changed)
