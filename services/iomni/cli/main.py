@@ -28,6 +28,27 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect-checkpoint", help="parameters per part and key report")
     inspect.add_argument("path", type=Path)
 
+    triton = sub.add_parser("triton", help="the Triton model repository and server")
+    triton_sub = triton.add_subparsers(dest="triton_command", required=True)
+    serve = triton_sub.add_parser("serve", help="run tritonserver on loopback until SIGTERM")
+    serve.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    serve.add_argument("--repository", type=Path, default=Path("model_repository"))
+    serve.add_argument("--work", type=Path, default=Path(".cache/triton"))
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--ready-timeout", type=float, default=300)
+    render = triton_sub.add_parser("render", help="write the repository for a profile")
+    render.add_argument("--profile", required=True, choices=["cpu", "gpu"])
+    render.add_argument("--out", required=True, type=Path)
+    render.add_argument("--repository", type=Path, default=Path("model_repository"))
+
+    export = sub.add_parser("export", help="export the encoders for TensorRT")
+    export_sub = export.add_subparsers(dest="export_format", required=True)
+    onnx = export_sub.add_parser("onnx", help="ONNX with dynamic batch (vision, audio)")
+    onnx.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    onnx.add_argument("--out", required=True, type=Path)
+
     chat = sub.add_parser("chat", help="one turn of a conversation kept in a session file")
     chat.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     chat.add_argument("--session", required=True, type=Path, help="JSON file with the history")
@@ -60,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _make_checkpoint(args)
         if args.command == "inspect-checkpoint":
             return _inspect(args)
+        if args.command == "triton":
+            return _triton(args)
+        if args.command == "export":
+            return _export(args)
         return asyncio.run(_chat(args))
     except IomniError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
@@ -109,6 +134,59 @@ def _inspect(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     return 1 if report.missing else 0
+
+
+def _triton(args: argparse.Namespace) -> int:
+    if args.triton_command == "render":
+        from iomni.triton.repository import render
+
+        for path in render(args.repository, args.out, args.profile):
+            print(path)
+        return 0
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from iomni.triton.server import TritonPorts, TritonServer
+
+    if not (args.model / "config.json").exists():
+        from iomni.errors import CheckpointError
+
+        raise CheckpointError(f"{args.model} is not a checkpoint directory (no config.json)")
+    server = TritonServer(
+        args.repository,
+        args.model,
+        args.work,
+        TritonPorts(args.http_port, args.grpc_port, args.metrics_port),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start(timeout_s=args.ready_timeout)
+        print(
+            f"triton ready: grpc {server.grpc_url}, http {server.http_url}, metrics "
+            f"127.0.0.1:{args.metrics_port}; log {server.log_file}",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if server.process is not None and server.process.poll() is not None:
+                print(f"error: tritonserver exited; see {server.log_file}", file=sys.stderr)
+                return 1
+    finally:
+        server.stop()
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from iomni.model.export import export_encoders
+
+    for name, path in export_encoders(args.model, args.out).items():
+        print(f"{name}: {path}")
+    return 0
 
 
 def _write_wav(path: Path, pcm: bytes) -> None:

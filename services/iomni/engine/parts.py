@@ -39,6 +39,7 @@ class SpeechOptions:
 
     speaker_wav: bytes | None = None
     seed: int = 0
+    sequence_id: str = ""  # set by the engine to the turn id (the speech sequence's id)
 
 
 class SpeechStream(Protocol):

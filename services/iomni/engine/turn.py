@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -183,7 +183,10 @@ class Turn:
         if self.request.speech is None:
             return None
         opened = time.perf_counter()
-        speech = await self.engine.parts.open_speech(self.request.speech)
+        options = self.request.speech
+        if not options.sequence_id and self.request.turn_id:
+            options = replace(options, sequence_id=self.request.turn_id)
+        speech = await self.engine.parts.open_speech(options)
         stats.add("speech", opened)
         return speech
 

@@ -123,8 +123,9 @@ class SessionKVCache:
         return len(self._entries)
 
 
-def reusable_prefix(entry: _CacheEntry, ids: Sequence[int],
-                    media: Mapping[int, torch.Tensor]) -> int:
+def reusable_prefix(
+    entry: _CacheEntry, ids: Sequence[int], media: Mapping[int, torch.Tensor]
+) -> int:
     """Longest prefix of `ids` whose KV in `entry` is valid: same tokens and, at every media
     placeholder inside it, the same embedding rows."""
     limit = min(len(entry.ids), len(ids) - 1)  # keep >= 1 token to compute the next logits
@@ -134,16 +135,22 @@ def reusable_prefix(entry: _CacheEntry, ids: Sequence[int],
     for token_id, rows in media.items():
         cached = entry.media.get(token_id)
         used = sum(1 for t in ids[:common] if t == token_id)
-        if used and (cached is None or cached.shape[0] < used
-                     or not torch.equal(cached[:used], rows[:used])):
+        if used and (
+            cached is None or cached.shape[0] < used or not torch.equal(cached[:used], rows[:used])
+        ):
             common = min(common, list(ids).index(token_id))
     return common
 
 
 class ContinuousBatcher:
-    def __init__(self, language_model: Qwen3ForCausalLM, max_batch: int = 16,
-                 kv_cache_tokens: int = 65536, idle_wait_s: float = 0.05,
-                 metrics: BatcherMetrics | None = None) -> None:
+    def __init__(
+        self,
+        language_model: Qwen3ForCausalLM,
+        max_batch: int = 16,
+        kv_cache_tokens: int = 65536,
+        idle_wait_s: float = 0.05,
+        metrics: BatcherMetrics | None = None,
+    ) -> None:
         self.lm = language_model
         self.max_batch = max_batch
         self.kv = SessionKVCache(kv_cache_tokens)
@@ -185,8 +192,9 @@ class ContinuousBatcher:
     def _admit(self, block: bool) -> None:
         while len(self._active) < self.max_batch:
             try:
-                request = self._inbox.get(timeout=self.idle_wait_s) if block else \
-                    self._inbox.get_nowait()
+                request = (
+                    self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
+                )
             except queue.Empty:
                 return
             block = False
@@ -224,8 +232,7 @@ class ContinuousBatcher:
         self.metrics.on_first_token(prefill_ms)
         self._active.append(seq)
 
-    def _embed(self, ids: list[int], start: int, media: Mapping[int, torch.Tensor]
-               ) -> torch.Tensor:
+    def _embed(self, ids: list[int], start: int, media: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """Embeddings of ids[start:], media rows spliced at their placeholders."""
         suffix = torch.tensor(ids[start:], dtype=torch.long)
         embeds = self.lm.get_input_embeddings()(suffix.unsqueeze(0))
@@ -234,7 +241,7 @@ class ContinuousBatcher:
             count = int(mask.sum())
             if count:
                 offset = sum(1 for t in ids[:start] if t == token_id)
-                embeds[0, mask] = rows[offset:offset + count].to(embeds.dtype)
+                embeds[0, mask] = rows[offset : offset + count].to(embeds.dtype)
         return embeds
 
     def _choose(self, seq: _Active, hidden: torch.Tensor) -> None:
@@ -282,12 +289,18 @@ class ContinuousBatcher:
             self._choose(batch[0], out.last_hidden_state[0, -1])
             return
         cache, mask, positions = _padded_cache(batch)
-        out = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                            cache=cache, use_cache=True)
+        out = self.lm.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
         for row, seq in enumerate(batch):
             for layer, padded in enumerate(out.cache.layers):
-                seq.cache.update(padded.keys[row:row + 1, :, -1:],
-                                 padded.values[row:row + 1, :, -1:], layer)
+                seq.cache.update(
+                    padded.keys[row : row + 1, :, -1:], padded.values[row : row + 1, :, -1:], layer
+                )
             self._choose(seq, out.last_hidden_state[row, -1])
 
     def _drop_cancelled(self) -> None:
@@ -295,8 +308,7 @@ class ContinuousBatcher:
         for seq in self._active:
             if seq.request.is_cancelled():
                 self.metrics.on_cancel()
-                seq.request.emit(StepEvent(-1, None, len(self._active),
-                                           finish_reason="cancelled"))
+                seq.request.emit(StepEvent(-1, None, len(self._active), finish_reason="cancelled"))
                 self._retire(seq)
             else:
                 kept.append(seq)
@@ -304,8 +316,10 @@ class ContinuousBatcher:
 
     def _retire(self, seq: _Active) -> None:
         request = seq.request
-        self.kv.put(request.session_id,
-                    _CacheEntry(seq.fed, {k: v for k, v in request.media.items()}, seq.cache))
+        self.kv.put(
+            request.session_id,
+            _CacheEntry(seq.fed, {k: v for k, v in request.media.items()}, seq.cache),
+        )
 
     def _fail_all(self, message: str) -> None:
         for seq in self._active:
@@ -336,6 +350,6 @@ def _padded_cache(batch: list[_Active]) -> tuple[DynamicCache, torch.Tensor, tor
         layers.append((torch.cat(keys), torch.cat(values)))
     mask = torch.zeros(len(batch), longest + 1, dtype=torch.long)
     for row, length in enumerate(lengths):
-        mask[row, longest - length:] = 1
+        mask[row, longest - length :] = 1
     positions = torch.tensor([[length] for length in lengths])
     return DynamicCache(ddp_cache_data=layers), mask, positions

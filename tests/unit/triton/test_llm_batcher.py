@@ -40,17 +40,33 @@ class Collector:
         return [e.token_id for e in self.events if e.token_id >= 0]
 
 
-def submit(batcher: ContinuousBatcher, ids: list[int], params: SamplingParams = GREEDY,
-           session: str = "", media: dict | None = None, cancelled=lambda: False) -> Collector:
+def submit(
+    batcher: ContinuousBatcher,
+    ids: list[int],
+    params: SamplingParams = GREEDY,
+    session: str = "",
+    media: dict | None = None,
+    cancelled=lambda: False,
+) -> Collector:
     out = Collector()
-    batcher.submit(SequenceRequest(ids, media or {}, params, stop_ids=(), emit=out,
-                                   is_cancelled=cancelled, session_id=session))
+    batcher.submit(
+        SequenceRequest(
+            ids,
+            media or {},
+            params,
+            stop_ids=(),
+            emit=out,
+            is_cancelled=cancelled,
+            session_id=session,
+        )
+    )
     return out
 
 
 @torch.inference_mode()
-def reference(tiny: LoadedCheckpoint, ids: list[int], n: int = 8,
-              media: dict | None = None) -> list[int]:
+def reference(
+    tiny: LoadedCheckpoint, ids: list[int], n: int = 8, media: dict | None = None
+) -> list[int]:
     lm = tiny.model.language_model
     step, cache = forward(lm, tiny.model.inputs_embeds(torch.tensor(ids), media or {}), None)
     tokens = []
@@ -65,8 +81,9 @@ def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(0, 150000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_one_sequence_matches_plain_decoding(tiny: LoadedCheckpoint,
-                                             batcher: ContinuousBatcher) -> None:
+def test_one_sequence_matches_plain_decoding(
+    tiny: LoadedCheckpoint, batcher: ContinuousBatcher
+) -> None:
     ids = prompt(20, 0)
     out = submit(batcher, ids)
     assert out.done.wait(30)
@@ -75,11 +92,13 @@ def test_one_sequence_matches_plain_decoding(tiny: LoadedCheckpoint,
     assert out.events[0].hidden is not None and out.events[0].prefill_ms > 0
 
 
-def test_concurrent_sequences_share_steps_and_match_alone(tiny: LoadedCheckpoint,
-                                                          batcher: ContinuousBatcher) -> None:
+def test_concurrent_sequences_share_steps_and_match_alone(
+    tiny: LoadedCheckpoint, batcher: ContinuousBatcher
+) -> None:
     prompts = [prompt(n, seed) for seed, n in enumerate([5, 17, 40, 9])]
-    outs = [submit(batcher, ids, SamplingParams(temperature=0.0, max_new_tokens=12))
-            for ids in prompts]
+    outs = [
+        submit(batcher, ids, SamplingParams(temperature=0.0, max_new_tokens=12)) for ids in prompts
+    ]
     for out in outs:
         assert out.done.wait(60)
     for ids, out in zip(prompts, outs, strict=True):
@@ -97,16 +116,25 @@ def test_cancel_stops_within_one_step(batcher: ContinuousBatcher) -> None:
         if len(out.tokens) == 3:
             flag.set()
 
-    batcher.submit(SequenceRequest(prompt(10, 1), {}, SamplingParams(temperature=0.0,
-                                   max_new_tokens=500), (), emit, is_cancelled=flag.is_set))
+    batcher.submit(
+        SequenceRequest(
+            prompt(10, 1),
+            {},
+            SamplingParams(temperature=0.0, max_new_tokens=500),
+            (),
+            emit,
+            is_cancelled=flag.is_set,
+        )
+    )
     assert out.done.wait(30)
     assert out.events[-1].finish_reason == "cancelled"
     assert len(out.tokens) <= 4
     assert batcher.metrics.cancelled == 1
 
 
-def test_next_turn_reuses_the_session_prefix(tiny: LoadedCheckpoint,
-                                             batcher: ContinuousBatcher) -> None:
+def test_next_turn_reuses_the_session_prefix(
+    tiny: LoadedCheckpoint, batcher: ContinuousBatcher
+) -> None:
     first_ids = prompt(30, 2)
     first = submit(batcher, first_ids, session="s1")
     assert first.done.wait(30)

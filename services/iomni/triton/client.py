@@ -1,0 +1,276 @@
+"""`TritonParts`: the engine's `ModelParts` over tritonclient's asyncio gRPC client.
+
+Encoders are plain requests (retried on UNAVAILABLE: they are idempotent); the LLM and the
+speech decoder are streams. Closing the LLM generator cancels its stream, which Triton turns
+into `is_cancelled()` on the server within milliseconds; the batcher drops the sequence before
+its next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from iomni.engine.parts import GenerationRequest, LLMStep, SpeechOptions
+from iomni.errors import DeadlineExceeded, Internal, InvalidInput, IomniError, Unavailable
+from iomni.triton.tensors import (
+    AUDIO,
+    AUDIO_EMBEDS,
+    BATCH_SIZE,
+    FINISH_REASON,
+    HIDDEN,
+    IMAGE_EMBEDS,
+    INPUT_IDS,
+    LLM,
+    MEL,
+    MODELS,
+    PIXEL_VALUES,
+    REUSED_TOKENS,
+    SPEAKER_WAV,
+    SPEECH_DECODER,
+    TEXT_TOKEN_IDS,
+    TOKEN_ID,
+)
+from iomni.triton.tensors import AUDIO_ENCODER as AUDIO_MODEL
+from iomni.triton.tensors import VISION_ENCODER as VISION_MODEL
+
+log = logging.getLogger(__name__)
+
+
+def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
+    tensor = InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def translate(exc: InferenceServerException, model: str) -> IomniError:
+    """A Triton error as the project error a caller can act on, naming the model."""
+    status = str(exc.status() or "")
+    text = exc.message() or str(exc)
+    # Stream errors arrive without a status; our models prefix the project's code instead.
+    coded = re.match(r"^\[([A-Z_]+)\] (.*)$", text, flags=re.DOTALL)
+    if coded:
+        status, text = coded.group(1), coded.group(2)
+    message = f"Triton model '{model}': {text}"
+    if "INVALID_ARGUMENT" in status:
+        return InvalidInput(message)
+    if "DEADLINE_EXCEEDED" in status:
+        return DeadlineExceeded(message)
+    if "UNAVAILABLE" in status or "NOT_FOUND" in status or "not ready" in message:
+        return Unavailable(message)
+    return Internal(message)
+
+
+class TritonParts:
+    def __init__(
+        self,
+        url: str,
+        model_id: str,
+        placeholders: dict[int, str],
+        timeout_s: float = 60.0,
+        encoder_retries: int = 2,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """`placeholders` maps the prompt's placeholder token ids to the LLM inputs that fill
+        them, e.g. {<IMG_CONTEXT> id: IMAGE_EMBEDS, <AUDIO_CONTEXT> id: AUDIO_EMBEDS}."""
+        self.url = url
+        self.model_id = model_id
+        self.placeholders = placeholders
+        self.timeout_s = timeout_s
+        self.encoder_retries = encoder_retries
+        self.headers = headers or {}
+        self._client: grpcclient.InferenceServerClient | None = None
+
+    @property
+    def client(self) -> grpcclient.InferenceServerClient:
+        # Created on first use: a grpc.aio channel belongs to the event loop that made it.
+        if self._client is None:
+            self._client = grpcclient.InferenceServerClient(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def check_ready(self, models: Sequence[str] = MODELS) -> None:
+        """Raise Unavailable naming every model that is not ready."""
+        try:
+            if not await self.client.is_server_live():
+                raise Unavailable(f"Triton at {self.url} is not live")
+            missing = [m for m in models if not await self.client.is_model_ready(m)]
+        except InferenceServerException as exc:
+            raise Unavailable(f"Triton at {self.url} cannot be reached: {exc.message()}") from exc
+        if missing:
+            raise Unavailable(f"Triton at {self.url}: model(s) not ready: {', '.join(missing)}")
+
+    async def _infer(self, model: str, inputs: list[InferInput], output: str) -> np.ndarray:
+        for attempt in range(self.encoder_retries + 1):
+            try:
+                result = await self.client.infer(
+                    model,
+                    inputs,
+                    outputs=[InferRequestedOutput(output)],
+                    client_timeout=self.timeout_s,
+                    headers=self.headers,
+                )
+                return result.as_numpy(output)
+            except InferenceServerException as exc:
+                error = translate(exc, model)
+                if not isinstance(error, Unavailable) or attempt == self.encoder_retries:
+                    raise error from exc
+                await asyncio.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixels = pixel_values.float().numpy()
+        out = await self._infer(VISION_MODEL, [_tensor(PIXEL_VALUES, pixels, "FP32")], IMAGE_EMBEDS)
+        return torch.from_numpy(out.copy())
+
+    async def encode_audio(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(windows)
+        by_length: dict[int, list[int]] = {}
+        for index, window in enumerate(windows):
+            by_length.setdefault(window.shape[-1], []).append(index)
+        for indices in by_length.values():
+            mel = np.stack([windows[i].float().numpy() for i in indices])
+            embeds = await self._infer(AUDIO_MODEL, [_tensor(MEL, mel, "FP32")], AUDIO_EMBEDS)
+            for i, rows in zip(indices, embeds, strict=True):
+                out[i] = torch.from_numpy(rows.copy())
+        return [t for t in out if t is not None]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[LLMStep]:
+        inputs = [_tensor(INPUT_IDS, np.asarray(request.input_ids, dtype=np.int64), "INT64")]
+        for name, rows in self._media_inputs(request):
+            inputs.append(_tensor(name, rows, "FP32"))
+        params = {
+            "temperature": request.params.temperature,
+            "top_p": request.params.top_p,
+            "top_k": request.params.top_k,
+            "max_new_tokens": request.params.max_new_tokens,
+            "session_id": request.session_id,
+            "return_hidden": request.return_hidden,
+        }
+        if request.params.seed is not None:
+            params["seed"] = request.params.seed
+        outputs = [
+            InferRequestedOutput(n)
+            for n in (TOKEN_ID, HIDDEN, BATCH_SIZE, REUSED_TOKENS, FINISH_REASON)
+        ]
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": LLM, "inputs": inputs, "outputs": outputs, "parameters": params}
+
+        stream = self.client.stream_infer(requests(), headers=self.headers)
+        first = True
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise translate(error, LLM)
+                token = int(result.as_numpy(TOKEN_ID)[0])
+                hidden = result.as_numpy(HIDDEN)
+                timings = {}
+                if first:
+                    timings = {"reused_tokens": float(result.as_numpy(REUSED_TOKENS)[0])}
+                    first = False
+                yield LLMStep(
+                    token, torch.from_numpy(hidden.copy()) if hidden.size else None, timings
+                )
+                if result.as_numpy(FINISH_REASON)[0]:
+                    return
+        finally:
+            stream.cancel()
+
+    def _media_inputs(self, request: GenerationRequest) -> list[tuple[str, np.ndarray]]:
+        named = []
+        for token_id, rows in request.media.items():
+            name = self.placeholders.get(token_id)
+            if name is None:
+                raise InvalidInput(f"no Triton input for placeholder token {token_id}")
+            named.append((name, rows.float().numpy()))
+        return named
+
+    async def open_speech(self, options: SpeechOptions) -> TritonSpeech:
+        return TritonSpeech(self, options)
+
+
+class TritonSpeech:
+    """One spoken reply as a `speech_decoder` sequence (correlation id = turn id)."""
+
+    def __init__(self, parts: TritonParts, options: SpeechOptions) -> None:
+        self.parts = parts
+        self.options = options
+        self.sequence_id = options.sequence_id or f"speech-{uuid.uuid4().hex}"
+        self.started = False
+        self.ended = False
+
+    async def _send(
+        self, ids: Sequence[int], hidden: torch.Tensor, end: bool, discard: bool = False
+    ) -> list[np.ndarray]:
+        width = hidden.shape[-1] if hidden.numel() else 1
+        inputs = [
+            _tensor(TEXT_TOKEN_IDS, np.asarray([list(ids)], dtype=np.int64), "INT64"),
+            _tensor(HIDDEN, hidden.float().numpy().reshape(1, len(ids), width), "FP32"),
+        ]
+        if not self.started and self.options.speaker_wav is not None:
+            wav = np.array([[self.options.speaker_wav]], dtype=np.object_)
+            inputs.append(_tensor(SPEAKER_WAV, wav, "BYTES"))
+        request = {
+            "model_name": SPEECH_DECODER,
+            "inputs": inputs,
+            "outputs": [InferRequestedOutput(AUDIO)],
+            "sequence_id": self.sequence_id,
+            "sequence_start": not self.started,
+            "sequence_end": end,
+            "parameters": {"seed": self.options.seed, "discard": discard},
+        }
+        self.started = True
+        self.ended = self.ended or end
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield request
+
+        chunks: list[np.ndarray] = []
+        stream = self.parts.client.stream_infer(requests(), headers=self.parts.headers)
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise translate(error, SPEECH_DECODER)
+                audio = result.as_numpy(AUDIO).reshape(-1)
+                if audio.size:
+                    chunks.append(audio.copy())
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+        finally:
+            stream.cancel()
+        return chunks
+
+    async def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
+        return await self._send(token_ids, hidden, end=False)
+
+    async def finish(self) -> list[np.ndarray]:
+        if self.ended:
+            return []
+        return await self._send([], torch.zeros(0), end=True)
+
+    async def close(self) -> None:
+        """Free the server's sequence state if the reply was not finished (barge-in)."""
+        if self.started and not self.ended:
+            try:
+                await self._send([], torch.zeros(0), end=True, discard=True)
+            except IomniError:
+                log.warning("could not end speech sequence %s", self.sequence_id)
+        self.ended = True
+
+
+__all__ = ["TritonParts", "TritonSpeech"]

@@ -1,0 +1,160 @@
+"""`speech_decoder`: one speech sequence per reply (correlation id = turn id).
+
+Sequence state (a `SpeechSession`) lives in this instance, keyed by correlation id. It is freed
+at END, when a request of the sequence is cancelled, and after `idle_timeout_s` without
+requests (a client that vanished without END).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from iomni.errors import InvalidInput
+from iomni.model.speech.speaker import SpeakerEncoder
+from iomni.model.speech.stream import SpeechSession
+from iomni.triton.backend import (
+    error_response,
+    input_array,
+    load_part,
+    model_parameters,
+    pb,
+    request_parameters,
+)
+from iomni.triton.tensors import AUDIO, END, HIDDEN, SPEAKER_WAV, START, TEXT_TOKEN_IDS
+
+log = logging.getLogger(__name__)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.loaded = load_part(args, "speech")
+        self.model = self.loaded.model
+        self.idle_timeout_s = float(model_parameters(args).get("idle_timeout_s") or 60)
+        self.sessions: dict[Any, tuple[SpeechSession, float]] = {}
+        self.lock = threading.Lock()
+        self._speaker: SpeakerEncoder | None = None
+        family = pb().MetricFamily
+        self._family = family(
+            "iomni_speech_open_sequences",
+            "Speech sequences holding state in this instance",
+            family.GAUGE,
+        )
+        self._open_gauge = self._family.Metric(labels={"model": args["model_name"]})
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, daemon=True)
+        self._sweeper.start()
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            corr = request.correlation_id()
+            try:
+                self._serve(request, sender, corr)
+            except Exception as exc:
+                self._free(corr)
+                sender.send(error_response(exc), flags=pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self) -> None:
+        self._stop.set()
+
+    @property
+    def open_sequences(self) -> int:
+        return len(self.sessions)
+
+    def _serve(self, request: Any, sender: Any, corr: Any) -> None:
+        pb_utils = pb()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if request.is_cancelled():
+            self._free(corr)
+            sender.send(
+                pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+                ),
+                flags=final,
+            )
+            return
+        start = bool(input_array(request, START).reshape(-1)[0])
+        end = bool(input_array(request, END).reshape(-1)[0])
+        if end and request_parameters(request).get("discard"):
+            # Barge-in: drop the sequence without rendering what is left.
+            self._free(corr)
+            empty = pb_utils.Tensor(AUDIO, np.zeros((1, 0), np.float32))
+            sender.send(pb_utils.InferenceResponse(output_tensors=[empty]), flags=final)
+            return
+        session = self._open(request, corr) if start else self._session(corr)
+        ids = input_array(request, TEXT_TOKEN_IDS).reshape(-1).tolist()
+        hidden = input_array(request, HIDDEN)
+        hidden = hidden.reshape(-1, hidden.shape[-1]) if hidden.size else hidden.reshape(0, 0)
+        if len(ids) != hidden.shape[0]:
+            raise InvalidInput(
+                f"{TEXT_TOKEN_IDS} has {len(ids)} tokens but {HIDDEN} has {hidden.shape[0]} rows"
+            )
+        with torch.inference_mode():
+            chunks = session.push_text(ids, torch.from_numpy(hidden)) if ids else []
+            if end:
+                chunks += session.finish()
+                self._free(corr)
+            else:
+                self._touch(corr, session)
+        if not chunks:
+            chunks = [np.zeros(0, np.float32)]
+        for index, chunk in enumerate(chunks):
+            tensor = pb_utils.Tensor(AUDIO, chunk.astype(np.float32).reshape(1, -1))
+            sender.send(
+                pb_utils.InferenceResponse(output_tensors=[tensor]),
+                flags=final if index == len(chunks) - 1 else 0,
+            )
+
+    def _open(self, request: Any, corr: Any) -> SpeechSession:
+        wav = input_array(request, SPEAKER_WAV, optional=True)
+        if wav is not None and wav.size and wav.reshape(-1)[0]:
+            speaker = self._speaker_encoder().embed(bytes(wav.reshape(-1)[0]))
+        else:
+            speaker = self.model.default_speaker_embedding.detach()
+        seed = int(request_parameters(request).get("seed", 0))
+        m = self.model
+        session = SpeechSession(m.voicelm, m.flow, m.hifigan, speaker, seed=seed)
+        self._touch(corr, session)
+        return session
+
+    def _session(self, corr: Any) -> SpeechSession:
+        with self.lock:
+            entry = self.sessions.get(corr)
+        if entry is None:
+            raise InvalidInput(
+                f"speech sequence {corr!r} is not open (no START, or it ended or timed out)"
+            )
+        return entry[0]
+
+    def _touch(self, corr: Any, session: SpeechSession) -> None:
+        with self.lock:
+            self.sessions[corr] = (session, time.monotonic())
+            self._open_gauge.set(len(self.sessions))
+
+    def _free(self, corr: Any) -> None:
+        with self.lock:
+            self.sessions.pop(corr, None)
+            self._open_gauge.set(len(self.sessions))
+
+    def _speaker_encoder(self) -> SpeakerEncoder:
+        if self._speaker is None:
+            self._speaker = SpeakerEncoder.from_checkpoint(self.loaded.path)
+        return self._speaker
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(min(5.0, self.idle_timeout_s)):
+            deadline = time.monotonic() - self.idle_timeout_s
+            with self.lock:
+                stale = [c for c, (_, seen) in self.sessions.items() if seen < deadline]
+                for corr in stale:
+                    del self.sessions[corr]
+                self._open_gauge.set(len(self.sessions))
+            for corr in stale:
+                log.warning("speech sequence %r idle for %.0f s: freed", corr, self.idle_timeout_s)

@@ -1,0 +1,233 @@
+"""Start and stop the bundled `tritonserver` (PyPI nvidia-pytriton) on a model repository.
+
+Two pitfalls of the bundled 2.51 shape this code: the python-backend stub must find our venv's
+numpy<2 (so the venv's bin/ goes first on PATH and its libraries on LD_LIBRARY_PATH), and the
+server crashes on SIGTERM while decoupled streams are open, so `stop()` unloads every model
+first (unload waits for in-flight streams), then terminates, then removes any stub process and
+shared-memory region the server left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iomni.errors import Unavailable
+from iomni.triton.tensors import MODELS
+
+log = logging.getLogger(__name__)
+SHM_GLOB = "triton_python_backend_shm_region_*"
+
+
+@dataclass
+class TritonPorts:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise Unavailable("nvidia-pytriton is not installed; run `make setup`") from exc
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def prepare_backend_dir(work: Path) -> Path:
+    """backends/python with the libraries and the stub for this Python version."""
+    root = pytriton_root()
+    target = work / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sources = [
+        root / "backends" / "python" / "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py",
+        root / "python_backend_stubs" / version / "triton_python_backend_stub",
+    ]
+    for source in sources:
+        destination = target / source.name
+        if not destination.exists() or destination.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, destination)
+    return work / "backends"
+
+
+def server_environment(checkpoint: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    libs = Path(pytriton_root()).parent.parent / "nvidia_pytriton.libs"
+    lib_paths = [str(libs), sysconfig.get_config_var("LIBDIR") or ""]
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in [*lib_paths, env.get("LD_LIBRARY_PATH", "")] if p)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["IOMNI_CHECKPOINT"] = str(checkpoint.resolve())
+    env.setdefault("IOMNI_TORCH_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class TritonServer:
+    repository: Path
+    checkpoint: Path
+    work: Path
+    ports: TritonPorts = field(default_factory=TritonPorts)
+    models: tuple[str, ...] = MODELS
+    log_file: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+    _shm_before: set[str] = field(default_factory=set)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.http}"
+
+    def command(self) -> list[str]:
+        binary = pytriton_root() / "bin" / "tritonserver"
+        return [
+            str(binary),
+            f"--model-repository={self.repository.resolve()}",
+            f"--backend-directory={prepare_backend_dir(self.work)}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-metrics=true",
+            "--model-control-mode=explicit",
+            *[f"--load-model={m}" for m in self.models],
+            "--exit-timeout-secs=10",
+            "--exit-on-error=false",
+            "--strict-readiness=true",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            "--metrics-address=127.0.0.1",
+        ]
+
+    def start(self, timeout_s: float = 120) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._shm_before = {p.name for p in Path("/dev/shm").glob(SHM_GLOB)}
+        log_path = self.log_file or self.work / "tritonserver.log"
+        self.log_file = log_path
+        output = log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=server_environment(self.checkpoint, self.env),
+            start_new_session=True,
+        )
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise Unavailable(
+                    f"tritonserver exited with {self.process.returncode}; "
+                    f"see {self.log_file}:\n{self.log_tail()}"
+                )
+            failed = self.failed_models()
+            if failed:
+                raise Unavailable(f"Triton models failed to load: {failed}; see {self.log_file}")
+            if self._get("/v2/health/ready") == 200:
+                return
+            time.sleep(0.25)
+        raise Unavailable(f"tritonserver not ready after {timeout_s:.0f} s; see {self.log_file}")
+
+    def failed_models(self) -> dict[str, str]:
+        """Models the repository index reports UNAVAILABLE with a reason."""
+        index = self._post_json("/v2/repository/index", {})
+        if not isinstance(index, list):
+            return {}
+        return {
+            m["name"]: m.get("reason", "")
+            for m in index
+            if m.get("state") == "UNAVAILABLE" and m.get("reason")
+        }
+
+    def log_tail(self, lines: int = 20) -> str:
+        if self.log_file is None or not self.log_file.exists():
+            return ""
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, drain_timeout_s: float = 30) -> None:
+        """Unload (drains streams), terminate, then clean up what a crash could leave."""
+        if self.process is None or self.process.poll() is not None:
+            self._cleanup()
+            return
+        stubs = self._stub_pids()
+        for model in self.models:
+            self._post_json(f"/v2/repository/models/{model}/unload", {})
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and any(
+            self._get(f"/v2/models/{m}/ready") == 200 for m in self.models
+        ):
+            time.sleep(0.2)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for pid in stubs:
+            _kill(pid)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for path in Path("/dev/shm").glob(SHM_GLOB):
+            if path.name not in self._shm_before:
+                path.unlink(missing_ok=True)
+
+    def _stub_pids(self) -> list[int]:
+        if self.process is None:
+            return []
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    def _post_json(self, path: str, body: dict) -> object:
+        request = urllib.request.Request(
+            self.http_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                text = response.read()
+                return json.loads(text) if text else {}
+        except (OSError, json.JSONDecodeError):
+            return None
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

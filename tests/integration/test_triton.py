@@ -1,0 +1,268 @@
+"""All four models on a real `tritonserver` (the binary bundled in nvidia-pytriton)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from iomni.engine.events import AudioChunk, TurnDone
+from iomni.engine.parts import GenerationRequest, InProcessParts, SpeechOptions
+from iomni.engine.turn import TurnEngine, TurnRequest
+from iomni.errors import InvalidInput, Unavailable
+from iomni.model.checkpoint import LoadedCheckpoint, fingerprint
+from iomni.model.conversation import MediaPart, Message, TextPart
+from iomni.model.processor import Processor
+from iomni.model.sampling import SamplingParams
+from iomni.triton.client import TritonParts
+from iomni.triton.server import TritonServer
+from iomni.triton.tensors import AUDIO_EMBEDS, IMAGE_EMBEDS
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
+
+
+def parts_for(triton: TritonServer, tiny_dir: Path, processor: Processor) -> TritonParts:
+    special = processor.tokenizer.special
+    return TritonParts(
+        triton.grpc_url,
+        fingerprint(tiny_dir),
+        {special.img_context: IMAGE_EMBEDS, special.audio_context: AUDIO_EMBEDS},
+    )
+
+
+def metric(triton: TritonServer, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{triton.ports.metrics}/metrics") as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture
+def triton_parts(triton: TritonServer, tiny_dir: Path, processor: Processor) -> TritonParts:
+    return parts_for(triton, tiny_dir, processor)
+
+
+async def test_all_models_answer(
+    triton_parts: TritonParts, tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    await triton_parts.check_ready()
+    pixels = torch.randn(3, 3, 448, 448)
+    remote = await triton_parts.encode_images(pixels)
+    torch.testing.assert_close(remote, tiny.model.encode_images(pixels), atol=1e-4, rtol=1e-4)
+    windows = [torch.randn(128, 3000), torch.randn(128, 100)]
+    audio = await triton_parts.encode_audio(windows)
+    assert [a.shape[0] for a in audio] == [750, 25]
+    torch.testing.assert_close(
+        audio[1], tiny.model.encode_audio(windows[1:])[0], atol=1e-4, rtol=1e-4
+    )
+    await triton_parts.close()
+
+
+async def test_turn_through_triton_equals_in_process(
+    triton_parts: TritonParts, tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    image = MediaPart.from_bytes("image", _png())
+    user = Message("user", (image, TextPart("What is in the picture?")))
+
+    async def run(parts) -> tuple[str, bytes, TurnDone]:  # type: ignore[no-untyped-def]
+        request = TurnRequest(
+            user=user, params=GREEDY, speech=SpeechOptions(seed=3), turn_id="equal-1"
+        )
+        events = [e async for e in TurnEngine(parts, processor).start(request).events()]
+        audio = b"".join(e.pcm for e in events if isinstance(e, AudioChunk))
+        return events[-1].record[1].text, audio, events[-1]
+
+    remote_text, remote_audio, remote_done = await run(triton_parts)
+    local_text, local_audio, _ = await run(InProcessParts(tiny))
+    assert remote_text == local_text
+    assert remote_done.usage.completion_tokens == GREEDY.max_new_tokens
+    assert len(remote_audio) == len(local_audio) > 0
+    a = np.frombuffer(remote_audio, "<i2").astype(np.float32)
+    b = np.frombuffer(local_audio, "<i2").astype(np.float32)
+    assert np.abs(a - b).max() <= 64  # PCM16 steps: float noise from thread counts only
+    await triton_parts.close()
+
+
+async def test_cancelling_a_stream_stops_decoding_on_the_server(
+    triton: TritonServer, triton_parts: TritonParts
+) -> None:
+    before = metric(triton, "iomni_llm_cancelled_total")
+    request = GenerationRequest(
+        input_ids=list(range(100, 140)),
+        media={},
+        params=SamplingParams(temperature=0.0, max_new_tokens=4000),
+        stop_ids=[],
+        return_hidden=False,
+    )
+    stream = triton_parts.generate(request)
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == 5:
+            break
+    await stream.aclose()
+    for _ in range(50):
+        if metric(triton, "iomni_llm_cancelled_total") > before:
+            break
+        await asyncio.sleep(0.1)
+    assert metric(triton, "iomni_llm_cancelled_total") == before + 1
+    generated = metric(triton, "iomni_llm_generated_tokens_total")
+    await asyncio.sleep(0.5)
+    assert metric(triton, "iomni_llm_generated_tokens_total") == generated  # nothing running
+    await triton_parts.close()
+
+
+async def test_concurrent_streams_share_decode_steps(
+    triton: TritonServer, triton_parts: TritonParts
+) -> None:
+    async def stream(seed: int) -> list[int]:
+        request = GenerationRequest(
+            input_ids=[1000 + seed] * (10 + seed),
+            media={},
+            params=SamplingParams(temperature=0.0, max_new_tokens=40),
+            stop_ids=[],
+            return_hidden=False,
+        )
+        return [s.token_id async for s in triton_parts.generate(request)]
+
+    results = await asyncio.gather(*(stream(i) for i in range(4)))
+    assert all(len(r) == 40 for r in results)
+    count = metric(triton, "iomni_llm_step_sequences_count")
+    single = metric(triton, "iomni_llm_step_sequences_bucket", le="1")
+    assert count > single  # some decode steps carried more than one sequence
+    await triton_parts.close()
+
+
+async def test_second_turn_of_a_session_hits_the_kv_cache(
+    triton: TritonServer, triton_parts: TritonParts, processor: Processor
+) -> None:
+    engine = TurnEngine(triton_parts, processor)
+    hits = metric(triton, "iomni_llm_kv_cache_hits_total")
+    first = [
+        e
+        async for e in engine.start(
+            TurnRequest(
+                user=Message("user", (TextPart("first question"),)),
+                params=GREEDY,
+                session_id="kv-session",
+            )
+        ).events()
+    ][-1]
+    second = [
+        e
+        async for e in engine.start(
+            TurnRequest(
+                user=Message("user", (TextPart("second question"),)),
+                history=list(first.record),
+                params=GREEDY,
+                session_id="kv-session",
+            )
+        ).events()
+    ][-1]
+    assert second.timings_ms["reused_tokens"] > 20  # system prompt + the first exchange
+    assert metric(triton, "iomni_llm_kv_cache_hits_total") == hits + 1
+    await triton_parts.close()
+
+
+async def test_interleaved_speech_sequences_do_not_mix(
+    triton_parts: TritonParts, tiny: LoadedCheckpoint
+) -> None:
+    width = tiny.config.llm_hidden_size
+    g = torch.Generator().manual_seed(0)
+    texts = {
+        k: (
+            torch.randint(0, 150000, (10,), generator=g).tolist(),
+            torch.randn(10, width, generator=g),
+        )
+        for k in "ab"
+    }
+
+    async def alone(key: str) -> np.ndarray:
+        speech = await triton_parts.open_speech(SpeechOptions(seed=1, sequence_id=f"alone-{key}"))
+        ids, hidden = texts[key]
+        chunks = await speech.push_text(ids[:5], hidden[:5])
+        chunks += await speech.push_text(ids[5:], hidden[5:])
+        chunks += await speech.finish()
+        return np.concatenate(chunks)
+
+    expected = {k: await alone(k) for k in "ab"}
+    a = await triton_parts.open_speech(SpeechOptions(seed=1, sequence_id="mix-a"))
+    b = await triton_parts.open_speech(SpeechOptions(seed=1, sequence_id="mix-b"))
+    got: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+    for start in (0, 5):
+        for key, speech in (("a", a), ("b", b)):
+            ids, hidden = texts[key]
+            got[key] += await speech.push_text(ids[start : start + 5], hidden[start : start + 5])
+    got["b"] += await b.finish()
+    got["a"] += await a.finish()
+    for key in "ab":
+        np.testing.assert_allclose(np.concatenate(got[key]), expected[key], atol=1e-6)
+    assert not np.allclose(expected["a"][:1000], expected["b"][:1000])
+    await triton_parts.close()
+
+
+async def test_speech_state_is_freed_at_end_and_on_barge_in(
+    triton: TritonServer, triton_parts: TritonParts, tiny: LoadedCheckpoint
+) -> None:
+    hidden = torch.randn(5, tiny.config.llm_hidden_size)
+    speech = await triton_parts.open_speech(SpeechOptions(sequence_id="free-1"))
+    await speech.push_text(list(range(5)), hidden)
+    assert metric(triton, "iomni_speech_open_sequences") == 1
+    await speech.close()  # barge-in: discarded without rendering
+    assert metric(triton, "iomni_speech_open_sequences") == 0
+    speech = await triton_parts.open_speech(SpeechOptions(sequence_id="free-2"))
+    await speech.push_text(list(range(5)), hidden)
+    assert await speech.finish()
+    assert metric(triton, "iomni_speech_open_sequences") == 0
+    await triton_parts.close()
+
+
+def test_wrong_shapes_and_dtypes_are_invalid_argument(triton: TritonServer) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    cases = [
+        ("vision_encoder", "PIXEL_VALUES", np.zeros((1, 3, 224, 224), np.float32), "FP32"),
+        ("vision_encoder", "PIXEL_VALUES", np.zeros((1, 3, 448, 448), np.float64), "FP64"),
+        ("audio_encoder", "MEL", np.zeros((1, 80, 100), np.float32), "FP32"),
+        ("audio_encoder", "MEL", np.zeros((1, 128, 4000), np.float32), "FP32"),
+    ]
+    for model, name, array, dtype in cases:
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        with pytest.raises(Exception) as info:
+            client.infer(model, [tensor])
+        assert "INVALID_ARGUMENT" in str(info.value.status()), str(info.value)
+        assert re.search(r"(shape|data-type|frames|128)", info.value.message())
+
+
+async def test_invalid_llm_request_is_a_clear_error(triton_parts: TritonParts) -> None:
+    request = GenerationRequest(input_ids=[151671, 151671], media={}, params=GREEDY, stop_ids=[])
+    with pytest.raises(InvalidInput, match="Triton model 'llm'.*2 placeholders"):
+        async for _ in triton_parts.generate(request):
+            pass
+    await triton_parts.close()
+
+
+async def test_model_not_ready_is_named(triton: TritonServer, triton_parts: TritonParts) -> None:
+    with pytest.raises(Unavailable, match="not ready: no_such_model"):
+        await triton_parts.check_ready(["llm", "no_such_model"])
+    await triton_parts.close()
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (600, 400), (30, 120, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
