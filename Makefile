@@ -12,13 +12,15 @@ PIP_FLAGS   := --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEE
 APT_PACKAGES := espeak-ng
 CKPT_DIR    ?= .cache/checkpoints
 
-.PHONY: help setup system-packages demo test lint bench checkpoints clean
+.PHONY: help setup system-packages demo test lint bench checkpoints triton engines clean
 
 help:
 	@echo "make demo   - set everything up and run a 3-turn audio-visual conversation"
 	@echo "make test   - run the whole test suite"
 	@echo "make lint   - ruff"
-	@echo "make bench  - per-part latency and tokens/s, written to docs/benchmarks/"
+	@echo "make bench  - benchmarks, written to docs/benchmarks/"
+	@echo "make triton - the four models on a local tritonserver (CPU profile)"
+	@echo "make engines - ONNX exports + GPU repository (TensorRT build needs NVIDIA's container)"
 
 setup: system-packages $(STAMP)
 
@@ -54,6 +56,21 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check services tests loadtests
 	$(VENV)/bin/ruff format --check services tests loadtests
+
+# Triton on loopback (8000 HTTP / 8001 gRPC / 8002 metrics) with the CPU profile; Ctrl-C stops.
+triton: setup checkpoints
+	$(VENV)/bin/iomni triton serve --model $(CKPT_DIR)/tiny
+
+# ONNX exports here; the TensorRT plans need NVIDIA's Triton container and a GPU
+# (services/iomni/triton/engines/README.md).
+engines: setup checkpoints
+	$(VENV)/bin/iomni export onnx --model $(CKPT_DIR)/tiny --out .cache/onnx
+	$(VENV)/bin/iomni triton render --profile gpu --out .cache/model_repository_gpu
+	@if command -v trtexec >/dev/null; then \
+	  bash services/iomni/triton/engines/build_engines.sh .cache/onnx .cache/model_repository_gpu; \
+	else \
+	  echo "trtexec not found: run services/iomni/triton/engines/build_engines.sh inside NVIDIA's Triton container (see its README)"; \
+	fi
 
 bench: setup
 	$(PY) -m loadtests.bench_inprocess --out docs/benchmarks

@@ -27,6 +27,7 @@ from iomni.triton.tensors import (
     AUDIO,
     AUDIO_EMBEDS,
     BATCH_SIZE,
+    CONTRACTS,
     FINISH_REASON,
     HIDDEN,
     IMAGE_EMBEDS,
@@ -45,6 +46,7 @@ from iomni.triton.tensors import AUDIO_ENCODER as AUDIO_MODEL
 from iomni.triton.tensors import VISION_ENCODER as VISION_MODEL
 
 log = logging.getLogger(__name__)
+MAX_TILES = CONTRACTS[VISION_MODEL].max_batch_size
 
 
 def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
@@ -133,9 +135,17 @@ class TritonParts:
         raise AssertionError("unreachable")
 
     async def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # The model batches at most MAX_TILES tiles per request (TensorRT profile too).
         pixels = pixel_values.float().numpy()
-        out = await self._infer(VISION_MODEL, [_tensor(PIXEL_VALUES, pixels, "FP32")], IMAGE_EMBEDS)
-        return torch.from_numpy(out.copy())
+        parts = [
+            self._infer(
+                VISION_MODEL,
+                [_tensor(PIXEL_VALUES, pixels[i : i + MAX_TILES], "FP32")],
+                IMAGE_EMBEDS,
+            )
+            for i in range(0, len(pixels), MAX_TILES)
+        ]
+        return torch.from_numpy(np.concatenate(await asyncio.gather(*parts)))
 
     async def encode_audio(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(windows)
