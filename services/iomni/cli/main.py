@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--ready-timeout", type=float, default=300)
+    serve.add_argument(
+        "--grace", type=float, default=10, help="seconds live streams get to finish on SIGTERM"
+    )
+    serve.add_argument("--models", nargs="+", default=None, help="subset of models to load")
     render = triton_sub.add_parser("render", help="write the repository for a profile")
     render.add_argument("--profile", required=True, choices=["cpu", "gpu"])
     render.add_argument("--out", required=True, type=Path)
@@ -162,6 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
         args.work,
         TritonPorts(args.http_port, args.grpc_port, args.metrics_port),
     )
+    if args.models:
+        server.models = tuple(args.models)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -177,7 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
                 print(f"error: tritonserver exited; see {server.log_file}", file=sys.stderr)
                 return 1
     finally:
-        server.stop()
+        server.stop(grace_s=args.grace)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ENV = "IOMNI_CHECKPOINT"
+DRAIN_FILE_ENV = "IOMNI_DRAIN_FILE"
 DTYPE_ENV = "IOMNI_DTYPE"
 THREADS_ENV = "IOMNI_TORCH_THREADS"
 
@@ -42,6 +44,23 @@ def checkpoint_dir(params: dict[str, str]) -> Path:
             f"no checkpoint: set the model parameter 'checkpoint' or {CHECKPOINT_ENV}"
         )
     return Path(value)
+
+
+_drain: dict[str, float] = {"checked": 0.0}
+
+
+def drain_deadline() -> float | None:
+    """The shutdown deadline the launcher wrote to IOMNI_DRAIN_FILE, if it did (checked at
+    most every 0.2 s; the python stub cannot receive our signals)."""
+    path = os.environ.get(DRAIN_FILE_ENV)
+    now = time.monotonic()
+    if path and now - _drain["checked"] >= 0.2:
+        _drain["checked"] = now
+        try:
+            _drain["deadline"] = float(Path(path).read_text().strip())
+        except (OSError, ValueError):
+            _drain.pop("deadline", None)
+    return _drain.get("deadline")
 
 
 def device(args: dict[str, str]) -> str:

@@ -150,7 +150,11 @@ class ContinuousBatcher:
         kv_cache_tokens: int = 65536,
         idle_wait_s: float = 0.05,
         metrics: BatcherMetrics | None = None,
+        drain_deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
+        """`drain_deadline` returns a time.time() deadline once the server is shutting down:
+        new sequences are refused, active ones run until it and are then cut."""
+        self.drain_deadline = drain_deadline
         self.lm = language_model
         self.max_batch = max_batch
         self.kv = SessionKVCache(kv_cache_tokens)
@@ -181,6 +185,8 @@ class ContinuousBatcher:
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:
+                    if self._draining():
+                        continue
                     self._admit(block=not self._active)
                     self._drop_cancelled()
                     if self._active:
@@ -188,6 +194,27 @@ class ContinuousBatcher:
                 except Exception as exc:  # a dead loop would hang every client
                     log.exception("llm batcher step failed")
                     self._fail_all(f"internal error in the llm batcher: {exc}")
+
+    def _draining(self) -> bool:
+        """Shutdown: refuse new work, cut what is still running at the deadline."""
+        deadline = self.drain_deadline()
+        if deadline is None:
+            return False
+        while True:
+            try:
+                request = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            request.emit(StepEvent(-1, None, 0, error="[UNAVAILABLE] the llm is shutting down"))
+        if self._active and time.time() >= deadline:
+            self._fail_all("[UNAVAILABLE] the llm shut down before the reply finished")
+        if self._active:
+            self._drop_cancelled()
+            if self._active:
+                self._step()
+        else:
+            time.sleep(self.idle_wait_s)
+        return True
 
     def _admit(self, block: bool) -> None:
         while len(self._active) < self.max_batch:

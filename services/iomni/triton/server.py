@@ -64,13 +64,16 @@ def prepare_backend_dir(work: Path) -> Path:
     return work / "backends"
 
 
-def server_environment(checkpoint: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+def server_environment(
+    checkpoint: Path, drain_file: Path, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     env = dict(os.environ)
     libs = Path(pytriton_root()).parent.parent / "nvidia_pytriton.libs"
     lib_paths = [str(libs), sysconfig.get_config_var("LIBDIR") or ""]
     env["LD_LIBRARY_PATH"] = ":".join(p for p in [*lib_paths, env.get("LD_LIBRARY_PATH", "")] if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["IOMNI_CHECKPOINT"] = str(checkpoint.resolve())
+    env["IOMNI_DRAIN_FILE"] = str(drain_file.resolve())
     env.setdefault("IOMNI_TORCH_THREADS", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
@@ -88,6 +91,10 @@ class TritonServer:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     _shm_before: set[str] = field(default_factory=set)
+
+    @property
+    def drain_file(self) -> Path:
+        return self.work / "drain"
 
     @property
     def grpc_url(self) -> str:
@@ -119,6 +126,7 @@ class TritonServer:
 
     def start(self, timeout_s: float = 120) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
+        self.drain_file.unlink(missing_ok=True)
         self._shm_before = {p.name for p in Path("/dev/shm").glob(SHM_GLOB)}
         log_path = self.log_file or self.work / "tritonserver.log"
         self.log_file = log_path
@@ -127,7 +135,7 @@ class TritonServer:
             self.command(),
             stdout=output,
             stderr=subprocess.STDOUT,
-            env=server_environment(self.checkpoint, self.env),
+            env=server_environment(self.checkpoint, self.drain_file, self.env),
             start_new_session=True,
         )
         self.wait_ready(timeout_s)
@@ -164,15 +172,18 @@ class TritonServer:
             return ""
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, drain_timeout_s: float = 30) -> None:
-        """Unload (drains streams), terminate, then clean up what a crash could leave."""
+    def stop(self, grace_s: float = 10) -> None:
+        """Drain: live streams get `grace_s` to finish (new ones are refused), then every model
+        is unloaded (which waits for them), then the server is terminated and whatever a crash
+        could leave (stub processes, shared memory) is removed."""
         if self.process is None or self.process.poll() is not None:
             self._cleanup()
             return
         stubs = self._stub_pids()
+        self.drain_file.write_text(f"{time.time() + grace_s}\n")
         for model in self.models:
             self._post_json(f"/v2/repository/models/{model}/unload", {})
-        deadline = time.monotonic() + drain_timeout_s
+        deadline = time.monotonic() + grace_s + 10
         while time.monotonic() < deadline and any(
             self._get(f"/v2/models/{m}/ready") == 200 for m in self.models
         ):

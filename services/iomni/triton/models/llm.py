@@ -13,6 +13,7 @@ from iomni.errors import InvalidInput
 from iomni.model.sampling import SamplingParams
 from iomni.model.tokenizer import IncrementalDecoder, Tokenizer
 from iomni.triton.backend import (
+    drain_deadline,
     error_response,
     input_array,
     load_part,
@@ -116,6 +117,7 @@ class TritonPythonModel:
             max_batch=int(params.get("max_batch") or 16),
             kv_cache_tokens=int(params.get("kv_cache_tokens") or 65536),
             metrics=self.metrics,
+            drain_deadline=drain_deadline,
         )
         self.hidden_size = loaded.config.llm_hidden_size
         self.device = next(loaded.model.parameters()).device

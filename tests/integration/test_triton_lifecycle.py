@@ -1,0 +1,172 @@
+"""Server lifecycle: a model that fails to load, idle speech state, SIGTERM with live streams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from iomni.engine.parts import GenerationRequest, SpeechOptions
+from iomni.errors import IomniError, Unavailable
+from iomni.model.checkpoint import fingerprint
+from iomni.model.sampling import SamplingParams
+from iomni.triton.client import TritonParts
+from iomni.triton.server import SHM_GLOB, TritonPorts, TritonServer
+from tests.integration.conftest import REPOSITORY, free_ports
+from tests.integration.test_triton import metric
+
+
+def repository_copy(
+    target: Path, models: tuple[str, ...], edits: dict[str, dict[str, str]]
+) -> Path:
+    for model in models:
+        shutil.copytree(REPOSITORY / model, target / model)
+        config = target / model / "config.pbtxt"
+        text = config.read_text()
+        for key, value in edits.get(model, {}).items():
+            old = next(line for line in text.splitlines() if f'key: "{key}"' in line)
+            text = text.replace(
+                old, f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+            )
+        config.write_text(text)
+    return target
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """llm points at a checkpoint that does not exist; speech sequences idle out after 1 s."""
+    root = tmp_path_factory.mktemp("broken")
+    models = ("llm", "speech_decoder")
+    repository = repository_copy(
+        root / "repo",
+        models,
+        {
+            "llm": {"checkpoint": str(root / "nowhere")},
+            "speech_decoder": {"idle_timeout_s": "1"},
+        },
+    )
+    server = TritonServer(
+        repository, tiny_dir, root / "work", TritonPorts(*free_ports(3)), models=models
+    )
+    with pytest.raises(Unavailable, match="llm") as info:
+        server.start(timeout_s=240)
+    server.load_error = info.value.detail  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def parts(server: TritonServer, tiny_dir: Path) -> TritonParts:
+    return TritonParts(server.grpc_url, fingerprint(tiny_dir), {})
+
+
+async def test_a_model_that_fails_to_load_is_named(broken: TritonServer, tiny_dir: Path) -> None:
+    assert "nowhere" in broken.load_error  # type: ignore[attr-defined]
+    client = parts(broken, tiny_dir)
+    with pytest.raises(Unavailable, match="not ready: llm$"):
+        await client.check_ready(["llm", "speech_decoder"])
+    await client.check_ready(["speech_decoder"])  # the others still serve
+    await client.close()
+
+
+async def test_idle_speech_sequence_is_freed(broken: TritonServer, tiny_dir: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    client = parts(broken, tiny_dir)
+    speech = await client.open_speech(SpeechOptions(sequence_id="forgotten"))
+    await speech.push_text([1, 2, 3], torch.randn(3, tiny.config.llm_hidden_size))
+    assert metric(broken, "iomni_speech_open_sequences") == 1
+    for _ in range(40):
+        if metric(broken, "iomni_speech_open_sequences") == 0:
+            break
+        await asyncio.sleep(0.25)
+    assert metric(broken, "iomni_speech_open_sequences") == 0
+    with pytest.raises(IomniError, match="not open"):
+        await speech.push_text([4], torch.randn(1, tiny.config.llm_hidden_size))
+    await client.close()
+
+
+def test_sigterm_with_a_live_stream_stops_cleanly(tiny_dir: Path, tmp_path: Path) -> None:
+    http, grpc, metrics = free_ports(3)
+    shm_before = set(Path("/dev/shm").glob(SHM_GLOB))
+    work = tmp_path / "work"
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "iomni.cli",
+            "triton",
+            "serve",
+            "--model",
+            str(tiny_dir),
+            "--repository",
+            str(REPOSITORY),
+            "--work",
+            str(work),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--grace",
+            "2",
+            "--models",
+            "llm",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = serve.stdout.readline()
+        assert "triton ready" in line, line + serve.stdout.read()
+        outcome = asyncio.run(_stream_then_sigterm(f"127.0.0.1:{grpc}", tiny_dir, serve))
+        assert outcome in ("finished", "unavailable")
+        assert serve.wait(timeout=60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    time.sleep(0.5)
+    assert not _stubs_under(work)
+    assert set(Path("/dev/shm").glob(SHM_GLOB)) <= shm_before
+
+
+async def _stream_then_sigterm(url: str, tiny_dir: Path, serve: subprocess.Popen) -> str:
+    client = TritonParts(url, fingerprint(tiny_dir), {})
+    request = GenerationRequest(
+        input_ids=list(range(200, 230)),
+        media={},
+        params=SamplingParams(temperature=0.0, max_new_tokens=8000),
+        stop_ids=[],
+        return_hidden=False,
+    )
+    received = 0
+    try:
+        async for _ in client.generate(request):
+            received += 1
+            if received == 5:
+                os.kill(serve.pid, signal.SIGTERM)
+        return "finished"
+    except Unavailable:
+        return "unavailable"
+    finally:
+        await client.close()
+
+
+def _stubs_under(work: Path) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "triton_python_backend_stub" in text and str(work) in text:
+            found.append(int(cmdline.parent.name))
+    return found
