@@ -271,8 +271,9 @@ class ContinuousBatcher:
                 embeds[0, mask] = rows[offset : offset + count].to(embeds.dtype)
         return embeds
 
-    def _choose(self, seq: _Active, hidden: torch.Tensor) -> None:
-        logits = self.lm.lm_head(hidden).float()
+    def _choose(self, seq: _Active, hidden: torch.Tensor, logits: torch.Tensor | None = None
+                ) -> None:
+        logits = self.lm.lm_head(hidden).float() if logits is None else logits
         seq.next_token = sample_next(logits, seq.request.params, seq.generator)
         seq.hidden = hidden.float() if seq.request.return_hidden else None
 
@@ -323,12 +324,14 @@ class ContinuousBatcher:
             cache=cache,
             use_cache=True,
         )
+        hidden = out.last_hidden_state[:, -1]
+        logits = self.lm.lm_head(hidden).float()  # one matmul: the vocab weight is read once
         for row, seq in enumerate(batch):
             for layer, padded in enumerate(out.cache.layers):
                 seq.cache.update(
                     padded.keys[row : row + 1, :, -1:], padded.values[row : row + 1, :, -1:], layer
                 )
-            self._choose(seq, out.last_hidden_state[row, -1])
+            self._choose(seq, hidden[row], logits[row])
 
     def _drop_cancelled(self) -> None:
         kept = []
