@@ -9,7 +9,7 @@ PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.installed
 WHEELS      := $(wildcard /opt/wheels)
 PIP_FLAGS   := --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
-APT_PACKAGES := espeak-ng
+APT_PACKAGES := espeak-ng redis-server prometheus
 CKPT_DIR    ?= .cache/checkpoints
 
 .PHONY: help setup system-packages demo test lint bench checkpoints triton engines clean

@@ -16,15 +16,15 @@ from safetensors.torch import load_file, save_file
 
 
 class EmbeddingCache(Protocol):
-    def get(self, key: str) -> torch.Tensor | None: ...
+    async def get(self, key: str) -> torch.Tensor | None: ...
 
-    def put(self, key: str, value: torch.Tensor) -> None: ...
+    async def put(self, key: str, value: torch.Tensor) -> None: ...
 
 
 class MediaStore(Protocol):
-    def get(self, sha256: str) -> bytes | None: ...
+    async def get(self, sha256: str) -> bytes | None: ...
 
-    def put(self, sha256: str, data: bytes) -> None: ...
+    async def put(self, sha256: str, data: bytes) -> None: ...
 
 
 def embedding_key(model_id: str, kind: str, sha256: str, variant: str = "") -> str:
@@ -41,7 +41,7 @@ class MemoryEmbeddingCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, key: str) -> torch.Tensor | None:
+    async def get(self, key: str) -> torch.Tensor | None:
         with self._lock:
             value = self._items.get(key)
             if value is None:
@@ -51,7 +51,7 @@ class MemoryEmbeddingCache:
             self.hits += 1
             return value
 
-    def put(self, key: str, value: torch.Tensor) -> None:
+    async def put(self, key: str, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return
@@ -69,10 +69,10 @@ class MemoryMediaStore:
     def __init__(self) -> None:
         self._blobs: dict[str, bytes] = {}
 
-    def get(self, sha256: str) -> bytes | None:
+    async def get(self, sha256: str) -> bytes | None:
         return self._blobs.get(sha256)
 
-    def put(self, sha256: str, data: bytes) -> None:
+    async def put(self, sha256: str, data: bytes) -> None:
         self._blobs[sha256] = data
 
 
@@ -82,11 +82,11 @@ class DirectoryMediaStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def get(self, sha256: str) -> bytes | None:
+    async def get(self, sha256: str) -> bytes | None:
         path = self.root / sha256
         return path.read_bytes() if path.exists() else None
 
-    def put(self, sha256: str, data: bytes) -> None:
+    async def put(self, sha256: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / sha256
         if not path.exists():
@@ -104,7 +104,7 @@ class DirectoryEmbeddingCache:
     def _path(self, key: str) -> Path:
         return self.root / (key.replace(":", "_") + ".safetensors")
 
-    def get(self, key: str) -> torch.Tensor | None:
+    async def get(self, key: str) -> torch.Tensor | None:
         path = self._path(key)
         if not path.exists():
             return None
@@ -113,7 +113,7 @@ class DirectoryEmbeddingCache:
         except Exception:  # a torn file is just a miss; it is rewritten below
             return None
 
-    def put(self, key: str, value: torch.Tensor) -> None:
+    async def put(self, key: str, value: torch.Tensor) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
         temp = path.with_suffix(".tmp")

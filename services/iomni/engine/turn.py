@@ -249,27 +249,27 @@ class Turn:
         prepared = {p.ident: self._prepare(p, p.data) for p in new_parts}  # type: ignore[arg-type]
         for part in _unique_media(messages):
             key = self._key(part)
-            cached = self.engine.embeddings.get(key)
+            cached = await self.engine.embeddings.get(key)
             if cached is not None:
                 state.rows[part.ident] = cached
                 state.hits += 1
                 continue
-            item = prepared.get(part.ident) or self._prepare(part, self._load_bytes(part))
+            item = prepared.get(part.ident) or self._prepare(part, await self._load_bytes(part))
             rows = await self._encode(part, item, state.timings_ms)
-            self.engine.embeddings.put(key, rows)
+            await self.engine.embeddings.put(key, rows)
             state.rows[part.ident] = rows
             state.encoded += 1
         if self.engine.media is not None:
             for part in new_parts:
-                self.engine.media.put(part.sha256, part.data)  # type: ignore[arg-type]
+                await self.engine.media.put(part.sha256, part.data)  # type: ignore[arg-type]
         return state
 
     def _key(self, part: MediaPart) -> str:
         variant = str(part.num_frames or DEFAULT_VIDEO_FRAMES) if part.type == "video" else ""
         return embedding_key(self.engine.parts.model_id, part.type, part.sha256, variant)
 
-    def _load_bytes(self, part: MediaPart) -> bytes:
-        data = self.engine.media.get(part.sha256) if self.engine.media is not None else None
+    async def _load_bytes(self, part: MediaPart) -> bytes:
+        data = await self.engine.media.get(part.sha256) if self.engine.media is not None else None
         if data is None:
             raise NotFound(
                 f"{part.type} {part.sha256[:12]} from an earlier turn is no longer available; "
