@@ -11,8 +11,10 @@ WHEELS      := $(wildcard /opt/wheels)
 PIP_FLAGS   := --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
 APT_PACKAGES := espeak-ng redis-server prometheus
 CKPT_DIR    ?= .cache/checkpoints
+PROTOS      := $(wildcard protos/iomni/v1/*.proto)
+PROTO_OUT   := services/iomni/v1/.generated
 
-.PHONY: help setup system-packages demo test lint bench checkpoints triton engines clean
+.PHONY: help setup system-packages demo test lint bench checkpoints triton engines up down clean
 
 help:
 	@echo "make demo   - set everything up and run a 3-turn audio-visual conversation"
@@ -22,7 +24,7 @@ help:
 	@echo "make triton - the four models on a local tritonserver (CPU profile)"
 	@echo "make engines - ONNX exports + GPU repository (TensorRT build needs NVIDIA's container)"
 
-setup: system-packages $(STAMP)
+setup: system-packages $(STAMP) $(PROTO_OUT)
 
 # Installs the Debian packages the demo and tests need, only when one is missing.
 system-packages:
@@ -40,6 +42,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install $(PIP_FLAGS) -e '.[dev]'
 	@touch $(STAMP)
 
+# Generated protobuf/gRPC code lands in services/iomni/v1/ (not committed).
+$(PROTO_OUT): $(PROTOS) | $(STAMP)
+	mkdir -p services/iomni/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=services --grpc_python_out=services \
+	  --pyi_out=services $(PROTOS)
+	@touch services/iomni/v1/__init__.py $@
+
 checkpoints: setup $(CKPT_DIR)/tiny/config.json
 
 # Regenerated whenever the model code changes (a few seconds for `tiny`).
@@ -47,8 +56,12 @@ $(CKPT_DIR)/tiny/config.json: $(wildcard services/iomni/model/*.py) | $(STAMP)
 	rm -rf $(CKPT_DIR)/tiny
 	$(VENV)/bin/iomni make-checkpoint --size tiny --out $(CKPT_DIR)/tiny
 
+# The 3-turn audio-visual conversation through the gateway over gRPC (stack up, then down).
 demo: setup checkpoints
-	$(PY) -m iomni.cli.demo --model $(CKPT_DIR)/tiny --workdir .cache/demo
+	$(PY) -m iomni.cli.stack up --model $(CKPT_DIR)/tiny
+	$(PY) -m iomni.cli.demo --server localhost:50051 --workdir .cache/demo || \
+	  { $(PY) -m iomni.cli.stack down; exit 1; }
+	$(PY) -m iomni.cli.stack down
 
 test: setup
 	$(PY) -m pytest -q
@@ -56,6 +69,13 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check services tests loadtests
 	$(VENV)/bin/ruff format --check services tests loadtests
+
+# The local stack in the background (Redis, Triton CPU profile, gateway); logs in .run/.
+up: setup checkpoints
+	$(PY) -m iomni.cli.stack up --model $(CKPT_DIR)/tiny
+
+down:
+	@test -x $(PY) && $(PY) -m iomni.cli.stack down || true
 
 # Triton on loopback (8000 HTTP / 8001 gRPC / 8002 metrics) with the CPU profile; Ctrl-C stops.
 triton: setup checkpoints

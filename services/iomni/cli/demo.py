@@ -120,9 +120,62 @@ def _print_done(done: TurnDone, wav: Path) -> None:
     print(f"  timings: {stages}")
 
 
+def converse_remote(server: str, assets: dict[str, Path], seed: int, workdir: Path) -> None:
+    """The same three turns through the gateway over gRPC (Chat, one session)."""
+    import time
+    import uuid
+
+    from iomni.client import DialogueClient, Reply, chat_request, find_api_key
+
+    client = DialogueClient(server, find_api_key())
+    session_id = ""
+    turns = [
+        {"images": [assets["image"].read_bytes()], "text": "Describe this picture."},
+        {"video": assets["video"].read_bytes(), "text": "What happens in this video?"},
+        {"audio": assets["audio"].read_bytes()},
+    ]
+    sampling = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "max_new_tokens": 32, "seed": seed}
+    try:
+        for number, turn in enumerate(turns, start=1):
+            kinds = ", ".join(k.rstrip("s") for k in turn if k != "text") or "text"
+            print(f"\n--- turn {number} (user sends: {kinds}, via gateway {server})")
+            print("assistant: ", end="", flush=True)
+            request = chat_request(session_id, uuid.uuid4().hex, speech=True, **turn, **sampling)
+            reply, sent, first_audio = Reply(), time.perf_counter(), None
+            for response in client.chat_stream(request):
+                reply.add(response)
+                kind = response.WhichOneof("payload")
+                if kind == "text":
+                    print(response.text.text, end="", flush=True)
+                elif kind == "audio" and first_audio is None:
+                    first_audio = (time.perf_counter() - sent) * 1000
+            session_id = reply.session_id
+            wav = workdir / f"reply-{number}.wav"
+            sf.write(wav, np.frombuffer(bytes(reply.audio), dtype="<i2"), 24000, subtype="PCM_16")
+            done = reply.done
+            ttfa = f"{first_audio:.0f} ms" if first_audio is not None else "n/a"
+            print(
+                f"\n  [{done.stop_reason}] prompt {done.usage.prompt_tokens} tokens, generated "
+                f"{done.usage.completion_tokens}, media from cache "
+                f"{done.usage.media_cache_hits}"
+            )
+            print(
+                f"  speech: {done.usage.audio_ms / 1000:.2f} s -> {wav}; time to first audio "
+                f"(client side) {ttfa}"
+            )
+            stages = "  ".join(
+                f"{k} {v:.0f} ms" for k, v in done.timings_ms.items() if k != "reused_tokens"
+            )
+            print(f"  timings: {stages}")
+        print(f"\nsession {session_id}: {client.get_session(session_id).turns} turns stored")
+    finally:
+        client.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--model", type=Path, help="checkpoint: run in-process")
+    parser.add_argument("--server", help="gateway host:port: run through gRPC")
     parser.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
@@ -130,8 +183,13 @@ def main() -> int:
 
     transformers.logging.set_verbosity_error()
     assets = make_assets(args.workdir)
-    print(f"model: {args.model}   assets: {', '.join(str(p) for p in assets.values())}")
-    asyncio.run(converse(args.model, assets, args.seed, args.workdir))
+    print(f"assets: {', '.join(str(p) for p in assets.values())}")
+    if args.server:
+        converse_remote(args.server, assets, args.seed, args.workdir)
+    elif args.model:
+        asyncio.run(converse(args.model, assets, args.seed, args.workdir))
+    else:
+        parser.error("give --server HOST:PORT or --model DIR")
     return 0
 
 

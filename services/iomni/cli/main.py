@@ -47,6 +47,35 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--out", required=True, type=Path)
     render.add_argument("--repository", type=Path, default=Path("model_repository"))
 
+    gateway = sub.add_parser("gateway", help="the gRPC dialogue gateway")
+    gateway.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="checkpoint directory (config + tokenizer; weights stay in Triton)",
+    )
+    gateway.add_argument("--tenants", required=True, type=Path, help="tenants JSON (key hashes)")
+    gateway.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC host:port")
+    gateway.add_argument(
+        "--llm-replicas",
+        nargs="*",
+        default=[],
+        help="llm replica host:port list for KV affinity (default: --triton)",
+    )
+    gateway.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    gateway.add_argument("--host", default="0.0.0.0")
+    gateway.add_argument("--port", type=int, default=50051)
+    gateway.add_argument("--metrics-port", type=int, default=9464)
+    gateway.add_argument("--max-concurrent-turns", type=int, default=16)
+    gateway.add_argument("--max-message-mb", type=int, default=32)
+    gateway.add_argument("--max-audio-seconds", type=float, default=300.0)
+    gateway.add_argument("--turn-timeout", type=float, default=300.0)
+    gateway.add_argument("--grace", type=float, default=30.0)
+    gateway.add_argument("--lease-ttl-ms", type=int, default=30000)
+    gateway.add_argument("--tls-cert", type=Path)
+    gateway.add_argument("--tls-key", type=Path)
+    gateway.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
+
     export = sub.add_parser("export", help="export the encoders for TensorRT")
     export_sub = export.add_subparsers(dest="export_format", required=True)
     onnx = export_sub.add_parser("onnx", help="ONNX with dynamic batch (vision, audio)")
@@ -54,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--out", required=True, type=Path)
 
     chat = sub.add_parser("chat", help="one turn of a conversation kept in a session file")
-    chat.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    chat.add_argument("--model", type=Path, help="checkpoint directory (in-process)")
+    chat.add_argument("--server", help="gateway host:port instead of running in-process")
+    chat.add_argument("--api-key", help="default: $IOMNI_API_KEY, else .run/api_key")
+    chat.add_argument("--tls-ca", type=Path, help="CA bundle to verify the gateway (TLS)")
     chat.add_argument("--session", required=True, type=Path, help="JSON file with the history")
     chat.add_argument("--image", action="append", type=Path, default=[])
     chat.add_argument("--video", type=Path)
@@ -89,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _triton(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "gateway":
+            return _gateway(args)
+        if args.command == "chat" and args.server:
+            return _chat_remote(args)
         return asyncio.run(_chat(args))
     except IomniError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
@@ -187,6 +223,103 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from iomni.gateway.server import Gateway, GatewaySettings
+    from iomni.telemetry import tracing
+
+    tracing.configure("iomni-gateway")
+    settings = GatewaySettings(
+        model=args.model,
+        tenants=args.tenants,
+        triton_url=args.triton,
+        llm_replicas=args.llm_replicas,
+        redis_url=args.redis,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_concurrent_turns=args.max_concurrent_turns,
+        max_message_bytes=args.max_message_mb << 20,
+        max_audio_seconds=args.max_audio_seconds,
+        turn_timeout_s=args.turn_timeout,
+        grace_s=args.grace,
+        lease_ttl_ms=args.lease_ttl_ms,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
+    asyncio.run(Gateway(settings).serve_forever())
+    return 0
+
+
+def _chat_remote(args: argparse.Namespace) -> int:
+    """`iomni chat --server`: the session lives in the gateway; the file keeps its id."""
+    import json
+
+    import grpc
+
+    from iomni.client import DialogueClient, find_api_key
+    from iomni.errors import InvalidInput
+
+    key = find_api_key(args.api_key)
+    if key is None:
+        raise InvalidInput("no API key: pass --api-key, set IOMNI_API_KEY or run `make up`")
+    session_id = ""
+    if args.session.exists() and args.session.stat().st_size:
+        try:
+            session_id = json.loads(args.session.read_text()).get("session_id", "")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise InvalidInput(f"session file {args.session} is not valid: {exc}") from exc
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    client = DialogueClient(args.server, key, tls_ca=args.tls_ca)
+    try:
+        reply = _stream_reply(client, session_id, args, sampling)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    finally:
+        client.close()
+    args.session.write_text(json.dumps({"version": 1, "session_id": reply.session_id}) + "\n")
+    if args.out:
+        _write_wav(args.out, bytes(reply.audio))
+    if args.timings and reply.done is not None:
+        stages = " ".join(f"{k}={v:.1f}ms" for k, v in reply.done.timings_ms.items())
+        print(f"[{reply.done.stop_reason}] {stages}", file=sys.stderr)
+    return 0
+
+
+def _stream_reply(client, session_id: str, args: argparse.Namespace, sampling: dict):  # type: ignore[no-untyped-def]
+    import uuid
+
+    from iomni.client import Reply, chat_request
+
+    request = chat_request(
+        session_id,
+        uuid.uuid4().hex,
+        text=args.text,
+        images=[_read(p, "--image") for p in args.image],
+        audio=_read(args.audio, "--audio") if args.audio else None,
+        video=_read(args.video, "--video") if args.video else None,
+        speech=bool(args.out),
+        speaker_wav=_read(args.speaker, "--speaker") if args.speaker else None,
+        **sampling,
+    )
+    reply = Reply()
+    for response in client.chat_stream(request):
+        reply.add(response)
+        if response.WhichOneof("payload") == "text":
+            sys.stdout.write(response.text.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return reply
+
+
 def _export(args: argparse.Namespace) -> int:
     from iomni.model.export import export_encoders
 
@@ -204,6 +337,10 @@ def _write_wav(path: Path, pcm: bytes) -> None:
 
 async def _chat(args: argparse.Namespace) -> int:
     from iomni.cli.session_file import SessionFile
+    from iomni.errors import InvalidInput as _Invalid
+
+    if args.model is None:
+        raise _Invalid("chat needs --model DIR (in-process) or --server HOST:PORT")
     from iomni.engine.events import AudioChunk, TextDelta
     from iomni.engine.parts import InProcessParts, SpeechOptions
     from iomni.engine.turn import TurnEngine, TurnRequest

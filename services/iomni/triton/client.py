@@ -13,7 +13,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from iomni.engine.parts import GenerationRequest, LLMStep, SpeechOptions
 from iomni.errors import DeadlineExceeded, Internal, InvalidInput, IomniError, Unavailable
+from iomni.telemetry.tracing import context_headers
 from iomni.triton.tensors import (
     AUDIO,
     AUDIO_EMBEDS,
@@ -55,6 +56,10 @@ def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
     return tensor
 
 
+class LLMRouter(Protocol):
+    async def route(self, session_id: str) -> str: ...
+
+
 def translate(exc: InferenceServerException, model: str) -> IomniError:
     """A Triton error as the project error a caller can act on, naming the model."""
     status = str(exc.status() or "")
@@ -82,9 +87,14 @@ class TritonParts:
         timeout_s: float = 60.0,
         encoder_retries: int = 2,
         headers: dict[str, str] | None = None,
+        llm_router: LLMRouter | None = None,
     ) -> None:
         """`placeholders` maps the prompt's placeholder token ids to the LLM inputs that fill
-        them, e.g. {<IMG_CONTEXT> id: IMAGE_EMBEDS, <AUDIO_CONTEXT> id: AUDIO_EMBEDS}."""
+        them, e.g. {<IMG_CONTEXT> id: IMAGE_EMBEDS, <AUDIO_CONTEXT> id: AUDIO_EMBEDS}.
+        `llm_router` picks the `llm` replica for a session (KV-cache affinity); without it
+        every model is reached at `url`."""
+        self.llm_router = llm_router
+        self._llm_clients: dict[str, grpcclient.InferenceServerClient] = {}
         self.url = url
         self.model_id = model_id
         self.placeholders = placeholders
@@ -104,6 +114,23 @@ class TritonParts:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        for client in self._llm_clients.values():
+            await client.close()
+        self._llm_clients.clear()
+
+    def call_headers(self) -> dict[str, str]:
+        """Static headers plus the current W3C trace context."""
+        return {**self.headers, **context_headers()}
+
+    async def _llm_client(self, session_id: str) -> grpcclient.InferenceServerClient:
+        if self.llm_router is None:
+            return self.client
+        url = await self.llm_router.route(session_id)
+        if url == self.url:
+            return self.client
+        if url not in self._llm_clients:
+            self._llm_clients[url] = grpcclient.InferenceServerClient(url)
+        return self._llm_clients[url]
 
     async def check_ready(self, models: Sequence[str] = MODELS) -> None:
         """Raise Unavailable naming every model that is not ready."""
@@ -124,7 +151,7 @@ class TritonParts:
                     inputs,
                     outputs=[InferRequestedOutput(output)],
                     client_timeout=self.timeout_s,
-                    headers=self.headers,
+                    headers=self.call_headers(),
                 )
                 return result.as_numpy(output)
             except InferenceServerException as exc:
@@ -181,7 +208,8 @@ class TritonParts:
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": LLM, "inputs": inputs, "outputs": outputs, "parameters": params}
 
-        stream = self.client.stream_infer(requests(), headers=self.headers)
+        client = await self._llm_client(request.session_id)
+        stream = client.stream_infer(requests(), headers=self.call_headers())
         first = True
         try:
             async for result, error in stream:
@@ -251,7 +279,7 @@ class TritonSpeech:
             yield request
 
         chunks: list[np.ndarray] = []
-        stream = self.parts.client.stream_infer(requests(), headers=self.parts.headers)
+        stream = self.parts.client.stream_infer(requests(), headers=self.parts.call_headers())
         try:
             async for result, error in stream:
                 if error is not None:

@@ -271,8 +271,9 @@ class ContinuousBatcher:
                 embeds[0, mask] = rows[offset : offset + count].to(embeds.dtype)
         return embeds
 
-    def _choose(self, seq: _Active, hidden: torch.Tensor, logits: torch.Tensor | None = None
-                ) -> None:
+    def _choose(
+        self, seq: _Active, hidden: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> None:
         logits = self.lm.lm_head(hidden).float() if logits is None else logits
         seq.next_token = sample_next(logits, seq.request.params, seq.generator)
         seq.hidden = hidden.float() if seq.request.return_hidden else None

@@ -1,0 +1,143 @@
+"""`make up` / `make down`: the local stack in the background, logs and pids under .run/.
+
+Redis (127.0.0.1:6379, AOF on), Triton with the CPU profile (8000/8001/8002), the gateway
+(50051, metrics 9464). A local development tenant is created; its key is in .run/api_key, where
+`iomni chat --server` finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from iomni.gateway.auth import write_dev_tenant
+
+RUN = Path(".run")
+SERVICES = ("redis", "triton", "gateway")  # start order; stopped in reverse
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(name: str) -> int | None:
+    pid_file = RUN / f"{name}.pid"
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, 0)
+        return pid
+    except ProcessLookupError:
+        pid_file.unlink()
+        return None
+
+
+def _launch(
+    name: str, command: list[str], ready_line: str | None, port: int, timeout_s: float
+) -> None:
+    if _alive(name):
+        print(f"{name}: already running")
+        return
+    log = (RUN / f"{name}.log").open("ab")
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    (RUN / f"{name}.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited; see {RUN / (name + '.log')}")
+        text = (RUN / f"{name}.log").read_text(errors="replace")
+        if (ready_line is None or ready_line in text) and _port_open(port):
+            print(f"{name}: ready on 127.0.0.1:{port} (log {RUN / (name + '.log')})")
+            return
+        time.sleep(0.3)
+    raise SystemExit(f"{name} not ready after {timeout_s:.0f} s; see {RUN / (name + '.log')}")
+
+
+def up(model: Path) -> None:
+    RUN.mkdir(exist_ok=True)
+    key_file = RUN / "api_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(24) + "\n")
+        key_file.chmod(0o600)
+    write_dev_tenant(RUN / "tenants.json", "dev", key_file.read_text().strip())
+    iomni = [sys.executable, "-m", "iomni.cli"]
+    _launch(
+        "redis",
+        [
+            "redis-server",
+            "--port",
+            "6379",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--dir",
+            str(RUN.resolve()),
+        ],
+        None,
+        6379,
+        15,
+    )
+    _launch(
+        "triton",
+        [*iomni, "triton", "serve", "--model", str(model), "--work", str(RUN / "triton")],
+        "triton ready",
+        8001,
+        600,
+    )
+    _launch(
+        "gateway",
+        [*iomni, "gateway", "--model", str(model), "--tenants", str(RUN / "tenants.json")],
+        "gateway ready",
+        50051,
+        120,
+    )
+    print(
+        f"stack up: `iomni chat --server localhost:50051 --text hi --session s.json` "
+        f"(dev key in {key_file})"
+    )
+
+
+def down() -> None:
+    for name in reversed(SERVICES):
+        pid = _alive(name)
+        if pid is None:
+            continue
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _alive(name):
+            time.sleep(0.2)
+        if _alive(name):
+            os.killpg(pid, signal.SIGKILL)
+        (RUN / f"{name}.pid").unlink(missing_ok=True)
+        print(f"{name}: stopped")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--model", type=Path, default=Path(".cache/checkpoints/tiny"))
+    args = parser.parse_args()
+    if args.action == "up":
+        up(args.model)
+    else:
+        down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
