@@ -126,6 +126,7 @@ def converse_remote(server: str, assets: dict[str, Path], seed: int, workdir: Pa
     import uuid
 
     from iomni.client import DialogueClient, Reply, chat_request, find_api_key
+    from iomni.v1 import dialogue_pb2 as pb
 
     client = DialogueClient(server, find_api_key())
     session_id = ""
@@ -155,7 +156,8 @@ def converse_remote(server: str, assets: dict[str, Path], seed: int, workdir: Pa
             done = reply.done
             ttfa = f"{first_audio:.0f} ms" if first_audio is not None else "n/a"
             print(
-                f"\n  [{done.stop_reason}] prompt {done.usage.prompt_tokens} tokens, generated "
+                f"\n  [{pb.StopReason.Name(done.stop_reason)}] prompt {done.usage.prompt_tokens} "
+                f"tokens ({done.usage.prompt_tokens_reused} from the llm's KV cache), generated "
                 f"{done.usage.completion_tokens}, media from cache "
                 f"{done.usage.media_cache_hits}"
             )

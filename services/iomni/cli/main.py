@@ -290,7 +290,14 @@ def _chat_remote(args: argparse.Namespace) -> int:
         _write_wav(args.out, bytes(reply.audio))
     if args.timings and reply.done is not None:
         stages = " ".join(f"{k}={v:.1f}ms" for k, v in reply.done.timings_ms.items())
-        print(f"[{reply.done.stop_reason}] {stages}", file=sys.stderr)
+        from iomni.v1 import dialogue_pb2 as pb
+
+        reason = pb.StopReason.Name(reply.done.stop_reason).removeprefix("STOP_REASON_").lower()
+        print(
+            f"[{reason}] {reply.done.usage.completion_tokens} tokens, "
+            f"{reply.done.usage.prompt_tokens_reused} prompt tokens from KV cache; {stages}",
+            file=sys.stderr,
+        )
     return 0
 
 

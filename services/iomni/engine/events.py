@@ -45,6 +45,7 @@ class Usage:
     history_turns_dropped: int = 0
     speech_tokens: int = 0
     audio_ms: float = 0.0
+    prompt_tokens_reused: int = 0  # served from the llm's KV cache of this session
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class LLMStep:
     token_id: int
     hidden: torch.Tensor | None  # (H,) hidden state of the position that predicted the token
     timings_ms: dict[str, float] = field(default_factory=dict)  # "prefill" on the first step
+    reused_tokens: int = 0  # first step: prompt tokens served from a KV cache
 
 
 class ModelParts(Protocol):

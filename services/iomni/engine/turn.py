@@ -151,6 +151,8 @@ class Turn:
         try:
             async for step in stream:
                 stats.first_step(step.timings_ms)
+                if step.reused_tokens:
+                    stats.usage["prompt_tokens_reused"] = step.reused_tokens
                 if step.token_id in special.stop_ids:
                     reason = "eos"
                     break

@@ -209,9 +209,8 @@ class TurnRunner:
             self.metrics.real_time_factor.observe(
                 done.timings_ms.get("speech", 0.0) / done.usage.audio_ms
             )
-        reused = done.timings_ms.get("reused_tokens")
-        if reused:
-            self.metrics.llm_prompt_tokens_reused.inc(reused)
+        if done.usage.prompt_tokens_reused:
+            self.metrics.llm_prompt_tokens_reused.inc(done.usage.prompt_tokens_reused)
 
     async def _replay(self, session_id: str, turn_id: str, result: dict, emit: Emit) -> None:
         self.metrics.turns.labels("replayed").inc()
@@ -248,6 +247,7 @@ async def _cancel_on(event: asyncio.Event, cancel: Callable[[], None]) -> None:
 
 
 USAGE_FIELDS = (
+    "prompt_tokens_reused",
     "prompt_tokens",
     "completion_tokens",
     "image_tokens",

@@ -217,12 +217,12 @@ class TritonParts:
                     raise translate(error, LLM)
                 token = int(result.as_numpy(TOKEN_ID)[0])
                 hidden = result.as_numpy(HIDDEN)
-                timings = {}
-                if first:
-                    timings = {"reused_tokens": float(result.as_numpy(REUSED_TOKENS)[0])}
-                    first = False
+                reused = int(result.as_numpy(REUSED_TOKENS)[0]) if first else 0
+                first = False
                 yield LLMStep(
-                    token, torch.from_numpy(hidden.copy()) if hidden.size else None, timings
+                    token,
+                    torch.from_numpy(hidden.copy()) if hidden.size else None,
+                    reused_tokens=reused,
                 )
                 if result.as_numpy(FINISH_REASON)[0]:
                     return
