@@ -31,6 +31,7 @@ class GenerationRequest:
     stop_ids: Sequence[int]
     session_id: str = ""
     return_hidden: bool = True
+    trace_headers: dict[str, str] = field(default_factory=dict)  # W3C context for the llm call
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from iomni.engine.cache import EmbeddingCache, MediaStore, MemoryEmbeddingCache, embedding_key
 from iomni.engine.events import AudioChunk, TextDelta, TurnDone, TurnEvent, Usage
@@ -20,6 +22,7 @@ from iomni.model.processor import DEFAULT_VIDEO_FRAMES, Processor
 from iomni.model.sampling import SamplingParams
 from iomni.model.speech.stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, to_pcm16
 from iomni.model.tokenizer import IncrementalDecoder
+from iomni.telemetry.tracing import context_headers, tracer
 
 log = logging.getLogger(__name__)
 # Text tokens per speech-decoder step (InteractiveOmni's 5:25 interleave).
@@ -147,6 +150,9 @@ class Turn:
         decoder = IncrementalDecoder(self.engine.processor.tokenizer)
         pending: list[tuple[int, torch.Tensor]] = []  # text not yet given to the speech decoder
         reason = "length"
+        self._turn_context = otel_context.get_current()
+        llm_span = tracer().start_span("llm", context=self._turn_context)
+        generation.trace_headers = context_headers(trace.set_span_in_context(llm_span))
         stream = self.engine.parts.generate(generation)
         try:
             async for step in stream:
@@ -170,6 +176,7 @@ class Turn:
                     break
         finally:
             await stream.aclose()
+            llm_span.end()
         tail = decoder.flush()
         if tail:
             yield TextDelta(tail, stats.completion - 1)
@@ -200,6 +207,17 @@ class Turn:
         final: bool = False,
     ) -> list[AudioChunk]:
         """Give buffered text to the speech decoder; the audio it returns, as events."""
+        span = tracer().start_span("speech_decode", context=self._turn_context)
+        with trace.use_span(span, end_on_exit=True):
+            return await self._speak_in_span(speech, pending, stats, final)
+
+    async def _speak_in_span(
+        self,
+        speech: SpeechStream,
+        pending: list[tuple[int, torch.Tensor]],
+        stats: _TurnStats,
+        final: bool,
+    ) -> list[AudioChunk]:
         started = time.perf_counter()
         arrays: list[np.ndarray] = []
         if pending:
@@ -289,14 +307,14 @@ class Turn:
 
     async def _encode(self, part: MediaPart, item, timings: dict[str, float]) -> torch.Tensor:  # type: ignore[no-untyped-def]
         started = time.perf_counter()
-        if part.type == "audio":
-            windows = await self.engine.parts.encode_audio(item.windows)
-            rows = torch.cat(windows)[: item.num_tokens]
-            stage = "audio_encode"
-        else:
-            tiles = await self.engine.parts.encode_images(item.pixel_values)
-            rows = tiles.reshape(-1, tiles.shape[-1])
-            stage = "vision_encode"
+        stage = "audio_encode" if part.type == "audio" else "vision_encode"
+        with tracer().start_as_current_span(stage):
+            if part.type == "audio":
+                windows = await self.engine.parts.encode_audio(item.windows)
+                rows = torch.cat(windows)[: item.num_tokens]
+            else:
+                tiles = await self.engine.parts.encode_images(item.pixel_values)
+                rows = tiles.reshape(-1, tiles.shape[-1])
         timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - started) * 1000
         return rows
 

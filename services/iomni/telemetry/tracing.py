@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 
 _configured = False
 
@@ -44,8 +45,8 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer("iomni")
 
 
-def context_headers() -> dict[str, str]:
-    """W3C trace context of the current span, for outgoing requests (Triton, Kafka)."""
+def context_headers(context: Context | None = None) -> dict[str, str]:
+    """W3C trace context (of `context`, default the current one) for outgoing requests."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return carrier

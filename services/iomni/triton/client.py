@@ -209,7 +209,8 @@ class TritonParts:
             yield {"model_name": LLM, "inputs": inputs, "outputs": outputs, "parameters": params}
 
         client = await self._llm_client(request.session_id)
-        stream = client.stream_infer(requests(), headers=self.call_headers())
+        headers = {**self.call_headers(), **request.trace_headers}
+        stream = client.stream_infer(requests(), headers=headers)
         first = True
         try:
             async for result, error in stream:

@@ -1,0 +1,300 @@
+"""The gateway as real processes, over real Triton and real Redis."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+
+from iomni.client import DialogueClient, Reply, chat_request
+from iomni.v1 import dialogue_pb2 as pb
+from iomni.v1 import dialogue_pb2_grpc as pb_grpc
+from tests.integration.conftest import TENANT_KEYS, GatewayProcess
+
+ACME, GLOBEX = TENANT_KEYS["acme"], TENANT_KEYS["globex"]
+SHORT = {"temperature": 0.0, "max_new_tokens": 6}
+
+
+def client(gateway: GatewayProcess, key: str = ACME) -> DialogueClient:
+    return DialogueClient(gateway.target, key)
+
+
+def turn_id() -> str:
+    return uuid.uuid4().hex
+
+
+def wav(seconds: float = 1.0) -> bytes:
+    t = np.arange(int(16000 * seconds)) / 16000
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+def test_multi_turn_memory(gateway: GatewayProcess) -> None:
+    c = client(gateway)
+    first = c.chat("", turn_id(), text="Remember the word kumquat.", **SHORT)
+    second = c.chat(first.session_id, turn_id(), text="Which word?", **SHORT)
+    session = c.get_session(first.session_id)
+    assert session.turns == 2 and len(session.history) == 4
+    assert session.history[0].parts[0].text == "Remember the word kumquat."
+    assert session.history[1].parts[0].text == first.text
+    # Turn 2's prompt holds turn 1: it is longer by at least turn 1's exchange, and the llm
+    # served that prefix from its KV cache.
+    assert second.done.usage.prompt_tokens > first.done.usage.prompt_tokens + 6
+    assert second.done.usage.prompt_tokens_reused >= first.done.usage.prompt_tokens
+    c.close()
+
+
+def test_two_gateways_share_one_session(gateway: GatewayProcess, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    other = start_gateway()
+    a, b = client(gateway), client(other)
+    first = a.chat("", turn_id(), text="Hello from A", **SHORT)
+    second = b.chat(first.session_id, turn_id(), text="Hello from B", **SHORT)
+    assert second.session_id == first.session_id
+    history = b.get_session(first.session_id).history
+    assert [m.parts[0].text for m in history[::2]] == ["Hello from A", "Hello from B"]
+    assert second.done.usage.prompt_tokens > first.done.usage.prompt_tokens
+    a.close()
+    b.close()
+
+
+def test_busy_session_rejects_a_second_turn(gateway: GatewayProcess) -> None:
+    c = client(gateway)
+    session = c.chat("", turn_id(), text="start", **SHORT).session_id
+    long_turn = chat_request(session, turn_id(), text="talk", temperature=0.0, max_new_tokens=400)
+    stream = c.chat_stream(long_turn)
+    next(iter(stream))  # the first turn is running
+    with pytest.raises(grpc.RpcError) as info:
+        c.chat(session, turn_id(), text="me too", **SHORT)
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    assert "busy" in info.value.details()
+    stream.cancel()
+    c.close()
+
+
+def test_retried_chat_with_the_same_turn_id_runs_once(gateway: GatewayProcess) -> None:
+    c = client(gateway)
+    session = c.chat("", turn_id(), text="first", **SHORT).session_id
+    retry_id = turn_id()
+    original = c.chat(session, retry_id, text="only once", **SHORT)
+    replay = c.chat(session, retry_id, text="only once", **SHORT)
+    assert not original.done.replayed and replay.done.replayed
+    assert replay.text == original.text
+    assert c.get_session(session).turns == 2
+    c.close()
+
+
+def test_barge_in_stops_audio_and_truncates_history(gateway: GatewayProcess) -> None:
+    channel = grpc.insecure_channel(gateway.target)
+    stub = pb_grpc.DialogueStub(channel)
+    requests: list[pb.ConverseRequest] = []
+    cond = threading.Condition()
+
+    def feed():  # type: ignore[no-untyped-def]
+        for index in range(10_000):
+            with cond:
+                cond.wait_for(lambda index=index: len(requests) > index)
+                request = requests[index]
+            if request is None:
+                return
+            yield request
+
+    def send(request) -> None:  # type: ignore[no-untyped-def]
+        with cond:
+            requests.append(request)
+            cond.notify()
+
+    config = pb.SessionConfig(
+        sampling=pb.SamplingOptions(temperature=0.0, max_new_tokens=300),
+        output=pb.OutputOptions(speech=True),
+    )
+    send(pb.ConverseRequest(config=config))
+    send(pb.ConverseRequest(text=pb.UserText(text="Tell me a long story")))
+    send(pb.ConverseRequest(end_of_turn=pb.EndOfTurn(turn_id="barge-1")))
+    responses = stub.Converse(feed(), metadata=(("authorization", f"Bearer {ACME}"),))
+    reply, after_cancel, session_id = Reply(), [], ""
+    cancelled = False
+    for response in responses:
+        kind = response.WhichOneof("payload")
+        session_id = response.session_id or session_id
+        if cancelled and kind == "audio":
+            after_cancel.append(response)
+        reply.add(response)
+        if kind == "audio" and not cancelled:
+            cancelled = True
+            send(pb.ConverseRequest(cancel=pb.Cancel(turn_id="barge-1")))
+        if kind == "done":
+            send(None)
+    assert reply.done.stop_reason == pb.STOP_REASON_CANCELLED
+    # Chunks already in flight when the cancel arrived may land; nothing after the turn stops.
+    assert len(after_cancel) <= 1
+    assert reply.done.usage.completion_tokens < 300
+    history = client(gateway).get_session(session_id).history
+    assert history[-1].parts[0].text == reply.text == reply.done.text
+    channel.close()
+
+
+def test_tenants_are_isolated(gateway: GatewayProcess) -> None:
+    mine, theirs = client(gateway, ACME), client(gateway, GLOBEX)
+    session = mine.chat("", turn_id(), text="private", **SHORT).session_id
+    for call in (
+        lambda: theirs.get_session(session),
+        lambda: theirs.chat(session, turn_id(), text="hi", **SHORT),
+        lambda: theirs.delete_session(session),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert mine.get_session(session).turns == 1
+    for key in ("", "wrong-key"):
+        with pytest.raises(grpc.RpcError) as info:
+            DialogueClient(gateway.target, key or None).get_session(session)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert mine.delete_session(session)
+    with pytest.raises(grpc.RpcError) as info:
+        mine.get_session(session)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "message"),
+    [
+        ({"images": [b"\x89PNG not really"]}, grpc.StatusCode.INVALID_ARGUMENT, "image"),
+        ({"audio": b""}, grpc.StatusCode.INVALID_ARGUMENT, "audio is empty"),
+        ({"text": "x", "max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        ({"text": ""}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ],
+)
+def test_bad_input_is_a_clear_status(
+    gateway: GatewayProcess, kwargs: dict, code: grpc.StatusCode, message: str
+) -> None:
+    c = client(gateway)
+    with pytest.raises(grpc.RpcError) as info:
+        c.chat("", turn_id(), **kwargs)
+    assert info.value.code() == code
+    assert message in info.value.details()
+    c.close()
+
+
+def test_unknown_session_and_missing_turn_id(gateway: GatewayProcess) -> None:
+    c = client(gateway)
+    with pytest.raises(grpc.RpcError) as info:
+        c.chat("no-such-session", turn_id(), text="hi", **SHORT)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        list(c.chat_stream(pb.ChatRequest(parts=[pb.Part(text="hi")])))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "turn_id" in info.value.details()
+    c.close()
+
+
+def test_oversize_message_is_rejected(gateway: GatewayProcess) -> None:
+    c = client(gateway)
+    with pytest.raises(grpc.RpcError) as info:
+        c.chat("", turn_id(), images=[b"\0" * (33 << 20)])
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    c.close()
+
+
+def test_speech_output_and_metrics(gateway: GatewayProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    c = client(gateway)
+    reply = c.chat("", turn_id(), text="speak", speech=True, temperature=0.0, max_new_tokens=12)
+    assert reply.audio_chunks >= 1 and len(reply.audio) == reply.done.usage.speech_tokens * 1920
+    assert "first_audio" in reply.done.timings_ms
+    c.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics") as r:
+        text = r.read().decode()
+    for name in (
+        "iomni_gateway_time_to_first_audio_seconds_bucket",
+        "iomni_gateway_time_to_first_token_seconds_bucket",
+        "iomni_gateway_turn_duration_seconds_bucket",
+        "iomni_gateway_speech_real_time_factor_bucket",
+        "iomni_gateway_audio_underruns_total",
+        "iomni_gateway_active_streams",
+        'iomni_gateway_turns_total{outcome="ok"}',
+        "iomni_gateway_cancel_latency_seconds_bucket",
+        'iomni_gateway_stage_duration_seconds_bucket{le="0.025",stage="speech"}',
+        'iomni_gateway_kv_affinity_total{result="hit"}',
+    ):
+        assert name in text, name
+    (tmp_path / "metrics.txt").write_text(text)
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, text=True, capture_output=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_concurrency_limit_is_resource_exhausted(start_gateway) -> None:  # type: ignore[no-untyped-def]
+    small = start_gateway("--max-concurrent-turns", "1")
+    c = client(small)
+    stream = c.chat_stream(
+        chat_request("", turn_id(), text="long", temperature=0.0, max_new_tokens=400)
+    )
+    next(iter(stream))
+    with pytest.raises(grpc.RpcError) as info:
+        c.chat("", turn_id(), text="second", **SHORT)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    stream.cancel()
+    c.close()
+
+
+def test_health_is_not_serving_without_redis(start_gateway) -> None:  # type: ignore[no-untyped-def]
+    from tests.integration.redis_fixture import free_port
+
+    lonely = start_gateway(redis_url=f"redis://127.0.0.1:{free_port()}/0", wait=False)
+    lonely.wait_serving(serving=False)
+    with pytest.raises(grpc.RpcError) as info:
+        client(lonely).chat("", turn_id(), text="hi", **SHORT)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Redis" in info.value.details()
+
+
+def test_sigkill_mid_turn_leaves_no_stuck_lease_or_half_turn(start_gateway) -> None:  # type: ignore[no-untyped-def]
+    victim = start_gateway("--lease-ttl-ms", "2000")
+    survivor = start_gateway("--lease-ttl-ms", "2000")
+    c = client(victim)
+    session = c.chat("", turn_id(), text="before", **SHORT).session_id
+    stream = c.chat_stream(
+        chat_request(session, turn_id(), text="long", temperature=0.0, max_new_tokens=400)
+    )
+    next(iter(stream))
+    victim.stop(signal.SIGKILL)
+    s = client(survivor)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            reply = s.chat(session, turn_id(), text="after", **SHORT)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.ABORTED  # busy until the lease expires
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    history = s.get_session(session).history
+    assert [m.parts[0].text for m in history[::2]] == ["before", "after"]  # no half turn
+    assert history[-1].parts[0].text == reply.text
+    s.close()
+
+
+def test_sigterm_drains_in_flight_turns(start_gateway) -> None:  # type: ignore[no-untyped-def]
+    draining = start_gateway("--grace", "60")
+    c = client(draining)
+    stream = c.chat_stream(
+        chat_request("", turn_id(), text="finish me", temperature=0.0, max_new_tokens=60)
+    )
+    reply = Reply()
+    iterator = iter(stream)
+    reply.add(next(iterator))
+    draining.process.send_signal(signal.SIGTERM)
+    for response in iterator:
+        reply.add(response)
+    assert reply.done is not None and reply.done.usage.completion_tokens == 60
+    assert draining.process.wait(60) == 0
