@@ -39,14 +39,16 @@ class HeaderSpy(InProcessParts):
             yield step
 
 
-async def test_turn_span_has_a_child_per_stage(tiny: LoadedCheckpoint,
-                                               processor: Processor) -> None:
+async def test_turn_span_has_a_child_per_stage(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (300, 200), (10, 200, 30)).save(buffer, "PNG")
     user = Message("user", (MediaPart.from_bytes("image", buffer.getvalue()), TextPart("hi")))
     engine = TurnEngine(HeaderSpy(tiny), processor)
-    request = TurnRequest(user=user, params=SamplingParams(temperature=0.0, max_new_tokens=12),
-                          speech=SpeechOptions())
+    request = TurnRequest(
+        user=user, params=SamplingParams(temperature=0.0, max_new_tokens=12), speech=SpeechOptions()
+    )
     EXPORTER.clear()
     with tracer().start_as_current_span("turn") as turn:
         _ = [e async for e in engine.start(request).events()]
