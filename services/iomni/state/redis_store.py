@@ -303,6 +303,19 @@ class DialogueState:
                 "turn %s of %s was already committed; kept the first", turn_id, lease.session_id
             )
 
+    # -- the event log --------------------------------------------------------------------------
+
+    @guarded
+    async def mark_published(self, session_id: str, turn_id: str) -> None:
+        """The turn's events (its `done` included) are acknowledged by Kafka: a redelivered
+        request must not publish them again."""
+        await self.redis.hset(self._keys(session_id).record(turn_id), "published", "1")
+
+    @guarded
+    async def was_published(self, session_id: str, turn_id: str) -> bool:
+        value = await self.redis.hget(self._keys(session_id).record(turn_id), "published")
+        return value is not None and text(value) == "1"
+
     # -- affinity -------------------------------------------------------------------------------
 
     @guarded

@@ -1,0 +1,1 @@
+"""Kafka: the asynchronous turn API (requests in, events out), dead letters, the event log."""

@@ -1,0 +1,84 @@
+"""Publishing a turn's events in order (idempotent producer, key = session id)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from kafka import KafkaProducer
+
+from iomni.v1 import dialogue_pb2 as pb
+from iomni.v1 import events_pb2
+
+
+def make_producer(bootstrap: str, client_id: str) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=2,
+        max_request_size=16 << 20,
+    )
+
+
+class TurnPublisher:
+    """One turn's event stream. `emit` takes the API's ConverseResponse (what the turn runner
+    produces) and publishes it as a TurnEvent; `flush()` waits until all are acknowledged."""
+
+    def __init__(
+        self,
+        producer: KafkaProducer,
+        topic: str,
+        session_id: str,
+        turn_id: str,
+        source: str,
+        on_event: Callable[[events_pb2.TurnEvent], None] | None = None,
+    ) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.session_id = session_id
+        self.turn_id = turn_id
+        self.source = source
+        self.sequence = 0
+        self.futures: list = []
+        self.on_event = on_event or (lambda event: None)
+        self.published_done = False
+
+    async def emit(self, response: pb.ConverseResponse) -> None:
+        kind = response.WhichOneof("payload")
+        if kind not in ("text", "audio", "done"):
+            return
+        event = events_pb2.TurnEvent(
+            session_id=self.session_id,
+            turn_id=self.turn_id,
+            sequence=self.sequence,
+            source=self.source,
+        )
+        getattr(event, kind).CopyFrom(getattr(response, kind))
+        self._send(event)
+        self.published_done = self.published_done or kind == "done"
+
+    def fail(self, code: str, message: str) -> None:
+        event = events_pb2.TurnEvent(
+            session_id=self.session_id,
+            turn_id=self.turn_id,
+            sequence=self.sequence,
+            source=self.source,
+            failed=events_pb2.TurnFailed(code=code, message=message),
+        )
+        self._send(event)
+
+    def _send(self, event: events_pb2.TurnEvent) -> None:
+        self.sequence += 1
+        self.on_event(event)
+        self.futures.append(
+            self.producer.send(
+                self.topic, key=self.session_id.encode(), value=event.SerializeToString()
+            )
+        )
+
+    async def flush(self, timeout_s: float = 30.0) -> None:
+        """Every event of the turn acknowledged by the broker (raises on failure)."""
+        futures, self.futures = self.futures, []
+        await asyncio.to_thread(lambda: [f.get(timeout=timeout_s) for f in futures])
