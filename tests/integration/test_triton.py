@@ -169,7 +169,7 @@ async def test_second_turn_of_a_session_hits_the_kv_cache(
             )
         ).events()
     ][-1]
-    assert second.timings_ms["reused_tokens"] > 20  # system prompt + the first exchange
+    assert second.usage.prompt_tokens_reused > 20  # system prompt + the first exchange
     assert metric(triton, "iomni_llm_kv_cache_hits_total") == hits + 1
     await triton_parts.close()
 
