@@ -314,3 +314,36 @@ def _read_all(broker: str, topic: str) -> list[events_pb2.DeadLetter]:
     letters = [events_pb2.DeadLetter.FromString(r.value) for r in consumer]
     consumer.close()
     return letters
+
+
+def test_sigterm_finishes_in_flight_turns_then_leaves(broker: str, start_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = start_worker()
+    req = request(f"t-{uuid.uuid4().hex[:6]}", "finish before leaving", tokens=60)
+    settings = StreamSettings(bootstrap=broker)
+    follower = TurnFollower(settings)
+    submit(settings, req)
+    events = []
+    for event in follower.events(req.turn_id, 90):
+        events.append(event)
+        if len(events) == 1:
+            worker.process.send_signal(signal.SIGTERM)
+    follower.close()
+    assert events[-1].HasField("done") and events[-1].done.usage.completion_tokens == 60
+    assert worker.process.wait(60) == 0
+
+
+def test_gateway_turns_reach_the_event_log(broker: str, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    from iomni.client import DialogueClient
+    from tests.integration.conftest import TENANT_KEYS
+
+    gateway = start_gateway("--events-bootstrap", broker)
+    follower = TurnFollower(StreamSettings(bootstrap=broker))
+    turn_id = uuid.uuid4().hex
+    reply = DialogueClient(gateway.target, TENANT_KEYS["acme"]).chat(
+        "", turn_id, text="logged", temperature=0.0, max_new_tokens=5
+    )
+    events = list(follower.events(turn_id, 30))
+    follower.close()
+    assert {e.source for e in events} == {"gateway"}
+    assert events[-1].done.text == reply.text
+    assert [e.sequence for e in events] == list(range(len(events)))
