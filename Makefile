@@ -59,7 +59,8 @@ $(CKPT_DIR)/tiny/config.json: $(wildcard services/iomni/model/*.py) | $(STAMP)
 # The 3-turn audio-visual conversation through the gateway over gRPC (stack up, then down).
 demo: setup checkpoints
 	$(PY) -m iomni.cli.stack up --model $(CKPT_DIR)/tiny
-	$(PY) -m iomni.cli.demo --server localhost:50051 --workdir .cache/demo || \
+	$(PY) -m iomni.cli.demo --server localhost:50051 --kafka 127.0.0.1:9092 \
+	  --workdir .cache/demo || \
 	  { $(PY) -m iomni.cli.stack down; exit 1; }
 	$(PY) -m iomni.cli.stack down
 

@@ -120,7 +120,48 @@ def _print_done(done: TurnDone, wav: Path) -> None:
     print(f"  timings: {stages}")
 
 
-def converse_remote(server: str, assets: dict[str, Path], seed: int, workdir: Path) -> None:
+def kafka_turn(bootstrap: str, session_id: str, workdir: Path) -> None:
+    """A fourth turn of the same session, through Kafka and the turn worker."""
+    import time
+
+    from iomni.streams.client import TurnFollower, submit, turn_request
+    from iomni.streams.topics import StreamSettings
+    from iomni.v1 import dialogue_pb2 as pb
+
+    settings = StreamSettings(bootstrap=bootstrap)
+    request = turn_request(
+        "dev",
+        session_id,
+        [pb.Part(text="And one more, via Kafka.")],
+        sampling=pb.SamplingOptions(max_new_tokens=24, temperature=0.8),
+        output=pb.OutputOptions(speech=True),
+    )
+    print(f"\n--- turn 4 (user sends: text, via Kafka {bootstrap} and the turn worker)")
+    print("assistant: ", end="", flush=True)
+    follower = TurnFollower(settings)
+    audio, first_audio, sent = bytearray(), None, time.perf_counter()
+    try:
+        submit(settings, request)
+        for event in follower.events(request.turn_id, 180):
+            kind = event.WhichOneof("payload")
+            if kind == "text":
+                print(event.text.text, end="", flush=True)
+            elif kind == "audio":
+                audio.extend(event.audio.pcm)
+                first_audio = first_audio or (time.perf_counter() - sent) * 1000
+            elif kind == "failed":
+                raise SystemExit(f"\nturn failed: {event.failed.code}: {event.failed.message}")
+    finally:
+        follower.close()
+    wav = workdir / "reply-4.wav"
+    sf.write(wav, np.frombuffer(bytes(audio), dtype="<i2"), 24000, subtype="PCM_16")
+    ttfa = f"{first_audio:.0f} ms" if first_audio is not None else "n/a"
+    print(f"\n  speech -> {wav}; request to first audio (Kafka, client side) {ttfa}")
+
+
+def converse_remote(
+    server: str, assets: dict[str, Path], seed: int, workdir: Path, kafka: str = ""
+) -> None:
     """The same three turns through the gateway over gRPC (Chat, one session)."""
     import time
     import uuid
@@ -170,6 +211,8 @@ def converse_remote(server: str, assets: dict[str, Path], seed: int, workdir: Pa
             )
             print(f"  timings: {stages}")
         print(f"\nsession {session_id}: {client.get_session(session_id).turns} turns stored")
+        if kafka:
+            kafka_turn(kafka, session_id, workdir)
     finally:
         client.close()
 
@@ -178,6 +221,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, help="checkpoint: run in-process")
     parser.add_argument("--server", help="gateway host:port: run through gRPC")
+    parser.add_argument("--kafka", default="", help="also send a turn through this broker")
     parser.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
@@ -187,7 +231,7 @@ def main() -> int:
     assets = make_assets(args.workdir)
     print(f"assets: {', '.join(str(p) for p in assets.values())}")
     if args.server:
-        converse_remote(args.server, assets, args.seed, args.workdir)
+        converse_remote(args.server, assets, args.seed, args.workdir, args.kafka)
     elif args.model:
         asyncio.run(converse(args.model, assets, args.seed, args.workdir))
     else:
