@@ -97,6 +97,7 @@ bench: setup
 	$(PY) -m loadtests.bench_inprocess --out docs/benchmarks
 	$(PY) -m loadtests.bench_triton --out docs/benchmarks
 	$(PY) -m loadtests.bench_gateway --out docs/benchmarks
+	$(PY) -m loadtests.bench_streams --out docs/benchmarks
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
