@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--tls-cert", type=Path)
     gateway.add_argument("--tls-key", type=Path)
     gateway.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
+    gateway.add_argument("--triton-vision", help="vision_encoder host:port (default --triton)")
+    gateway.add_argument("--triton-audio", help="audio_encoder host:port (default --triton)")
+    gateway.add_argument("--triton-speech", help="speech_decoder host:port (default --triton)")
+    gateway.add_argument(
+        "--llm-service", default="", help="headless llm Service: replicas from its EndpointSlices"
+    )
+    gateway.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     gateway.add_argument(
         "--events-bootstrap",
         default="",
@@ -282,6 +290,17 @@ def _gateway(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         events_bootstrap=args.events_bootstrap,
+        model_urls={
+            model: url
+            for model, url in (
+                ("vision_encoder", args.triton_vision),
+                ("audio_encoder", args.triton_audio),
+                ("speech_decoder", args.triton_speech),
+            )
+            if url
+        },
+        llm_service=args.llm_service,
+        namespace=args.namespace,
     )
     asyncio.run(Gateway(settings).serve_forever())
     return 0

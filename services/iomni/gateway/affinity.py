@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Sequence
 from typing import Protocol
 
+from iomni.errors import Unavailable
+
 
 class AffinityStore(Protocol):
     async def get_affinity(self, session_id: str) -> str | None: ...
@@ -34,7 +36,7 @@ class AffinityRouter:
 
     async def route(self, session_id: str) -> str:
         if not self.replicas:
-            raise RuntimeError("no llm replicas are known")
+            raise Unavailable("no ready llm replica is known (EndpointSlices empty?)")
         if session_id:
             held = await self.store.get_affinity(session_id)
             if held in self.replicas:

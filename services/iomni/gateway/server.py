@@ -63,6 +63,9 @@ class GatewaySettings:
     tls_client_ca: Path | None = None  # set: mutual TLS, clients must present a certificate
     reflection: bool = True
     events_bootstrap: str = ""  # set: publish every turn's events to the Kafka event log
+    model_urls: dict[str, str] = field(default_factory=dict)  # part -> host:port (Kubernetes)
+    llm_service: str = ""  # headless Service whose EndpointSlices list the llm replicas
+    namespace: str = "default"
 
 
 def _event_log(bootstrap: str):  # type: ignore[no-untyped-def]
@@ -115,6 +118,15 @@ class Gateway:
             ),
             owner,
         )
+        self.parts.model_urls = dict(settings.model_urls)
+        self.discovery = None
+        if settings.llm_service:
+            from iomni.gateway.discovery import EndpointSliceWatcher
+
+            self.router.update([])
+            self.discovery = EndpointSliceWatcher(
+                settings.llm_service, settings.namespace, self.router.update
+            )
         if settings.events_bootstrap:
             self.runner.event_log = _event_log(settings.events_bootstrap)
         self.service = DialogueService(
@@ -148,6 +160,8 @@ class Gateway:
         await self.server.start()
         start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
         self._watch = asyncio.create_task(self._watch_dependencies())
+        if self.discovery is not None:
+            self._discover = asyncio.create_task(self.discovery.run())
         log.info("gateway listening on %s, metrics on :%d", address, self.settings.metrics_port)
 
     def _credentials(self) -> grpc.ServerCredentials | None:

@@ -94,29 +94,35 @@ class TritonParts:
         `llm_router` picks the `llm` replica for a session (KV-cache affinity); without it
         every model is reached at `url`."""
         self.llm_router = llm_router
-        self._llm_clients: dict[str, grpcclient.InferenceServerClient] = {}
         self.url = url
         self.model_id = model_id
         self.placeholders = placeholders
         self.timeout_s = timeout_s
         self.encoder_retries = encoder_retries
         self.headers = headers or {}
-        self._client: grpcclient.InferenceServerClient | None = None
+        self.model_urls: dict[str, str] = {}  # model -> host:port when parts live apart
+        self._clients: dict[str, grpcclient.InferenceServerClient] = {}
+
+    def client_at(self, url: str) -> grpcclient.InferenceServerClient:
+        # Created on first use: a grpc.aio channel belongs to the event loop that made it.
+        if url not in self._clients:
+            self._clients[url] = grpcclient.InferenceServerClient(url)
+        return self._clients[url]
+
+    def url_for(self, model: str) -> str:
+        return self.model_urls.get(model, self.url)
+
+    def client_for(self, model: str) -> grpcclient.InferenceServerClient:
+        return self.client_at(self.url_for(model))
 
     @property
     def client(self) -> grpcclient.InferenceServerClient:
-        # Created on first use: a grpc.aio channel belongs to the event loop that made it.
-        if self._client is None:
-            self._client = grpcclient.InferenceServerClient(self.url)
-        return self._client
+        return self.client_at(self.url)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-        for client in self._llm_clients.values():
+        for client in self._clients.values():
             await client.close()
-        self._llm_clients.clear()
+        self._clients.clear()
 
     def call_headers(self) -> dict[str, str]:
         """Static headers plus the current W3C trace context."""
@@ -124,29 +130,31 @@ class TritonParts:
 
     async def _llm_client(self, session_id: str) -> grpcclient.InferenceServerClient:
         if self.llm_router is None:
-            return self.client
-        url = await self.llm_router.route(session_id)
-        if url == self.url:
-            return self.client
-        if url not in self._llm_clients:
-            self._llm_clients[url] = grpcclient.InferenceServerClient(url)
-        return self._llm_clients[url]
+            return self.client_for(LLM)
+        return self.client_at(await self.llm_router.route(session_id))
 
     async def check_ready(self, models: Sequence[str] = MODELS) -> None:
-        """Raise Unavailable naming every model that is not ready."""
-        try:
-            if not await self.client.is_server_live():
-                raise Unavailable(f"Triton at {self.url} is not live")
-            missing = [m for m in models if not await self.client.is_model_ready(m)]
-        except InferenceServerException as exc:
-            raise Unavailable(f"Triton at {self.url} cannot be reached: {exc.message()}") from exc
+        """Raise Unavailable naming every model that is not ready (and where it was asked)."""
+        missing = []
+        for model in models:
+            url = self.url_for(model)
+            try:
+                if not await self.client_at(url).is_model_ready(model):
+                    missing.append(model)
+            except InferenceServerException as exc:
+                raise Unavailable(
+                    f"Triton at {url} ({model}) cannot be reached: {exc.message()}"
+                ) from exc
         if missing:
-            raise Unavailable(f"Triton at {self.url}: model(s) not ready: {', '.join(missing)}")
+            where = sorted({self.url_for(m) for m in missing})
+            raise Unavailable(
+                f"Triton at {', '.join(where)}: model(s) not ready: {', '.join(missing)}"
+            )
 
     async def _infer(self, model: str, inputs: list[InferInput], output: str) -> np.ndarray:
         for attempt in range(self.encoder_retries + 1):
             try:
-                result = await self.client.infer(
+                result = await self.client_for(model).infer(
                     model,
                     inputs,
                     outputs=[InferRequestedOutput(output)],
@@ -280,7 +288,9 @@ class TritonSpeech:
             yield request
 
         chunks: list[np.ndarray] = []
-        stream = self.parts.client.stream_infer(requests(), headers=self.parts.call_headers())
+        stream = self.parts.client_for(SPEECH_DECODER).stream_infer(
+            requests(), headers=self.parts.call_headers()
+        )
         try:
             async for result, error in stream:
                 if error is not None:
