@@ -21,8 +21,8 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from iomni.engine.parts import GenerationRequest, LLMStep, SpeechOptions
 from iomni.errors import DeadlineExceeded, Internal, InvalidInput, IomniError, Unavailable
+from iomni.parts import GenerationRequest, LLMStep, SpeechOptions
 from iomni.telemetry.tracing import context_headers
 from iomni.triton.tensors import (
     AUDIO,
