@@ -101,3 +101,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# Kubernetes: lint, render and check the Helm chart offline (tests/helm), and regenerate the
+# plain manifests in k8s/<profile>/ from it (docs/deploy.md).
+.PHONY: helm k8s
+helm: setup
+	$(PY) -m pytest -q tests/helm
+
+k8s: setup
+	$(PY) -m iomni.deploy.render --all

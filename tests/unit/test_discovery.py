@@ -10,15 +10,19 @@ def endpoint_slice(name: str, endpoints: list[tuple[str, bool, bool]], port: int
     return {
         "metadata": {"name": name},
         "ports": [{"name": "http", "port": 8000}, {"name": "grpc", "port": port}],
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready,
-                                                         "terminating": terminating}}
-                      for ip, ready, terminating in endpoints],
+        "endpoints": [
+            {"addresses": [ip], "conditions": {"ready": ready, "terminating": terminating}}
+            for ip, ready, terminating in endpoints
+        ],
     }
 
 
 def test_only_ready_endpoints_on_the_grpc_port() -> None:
-    s = endpoint_slice("llm-a", [("10.0.0.1", True, False), ("10.0.0.2", False, False),
-                                 ("10.0.0.3", True, True)], port=9001)
+    s = endpoint_slice(
+        "llm-a",
+        [("10.0.0.1", True, False), ("10.0.0.2", False, False), ("10.0.0.3", True, True)],
+        port=9001,
+    )
     assert slice_endpoints(s, "grpc", 8001) == ["10.0.0.1:9001"]
 
 
@@ -27,8 +31,9 @@ def test_watch_events_update_the_replicas() -> None:
     tracker.reset([endpoint_slice("llm-a", [("10.0.0.1", True, False)])])
     assert tracker.replicas == ["10.0.0.1:8001"]
     tracker.apply("ADDED", endpoint_slice("llm-b", [("10.0.0.2", True, False)]))
-    tracker.apply("MODIFIED", endpoint_slice("llm-a", [("10.0.0.1", False, False),
-                                                       ("10.0.0.3", True, False)]))
+    tracker.apply(
+        "MODIFIED", endpoint_slice("llm-a", [("10.0.0.1", False, False), ("10.0.0.3", True, False)])
+    )
     assert tracker.replicas == ["10.0.0.2:8001", "10.0.0.3:8001"]
     tracker.apply("DELETED", endpoint_slice("llm-b", []))
     assert tracker.replicas == ["10.0.0.3:8001"]
@@ -41,9 +46,11 @@ def test_client_objects_with_attributes_work_too() -> None:
         def __init__(self, **kw: object) -> None:
             self.__dict__.update(kw)
 
-    s = Obj(metadata=Obj(name="x"), ports=[Obj(name="grpc", port=7001)],
-            endpoints=[Obj(addresses=["10.1.1.1"], conditions=Obj(ready=True,
-                                                                   terminating=None))])
+    s = Obj(
+        metadata=Obj(name="x"),
+        ports=[Obj(name="grpc", port=7001)],
+        endpoints=[Obj(addresses=["10.1.1.1"], conditions=Obj(ready=True, terminating=None))],
+    )
     assert slice_endpoints(s, "grpc", 8001) == ["10.1.1.1:7001"]
 
 

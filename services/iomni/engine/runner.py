@@ -26,6 +26,18 @@ from iomni.v1 import dialogue_pb2 as pb
 
 log = logging.getLogger(__name__)
 Emit = Callable[[pb.ConverseResponse], Awaitable[None]]
+# Failed turns by cause, for iomni_gateway_turns_total{outcome}: the client's fault, a busy
+# session, or the platform's (error), which the error-rate alert watches.
+FAILURE_OUTCOMES = {
+    "INVALID_ARGUMENT": "invalid",
+    "NOT_FOUND": "invalid",
+    "UNAUTHENTICATED": "invalid",
+    "ABORTED": "busy",
+    "DEADLINE_EXCEEDED": "timeout",
+    "RESOURCE_EXHAUSTED": "rejected",
+    "UNAVAILABLE": "error",
+    "INTERNAL": "error",
+}
 
 STOP_REASONS = {
     "eos": pb.STOP_REASON_EOS,
@@ -104,6 +116,12 @@ class TurnRunner:
                     self._logged(emit, session_id, turn_id),
                     running,
                 )
+        except IomniError as exc:
+            self.metrics.turns.labels(FAILURE_OUTCOMES.get(exc.code, "error")).inc()
+            raise
+        except Exception:
+            self.metrics.turns.labels("error").inc()
+            raise
         finally:
             self.active -= 1
             self.metrics.active_turns.dec()
@@ -147,7 +165,6 @@ class TurnRunner:
             await self.state.commit_turn(lease, turn_id, *done.record, result)
             await emit(_done_response(session_id, turn_id, done, replayed=False))
         except TimeoutError as exc:
-            self.metrics.turns.labels("timeout").inc()
             raise DeadlineExceeded(
                 f"turn {turn_id} exceeded {self.limits.turn_timeout_s:.0f} s"
             ) from exc

@@ -32,6 +32,15 @@ def build_worker(args: argparse.Namespace) -> tuple[TurnWorker, DialogueState, T
         fingerprint(args.model),
         {special.img_context: IMAGE_EMBEDS, special.audio_context: AUDIO_EMBEDS},
     )
+    parts.model_urls = {
+        model: url
+        for model, url in (
+            ("vision_encoder", args.triton_vision),
+            ("audio_encoder", args.triton_audio),
+            ("speech_decoder", args.triton_speech),
+        )
+        if url
+    }
     engine = TurnEngine(
         parts, processor, embeddings=state.embedding_cache(), media=state.media_store()
     )
