@@ -20,6 +20,7 @@ from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.errors import DeadlineExceeded, InvalidInput, IomniError, ResourceExhausted, Unavailable
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.model.sampling import SamplingParams
+from iomni.state.types import LeaseLost
 from iomni.telemetry.metrics import GatewayMetrics
 from iomni.telemetry.tracing import tracer
 from iomni.v1 import dialogue_pb2 as pb
@@ -164,6 +165,9 @@ class TurnRunner:
             result = _result(done)
             await self.state.commit_turn(lease, turn_id, *done.record, result)
             await emit(_done_response(session_id, turn_id, done, replayed=False))
+            # Counted once committed; a failed commit is counted by run() as a failure.
+            outcome = "cancelled" if done.stop_reason == "cancelled" else "ok"
+            self.metrics.turns.labels(outcome).inc()
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 f"turn {turn_id} exceeded {self.limits.turn_timeout_s:.0f} s"
@@ -176,13 +180,14 @@ class TurnRunner:
     async def _stream(self, request: TurnRequest, emit: Emit, running: RunningTurn) -> TurnDone:
         """Run the engine turn, forwarding its events; a cancel stops every stage."""
         turn = self.engine.start(request)
+        events = turn.events()
         watcher = asyncio.create_task(_cancel_on(running.cancel, turn.cancel))
         started = time.perf_counter()
         sent_audio_s = 0.0
         first_audio: float | None = None
         session_id, turn_id = request.session_id, request.turn_id
         try:
-            async for event in turn.events():
+            async for event in events:
                 now = time.perf_counter()
                 if isinstance(event, TextDelta):
                     if event.token_index == 0 or event.token_index < 1:
@@ -219,12 +224,15 @@ class TurnRunner:
                     return event
         finally:
             watcher.cancel()
+            # On an error or a client gone, close the turn now: it cancels the LLM stream and
+            # discards the speech sequence instead of leaving them to garbage collection.
+            turn.cancel()
+            await events.aclose()
         raise RuntimeError("the turn ended without TurnDone")
 
     def _observe(self, done: TurnDone, started: float, running: RunningTurn) -> None:
         elapsed = time.perf_counter() - started
         self.metrics.turn_duration.observe(elapsed)
-        self.metrics.turns.labels("cancelled" if done.stop_reason == "cancelled" else "ok").inc()
         if running.cancelled_at is not None:
             self.metrics.cancel_latency.observe(time.perf_counter() - running.cancelled_at)
         for stage, ms in done.timings_ms.items():
@@ -261,10 +269,16 @@ class TurnRunner:
             await asyncio.sleep(interval)
             try:
                 await self.state.renew_lease(lease)
+                continue
+            except LeaseLost:
+                pass
             except IomniError:
-                log.warning("lease of session %s lost; stopping its turn", lease.session_id)
-                running.cancel.set()
-                return
+                # A Redis blip: the lease is still ours until it expires; retry until then.
+                if time.time() + interval < lease.expires_at:
+                    continue
+            log.warning("lease of session %s lost; stopping its turn", lease.session_id)
+            running.cancel.set()
+            return
 
 
 async def _cancel_on(event: asyncio.Event, cancel: Callable[[], None]) -> None:

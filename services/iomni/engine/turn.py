@@ -139,54 +139,58 @@ class Turn:
             yield self._done("cancelled", "", stats)
             return
         speech = await self._open_speech(stats)
-        generation = GenerationRequest(
-            input_ids=ids,
-            media=_placeholder_rows(messages, media.rows, special),
-            params=params,
-            stop_ids=special.stop_ids,
-            session_id=request.session_id,
-            return_hidden=speech is not None,
-        )
-        decoder = IncrementalDecoder(self.engine.processor.tokenizer)
-        pending: list[tuple[int, torch.Tensor]] = []  # text not yet given to the speech decoder
-        reason = "length"
-        self._turn_context = otel_context.get_current()
-        llm_span = tracer().start_span("llm", context=self._turn_context)
-        generation.trace_headers = context_headers(trace.set_span_in_context(llm_span))
-        stream = self.engine.parts.generate(generation)
         try:
-            async for step in stream:
-                stats.first_step(step.timings_ms)
-                if step.reused_tokens:
-                    stats.usage["prompt_tokens_reused"] = step.reused_tokens
-                if step.token_id in special.stop_ids:
-                    reason = "eos"
-                    break
-                stats.completion += 1
-                delta = decoder.push(step.token_id)
-                if delta:
-                    yield TextDelta(delta, stats.completion - 1)
-                if speech is not None:
-                    pending.append((step.token_id, step.hidden))
-                    if len(pending) >= SPEECH_TEXT_GROUP:
-                        for chunk in await self._speak(speech, pending, stats):
-                            yield chunk
-                if self.cancelled:
-                    reason = "cancelled"
-                    break
+            generation = GenerationRequest(
+                input_ids=ids,
+                media=_placeholder_rows(messages, media.rows, special),
+                params=params,
+                stop_ids=special.stop_ids,
+                session_id=request.session_id,
+                return_hidden=speech is not None,
+            )
+            decoder = IncrementalDecoder(self.engine.processor.tokenizer)
+            pending: list[tuple[int, torch.Tensor]] = []  # text not yet given to the speech decoder
+            reason = "length"
+            self._turn_context = otel_context.get_current()
+            llm_span = tracer().start_span("llm", context=self._turn_context)
+            generation.trace_headers = context_headers(trace.set_span_in_context(llm_span))
+            stream = self.engine.parts.generate(generation)
+            try:
+                async for step in stream:
+                    stats.first_step(step.timings_ms)
+                    if step.reused_tokens:
+                        stats.usage["prompt_tokens_reused"] = step.reused_tokens
+                    if step.token_id in special.stop_ids:
+                        reason = "eos"
+                        break
+                    stats.completion += 1
+                    delta = decoder.push(step.token_id)
+                    if delta:
+                        yield TextDelta(delta, stats.completion - 1)
+                    if speech is not None:
+                        pending.append((step.token_id, step.hidden))
+                        if len(pending) >= SPEECH_TEXT_GROUP:
+                            for chunk in await self._speak(speech, pending, stats):
+                                yield chunk
+                    if self.cancelled:
+                        reason = "cancelled"
+                        break
+            finally:
+                await stream.aclose()
+                llm_span.end()
+            tail = decoder.flush()
+            if tail:
+                yield TextDelta(tail, stats.completion - 1)
+            stats.end_decode()
+            if speech is not None:
+                if reason != "cancelled":
+                    for chunk in await self._speak(speech, pending, stats, final=True):
+                        yield chunk
+                await speech.close()
+            yield self._done(reason, decoder.text, stats)
         finally:
-            await stream.aclose()
-            llm_span.end()
-        tail = decoder.flush()
-        if tail:
-            yield TextDelta(tail, stats.completion - 1)
-        stats.end_decode()
-        if speech is not None:
-            if reason != "cancelled":
-                for chunk in await self._speak(speech, pending, stats, final=True):
-                    yield chunk
-            await speech.close()
-        yield self._done(reason, decoder.text, stats)
+            if speech is not None:
+                await speech.close()  # no-op when finished; discards an unfinished reply
 
     async def _open_speech(self, stats: _TurnStats) -> SpeechStream | None:
         if self.request.speech is None:

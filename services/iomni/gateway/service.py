@@ -21,7 +21,7 @@ from iomni.engine.runner import (
     sampling_params,
     speech_options,
 )
-from iomni.errors import InvalidInput, IomniError
+from iomni.errors import Internal, InvalidInput, IomniError
 from iomni.gateway.auth import Tenants
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.telemetry.metrics import GatewayMetrics
@@ -139,6 +139,7 @@ class DialogueService(pb_grpc.DialogueServicer):
         tenant = await self._tenant(context)
         self.metrics.active_streams.inc()
         queue: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue()
+        task: asyncio.Task | None = None
         try:
             if not request.turn_id:
                 raise InvalidInput("turn_id is required: it makes retries of Chat safe")
@@ -150,7 +151,17 @@ class DialogueService(pb_grpc.DialogueServicer):
                 yield response
         except IomniError as exc:
             await abort(context, exc)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("Chat turn failed")
+            await abort(context, Internal(f"the turn failed: {type(exc).__name__}"))
         finally:
+            if task is not None and not task.done():
+                # The client went away: stop the turn (the runner releases the lease).
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             self.metrics.active_streams.dec()
 
     async def _chat_turn(self, tenant, session_id, request, queue) -> None:  # type: ignore[no-untyped-def]
@@ -177,6 +188,11 @@ class DialogueService(pb_grpc.DialogueServicer):
                 yield response
         except IomniError as exc:
             await abort(context, exc)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("Converse failed")
+            await abort(context, Internal(f"the stream failed: {type(exc).__name__}"))
         finally:
             await conversation.close()
             self.metrics.active_streams.dec()
@@ -270,6 +286,9 @@ class _Conversation:
                     assembler.add(request)
         except IomniError as exc:
             self._fail(exc)
+        except Exception as exc:
+            log.exception("Converse stream failed while reading")
+            self._fail(Internal(f"the stream failed: {type(exc).__name__}"))
         finally:
             await self.turns.put(None)
 
@@ -299,6 +318,9 @@ class _Conversation:
                 self.running = None
         except IomniError as exc:
             self._fail(exc)
+        except Exception as exc:
+            log.exception("Converse turn failed")
+            self._fail(Internal(f"the turn failed: {type(exc).__name__}"))
         finally:
             await self.queue.put(None)
 

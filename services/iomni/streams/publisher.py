@@ -19,6 +19,7 @@ def make_producer(bootstrap: str, client_id: str) -> KafkaProducer:
         enable_idempotence=True,
         linger_ms=2,
         max_request_size=16 << 20,
+        max_block_ms=5000,  # a broker outage fails sends in seconds, not a minute
     )
 
 
@@ -56,7 +57,9 @@ class TurnPublisher:
             source=self.source,
         )
         getattr(event, kind).CopyFrom(getattr(response, kind))
-        self._send(event)
+        # send() can block on metadata or a full buffer: never on the event loop. Awaiting it
+        # here keeps the turn's events in order.
+        await asyncio.to_thread(self._send, event)
         self.published_done = self.published_done or kind == "done"
 
     def fail(self, code: str, message: str) -> None:

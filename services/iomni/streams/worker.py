@@ -11,6 +11,7 @@ Backpressure: partitions are paused while `max_in_flight` turns run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -85,6 +86,8 @@ class TurnWorker:
         self.paused = False
         self.stopping = asyncio.Event()
         self._consumer_lock = asyncio.Lock()
+        # Partitions drain in parallel; this keeps them within the runner's turn limit.
+        self._slots = asyncio.Semaphore(runner.limits.max_concurrent_turns)
 
     async def run(self) -> None:
         await asyncio.to_thread(ensure_topics, self.settings)
@@ -135,10 +138,23 @@ class TurnWorker:
                     self.consumer.commit, {tp: OffsetAndMetadata(record.offset + 1, "", -1)}
                 )
             except Exception:
-                log.exception("record %s@%d not handled; it will be redelivered", tp, record.offset)
+                log.exception("record %s@%d not handled; retrying it", tp, record.offset)
+                await self._rewind(tp, partition, record.offset)
+                return
             finally:
                 self.in_flight -= 1
                 self.metrics.in_flight.set(self.in_flight)
+
+    async def _rewind(self, tp: TopicPartition, partition: _Partition, offset: int) -> None:
+        """Never commit past a record that failed: seek back and drop what was queued after
+        it (poll fetches it all again), so the session's turns keep their order."""
+        await asyncio.sleep(1.0)
+        with contextlib.suppress(Exception):
+            await self._consumer_call(self.consumer.seek, tp, offset)
+        dropped = partition.queue.qsize()
+        while not partition.queue.empty():
+            partition.queue.get_nowait()
+        self.in_flight -= dropped
 
     async def _apply_backpressure(self) -> None:
         full = self.in_flight >= self.settings.max_in_flight
@@ -157,11 +173,19 @@ class TurnWorker:
         if now - getattr(self, "_lag_at", 0.0) < 5:
             return
         self._lag_at = now
-        for tp in await self._consumer_call(self.consumer.assignment):
-            high = self.consumer.highwater(tp)
-            position = self.consumer.position(tp) if high is not None else None
-            if high is not None and position is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, high - position))
+
+        def lags() -> dict[int, int]:
+            out = {}
+            for tp in self.consumer.assignment():
+                high = self.consumer.highwater(tp)
+                position = self.consumer.position(tp) if high is not None else None
+                if high is not None and position is not None:
+                    out[tp.partition] = max(0, high - position)
+            return out
+
+        with contextlib.suppress(Exception):  # a rebalance mid-way is fine: next time
+            for partition, lag in (await self._consumer_call(lags)).items():
+                self.metrics.lag.labels(str(partition)).set(lag)
 
     # -- one request ------------------------------------------------------------------------
 
@@ -179,7 +203,8 @@ class TurnWorker:
             if await self._already_published(request):
                 self.metrics.turns.labels("duplicate").inc()
                 return
-            await self._run(request, publisher)
+            async with self._slots:
+                await self._run(request, publisher)
             await publisher.flush()
             await self.state.mark_published(request.session_id, request.turn_id)
             self.metrics.turns.labels("ok").inc()
@@ -235,10 +260,12 @@ class TurnWorker:
             offset=record.offset,
             key=(record.key or b"").decode(errors="replace"),
         )
-        future = self.producer.send(
-            self.settings.dlq_topic, key=record.key, value=letter.SerializeToString()
+        # send() may block on metadata: keep it off the event loop.
+        await asyncio.to_thread(
+            lambda: self.producer.send(
+                self.settings.dlq_topic, key=record.key, value=letter.SerializeToString()
+            ).get(30)
         )
-        await asyncio.to_thread(future.get, 30)
         self.metrics.dlq.inc()
         self.metrics.turns.labels("dead_letter").inc()
         log.warning(

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+import grpc
 import numpy as np
 import torch
 import tritonclient.grpc.aio as grpcclient
@@ -54,6 +55,12 @@ def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
     tensor = InferInput(name, list(array.shape), dtype)
     tensor.set_data_from_numpy(array)
     return tensor
+
+
+def _rpc_error(exc: grpc.RpcError, model: str) -> IomniError:
+    code = exc.code().name if hasattr(exc, "code") else "UNAVAILABLE"
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return translate(InferenceServerException(msg=details or str(exc), status=code), model)
 
 
 class LLMRouter(Protocol):
@@ -235,6 +242,8 @@ class TritonParts:
                 )
                 if result.as_numpy(FINISH_REASON)[0]:
                     return
+        except grpc.RpcError as exc:  # transport failures arrive raw from the aio stream
+            raise _rpc_error(exc, LLM) from exc
         finally:
             stream.cancel()
 
@@ -300,6 +309,8 @@ class TritonSpeech:
                     chunks.append(audio.copy())
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     break
+        except grpc.RpcError as exc:  # transport failures arrive raw from the aio stream
+            raise _rpc_error(exc, SPEECH_DECODER) from exc
         finally:
             stream.cancel()
         return chunks
