@@ -132,7 +132,13 @@ def test_sigterm_with_a_live_stream_stops_cleanly(tiny_dir: Path, tmp_path: Path
         assert serve.wait(timeout=60) == 0
     finally:
         if serve.poll() is None:
-            serve.kill()
+            serve.send_signal(signal.SIGTERM)  # its drain stops the server it started
+            try:
+                serve.wait(60)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+        for pid in _processes_under(work, "tritonserver"):  # never leak a server on failure
+            os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     assert not _stubs_under(work)
     assert set(Path("/dev/shm").glob(SHM_GLOB)) <= shm_before
@@ -161,12 +167,16 @@ async def _stream_then_sigterm(url: str, tiny_dir: Path, serve: subprocess.Popen
 
 
 def _stubs_under(work: Path) -> list[int]:
+    return _processes_under(work, "triton_python_backend_stub")
+
+
+def _processes_under(work: Path, program: str) -> list[int]:
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             text = cmdline.read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "triton_python_backend_stub" in text and str(work) in text:
+        if program in text and str(work) in text:
             found.append(int(cmdline.parent.name))
     return found
