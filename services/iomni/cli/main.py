@@ -15,6 +15,22 @@ from iomni.errors import IomniError
 log = logging.getLogger("iomni")
 
 
+def add_triton_part_flags(parser: argparse.ArgumentParser) -> None:
+    """Where each Triton part lives when they are separate Services (Kubernetes)."""
+    for flag, model in (
+        ("vision", "vision_encoder"),
+        ("audio", "audio_encoder"),
+        ("speech", "speech_decoder"),
+    ):
+        parser.add_argument(f"--triton-{flag}", help=f"{model} host:port (default --triton)")
+
+
+def triton_part_urls(args: argparse.Namespace) -> dict[str, str]:
+    from iomni.triton.client import part_urls
+
+    return part_urls(args.triton_vision, args.triton_audio, args.triton_speech)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iomni", description="InteractiveOmni serving platform")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -76,9 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--tls-cert", type=Path)
     gateway.add_argument("--tls-key", type=Path)
     gateway.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
-    gateway.add_argument("--triton-vision", help="vision_encoder host:port (default --triton)")
-    gateway.add_argument("--triton-audio", help="audio_encoder host:port (default --triton)")
-    gateway.add_argument("--triton-speech", help="speech_decoder host:port (default --triton)")
+    add_triton_part_flags(gateway)
     gateway.add_argument(
         "--llm-service", default="", help="headless llm Service: replicas from its EndpointSlices"
     )
@@ -93,9 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--model", required=True, type=Path)
     worker.add_argument("--bootstrap", default="127.0.0.1:9092")
     worker.add_argument("--triton", default="127.0.0.1:8001")
-    worker.add_argument("--triton-vision", help="vision_encoder host:port (default --triton)")
-    worker.add_argument("--triton-audio", help="audio_encoder host:port (default --triton)")
-    worker.add_argument("--triton-speech", help="speech_decoder host:port (default --triton)")
+    add_triton_part_flags(worker)
     worker.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     worker.add_argument("--metrics-port", type=int, default=9465)
     worker.add_argument("--max-in-flight", type=int, default=4)
@@ -293,15 +305,7 @@ def _gateway(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         events_bootstrap=args.events_bootstrap,
-        model_urls={
-            model: url
-            for model, url in (
-                ("vision_encoder", args.triton_vision),
-                ("audio_encoder", args.triton_audio),
-                ("speech_decoder", args.triton_speech),
-            )
-            if url
-        },
+        model_urls=triton_part_urls(args),
         llm_service=args.llm_service,
         namespace=args.namespace,
     )

@@ -20,7 +20,6 @@ from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.errors import DeadlineExceeded, InvalidInput, IomniError, ResourceExhausted, Unavailable
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.model.sampling import SamplingParams
-from iomni.state.types import LeaseLost
 from iomni.telemetry.metrics import GatewayMetrics
 from iomni.telemetry.tracing import tracer
 from iomni.v1 import dialogue_pb2 as pb
@@ -270,11 +269,10 @@ class TurnRunner:
             try:
                 await self.state.renew_lease(lease)
                 continue
-            except LeaseLost:
-                pass
-            except IomniError:
-                # A Redis blip: the lease is still ours until it expires; retry until then.
-                if time.time() + interval < lease.expires_at:
+            except IomniError as exc:
+                # ABORTED is the store saying the lease is gone. Anything else is a Redis
+                # blip: the lease is still ours until it expires, so retry until then.
+                if exc.code != "ABORTED" and time.time() + interval < lease.expires_at:
                     continue
             log.warning("lease of session %s lost; stopping its turn", lease.session_id)
             running.cancel.set()

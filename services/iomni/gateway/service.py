@@ -149,13 +149,8 @@ class DialogueService(pb_grpc.DialogueServicer):
             task = asyncio.create_task(self._chat_turn(tenant, session_id, request, queue))
             async for response in _drain(queue, task):
                 yield response
-        except IomniError as exc:
-            await abort(context, exc)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
         except Exception as exc:
-            log.exception("Chat turn failed")
-            await abort(context, Internal(f"the turn failed: {type(exc).__name__}"))
+            await abort(context, as_project_error(exc, "the turn"))
         finally:
             if task is not None and not task.done():
                 # The client went away: stop the turn (the runner releases the lease).
@@ -186,13 +181,8 @@ class DialogueService(pb_grpc.DialogueServicer):
         try:
             async for response in conversation.run(request_iterator):
                 yield response
-        except IomniError as exc:
-            await abort(context, exc)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
         except Exception as exc:
-            log.exception("Converse failed")
-            await abort(context, Internal(f"the stream failed: {type(exc).__name__}"))
+            await abort(context, as_project_error(exc, "the stream"))
         finally:
             await conversation.close()
             self.metrics.active_streams.dec()
@@ -284,11 +274,8 @@ class _Conversation:
                     raise InvalidInput("`config` may only be the first message of a stream")
                 elif kind is not None:
                     assembler.add(request)
-        except IomniError as exc:
-            self._fail(exc)
         except Exception as exc:
-            log.exception("Converse stream failed while reading")
-            self._fail(Internal(f"the stream failed: {type(exc).__name__}"))
+            self._fail(as_project_error(exc, "the stream"))
         finally:
             await self.turns.put(None)
 
@@ -316,11 +303,8 @@ class _Conversation:
                     self.running,
                 )
                 self.running = None
-        except IomniError as exc:
-            self._fail(exc)
         except Exception as exc:
-            log.exception("Converse turn failed")
-            self._fail(Internal(f"the turn failed: {type(exc).__name__}"))
+            self._fail(as_project_error(exc, "the turn"))
         finally:
             await self.queue.put(None)
 
@@ -346,6 +330,17 @@ async def _drain(queue: asyncio.Queue, task: asyncio.Task) -> AsyncIterator[pb.C
             break
         yield response
     await task  # re-raises the turn's error, if any
+
+
+def as_project_error(exc: Exception, what: str) -> IomniError:
+    """Project errors pass through; anything else is logged and becomes a generic INTERNAL.
+    grpc's own abort (and task cancellation, a BaseException) are re-raised untouched."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, IomniError):
+        return exc
+    log.exception("%s failed", what)
+    return Internal(f"{what} failed: {type(exc).__name__}")
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: IomniError) -> None:

@@ -42,6 +42,15 @@ _QWEN3_8B = dict(
     tie_word_embeddings=False,
 )
 
+# CosyVoice2's speech-token LM backbone (Qwen2.5-0.5B-sized), the same for 4B and 8B.
+_VOICELM_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+)
+
 _SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         vision=dict(
@@ -93,26 +102,14 @@ _SIZES: dict[str, dict[str, Any]] = {
         vision=_VISION_300M,
         audio=_WHISPER_LARGE_V3,
         llm=_QWEN3_4B,
-        voicelm=dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-        ),
+        voicelm=_VOICELM_05B,
         max_dynamic_patch=12,
     ),
     "8b": dict(
         vision=_VISION_300M,
         audio=_WHISPER_LARGE_V3,
         llm=_QWEN3_8B,
-        voicelm=dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-        ),
+        voicelm=_VOICELM_05B,
         max_dynamic_patch=12,
     ),
 }

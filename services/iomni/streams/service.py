@@ -19,7 +19,7 @@ from iomni.streams.topics import StreamSettings
 from iomni.streams.worker import TurnWorker, WorkerMetrics
 from iomni.telemetry import tracing
 from iomni.telemetry.metrics import GatewayMetrics
-from iomni.triton.client import TritonParts
+from iomni.triton.client import TritonParts, part_urls
 from iomni.triton.tensors import AUDIO_EMBEDS, IMAGE_EMBEDS
 
 
@@ -32,15 +32,7 @@ def build_worker(args: argparse.Namespace) -> tuple[TurnWorker, DialogueState, T
         fingerprint(args.model),
         {special.img_context: IMAGE_EMBEDS, special.audio_context: AUDIO_EMBEDS},
     )
-    parts.model_urls = {
-        model: url
-        for model, url in (
-            ("vision_encoder", args.triton_vision),
-            ("audio_encoder", args.triton_audio),
-            ("speech_decoder", args.triton_speech),
-        )
-        if url
-    }
+    parts.model_urls = part_urls(args.triton_vision, args.triton_audio, args.triton_speech)
     engine = TurnEngine(
         parts, processor, embeddings=state.embedding_cache(), media=state.media_store()
     )

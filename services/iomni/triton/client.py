@@ -63,6 +63,12 @@ def _rpc_error(exc: grpc.RpcError, model: str) -> IomniError:
     return translate(InferenceServerException(msg=details or str(exc), status=code), model)
 
 
+def part_urls(vision: str | None, audio: str | None, speech: str | None) -> dict[str, str]:
+    """`model_urls` for parts that live at their own address (the rest use the default)."""
+    pairs = ((VISION_MODEL, vision), (AUDIO_MODEL, audio), (SPEECH_DECODER, speech))
+    return {model: url for model, url in pairs if url}
+
+
 class LLMRouter(Protocol):
     async def route(self, session_id: str) -> str: ...
 
