@@ -890,3 +890,44 @@ def test_k8s_kustomization_builds(profile: str) -> None:
     assert result.returncode == 0, result.stderr
     built = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert len(built) == len(deploy.documents(deploy.render(profile=profile)))
+
+
+# --------------------------------------------------------------------------------------------
+# settings: the chart speaks the processes' own flags
+
+
+def _process_args(objs: list[dict[str, Any]], deployment: str) -> list[str]:
+    spec = by_name(objs, "Deployment")[deployment]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert container["command"] == ["iomni"]
+    return container["args"]
+
+
+@ALL
+def test_gateway_and_worker_args_parse_into_settings_that_match_the_values(scenario: str) -> None:
+    """The rendered arguments go through the real `iomni` parser into `Settings`: every flag the
+    chart passes exists, and each value lands on the setting of the same (snake_case) name."""
+    from iomni.cli.main import _parser
+    from iomni.runtime.settings import Settings
+
+    objs, v = docs(scenario), values(scenario)
+    for deployment, process, section in (
+        ("iomni-gateway", "gateway", v["gateway"]),
+        ("iomni-worker", "worker", v["worker"]),
+    ):
+        if deployment not in by_name(objs, "Deployment"):
+            continue
+        args = _process_args(objs, deployment)
+        settings = Settings.resolve(process, _parser().parse_args(args), env={})  # type: ignore[arg-type]
+        assert settings.metrics_port == section["metricsPort"]
+        assert settings.lease_ttl_ms == section["leaseTtlMs"]
+        assert settings.metrics_host == "0.0.0.0"
+        if process == "gateway":
+            assert settings.host == "0.0.0.0" and settings.port == section["port"]
+            assert settings.max_concurrent_turns == section["maxConcurrentTurns"]
+            assert settings.max_message_mb == section["maxMessageMb"]
+            assert settings.turn_timeout_s == section["turnTimeout"]
+            assert settings.grace_s == section["grace"]
+        else:
+            assert settings.max_in_flight == section["maxInFlight"]
+            assert settings.group == section["group"]

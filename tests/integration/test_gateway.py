@@ -7,7 +7,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 
 import grpc
@@ -19,6 +18,7 @@ from iomni.client import DialogueClient, Reply, chat_request
 from iomni.v1 import dialogue_pb2 as pb
 from iomni.v1 import dialogue_pb2_grpc as pb_grpc
 from tests.integration.conftest import TENANT_KEYS, GatewayProcess
+from tests.integration.prom import Scrape, delta
 
 ACME, GLOBEX = TENANT_KEYS["acme"], TENANT_KEYS["globex"]
 SHORT = {"temperature": 0.0, "max_new_tokens": 6}
@@ -206,29 +206,33 @@ def test_oversize_message_is_rejected(gateway: GatewayProcess) -> None:
 
 
 def test_speech_output_and_metrics(gateway: GatewayProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+    before = Scrape(url)
     c = client(gateway)
     reply = c.chat("", turn_id(), text="speak", speech=True, temperature=0.0, max_new_tokens=12)
     assert reply.audio_chunks >= 1 and len(reply.audio) == reply.done.usage.speech_tokens * 1920
     assert "first_audio" in reply.done.timings_ms
+    assert "prefill" in reply.done.timings_ms  # through Triton too (PREFILL_MS)
     c.close()
-    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics") as r:
-        text = r.read().decode()
-    for name in (
-        "iomni_gateway_time_to_first_audio_seconds_bucket",
-        "iomni_gateway_time_to_first_token_seconds_bucket",
-        "iomni_gateway_turn_duration_seconds_bucket",
-        "iomni_gateway_speech_real_time_factor_bucket",
-        "iomni_gateway_audio_underruns_total",
-        "iomni_gateway_active_streams",
-        'iomni_gateway_turns_total{outcome="ok"}',
-        "iomni_gateway_cancel_latency_seconds_bucket",
-        'iomni_gateway_stage_duration_seconds_bucket{le="0.025",stage="speech"}',
-        'iomni_gateway_kv_affinity_total{result="hit"}',
+    after = Scrape(url)
+    # Series that prove this turn was observed: one more of each, the audio's seconds counted.
+    for name, labels in (
+        ("iomni_gateway_time_to_first_audio_seconds_count", {}),
+        ("iomni_gateway_time_to_first_token_seconds_count", {}),
+        ("iomni_gateway_turn_duration_seconds_count", {}),
+        ("iomni_gateway_speech_real_time_factor_count", {}),
+        ("iomni_gateway_turns_total", {"outcome": "ok"}),
+        ("iomni_gateway_stage_duration_seconds_count", {"stage": "speech"}),
+        ("iomni_gateway_stage_duration_seconds_count", {"stage": "prefill"}),
+        ("iomni_gateway_kv_affinity_total", {}),
     ):
-        assert name in text, name
-    (tmp_path / "metrics.txt").write_text(text)
+        assert delta(before, after, name, **labels) == 1, (name, labels)
+    audio_s = delta(before, after, "iomni_gateway_audio_seconds_total")
+    assert audio_s == pytest.approx(reply.done.usage.audio_ms / 1000)
+    assert after.value("iomni_gateway_active_turns") == 0
+    (tmp_path / "metrics.txt").write_text(after.text)
     check = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, text=True, capture_output=True
+        ["promtool", "check", "metrics"], input=after.text, text=True, capture_output=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
 

@@ -1,5 +1,5 @@
 """The metrics the Helm chart's autoscalers, alerts and dashboards use are the ones the running
-services really expose (scraped here from a live gateway and a live Triton)."""
+services really expose (scraped here from a live gateway, a live turn worker and a live Triton)."""
 
 from __future__ import annotations
 
@@ -38,14 +38,21 @@ def referenced() -> set[str]:
     return {SUFFIX.sub("", name) for name in names} - set(EXTERNAL)
 
 
-def test_chart_metrics_exist_on_the_live_services(gateway: GatewayProcess, triton) -> None:  # type: ignore[no-untyped-def]
+def test_chart_metrics_exist_on_the_live_services(
+    gateway: GatewayProcess,
+    triton,
+    start_worker,  # type: ignore[no-untyped-def]
+) -> None:
+    worker = start_worker()
     live = scrape(f"http://127.0.0.1:{gateway.metrics_port}/metrics")
     live |= scrape(f"http://127.0.0.1:{triton.ports.metrics}/metrics")
+    live |= scrape(f"http://127.0.0.1:{worker.metrics_port}/metrics")
     families = {SUFFIX.sub("", name) for name in live}
     # prometheus_client announces counters without their _total suffix in HELP lines.
     families |= {f"{name}_total" for name in families}
-    wanted = {n for n in referenced() if not n.startswith("iomni_worker_")}
+    wanted = referenced()
     missing = sorted(wanted - families)
     assert not missing, f"the chart uses metrics no live service exposes: {missing}"
     assert any(n.startswith("iomni_gateway_") for n in wanted)
+    assert any(n.startswith("iomni_worker_") for n in wanted)
     assert any(n.startswith("nv_inference_") for n in wanted)

@@ -14,9 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from iomni.errors import Internal, InvalidInput, NotFound, Unavailable
+from iomni.errors import (
+    ErrorCode,
+    Internal,
+    InvalidInput,
+    LeaseLost,
+    NotFound,
+    SessionBusy,
+    Unavailable,
+)
 from iomni.model.conversation import MediaPart, Message, TextPart, content_hash
-from iomni.state import PREFIX, DialogueState, Lease, LeaseLost, SessionBusy, TurnRecord
+from iomni.state import PREFIX, DialogueState
+from iomni.turns.store import Lease, TurnRecord
 from tests.integration.redis_fixture import RedisServer, free_port
 
 USER = Message("user", (TextPart("What is this?"), MediaPart("image", "a" * 64)))
@@ -143,7 +152,7 @@ async def test_lease_is_exclusive(state: DialogueState) -> None:
     assert first.turn_id == "turn-a" and first.expires_at > time.time()
     with pytest.raises(SessionBusy, match="session s1 is busy with turn turn-a; wait") as busy:
         await state.acquire_lease("s1", "gw-2", "turn-b")
-    assert busy.value.code == "ABORTED"
+    assert busy.value.code is ErrorCode.SESSION_BUSY
     with pytest.raises(SessionBusy):  # one gateway must not run two turns of a session either
         await state.acquire_lease("s1", "gw-1", "turn-b")
     await state.renew_lease(first)
@@ -219,7 +228,7 @@ async def test_stale_token_cannot_write(short_state: DialogueState) -> None:
     fresh = await state.acquire_lease("s1", "gw-2", "turn-b")
     with pytest.raises(LeaseLost, match="no longer held.*turn turn-b holds it") as lost:
         await state.commit_turn(stale, "turn-a", USER, ASSISTANT, RESULT)
-    assert lost.value.code == "ABORTED"
+    assert lost.value.code is ErrorCode.LEASE_LOST
     for call in (state.renew_lease(stale), state.begin_turn(stale, "turn-a")):
         with pytest.raises(LeaseLost):
             await call
@@ -414,30 +423,38 @@ async def test_delete_mid_turn_voids_the_lease(state: DialogueState) -> None:
 
 
 async def test_engine_turns_over_redis(state: DialogueState, tiny, processor) -> None:
-    """Two turns through `TurnEngine` with the Redis stores: turn 2 reuses turn 1's embedding."""
+    """Two turns through the real `TurnRunner` on the Redis store: turn 2 reuses turn 1's
+    embedding from Redis, the history is committed, and a retried turn id is replayed."""
     from iomni.engine.parts import InProcessParts
-    from iomni.engine.turn import TurnEngine, TurnRequest
+    from iomni.engine.turn import TurnEngine
     from iomni.model.sampling import SamplingParams
+    from iomni.turns.runner import TurnFinished, TurnInput, TurnRunner
     from tests.conftest import png_bytes
 
     engine = TurnEngine(
         InProcessParts(tiny), processor, state.embedding_cache("acme"), state.media_store("acme")
     )
+    runner = TurnRunner(engine, state, "gw-1")
     await state.create_session("acme", "s1")
     image = MediaPart.from_bytes("image", png_bytes(64, 48))
     params = SamplingParams(temperature=0, max_new_tokens=4)
+    finished: list[TurnFinished] = []
+
+    async def collect(output) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(output, TurnFinished):
+            finished.append(output)
+
     for turn_id, parts in (("t1", (image, TextPart("What is it?"))), ("t2", (TextPart("Sure?"),))):
-        lease = await state.acquire_lease("s1", "gw-1", turn_id)
-        assert await state.begin_turn(lease, turn_id) is None
-        request = TurnRequest(
-            Message("user", parts), await state.history("acme", "s1"), params, session_id="s1"
-        )
-        events = [e async for e in engine.start(request).events()]
-        done = events[-1]
-        await state.commit_turn(lease, turn_id, *done.record, {"stop": done.stop_reason})
-        await state.release_lease(lease)
-    assert done.usage.media_cache_hits == 1 and done.usage.media_encoded == 0
+        turn = TurnInput("acme", "s1", turn_id, Message("user", parts), params)
+        await runner.run(turn, collect)
+    assert finished[0].usage.media_cache_hits == 0
+    assert finished[1].usage.media_cache_hits == 1
     history = await state.history("acme", "s1")
     assert [m.role for m in history] == ["user", "assistant"] * 2
+    assert history[1].text == finished[0].text and history[3].text == finished[1].text
     assert history[0].media[0].sha256 == image.sha256 and history[0].media[0].data is None
     assert await state.media_store("acme").get(image.sha256) == image.data
+    # The lease is free again and a retried turn id answers from the stored result.
+    await runner.run(TurnInput("acme", "s1", "t1", Message("user", parts), params), collect)
+    assert finished[-1].replayed and finished[-1].text == finished[0].text
+    assert len(await state.history("acme", "s1")) == 4

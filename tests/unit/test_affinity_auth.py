@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from iomni.gateway.affinity import AffinityRouter, rendezvous
 from iomni.gateway.auth import Tenants, Unauthenticated, key_hash
+from iomni.runtime.affinity import AffinityRouter, rendezvous
 
 
 class MemoryAffinity:

@@ -3,7 +3,7 @@ the watch itself is not exercised against a real kube-apiserver)."""
 
 from __future__ import annotations
 
-from iomni.gateway.discovery import EndpointSliceWatcher, SliceTracker, slice_endpoints
+from iomni.runtime.discovery import EndpointSliceWatcher, SliceTracker, slice_endpoints
 
 
 def endpoint_slice(name: str, endpoints: list[tuple[str, bool, bool]], port: int = 8001) -> dict:

@@ -5,30 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from iomni.errors import IomniError
+from iomni.errors import ErrorCode, IomniError
+from iomni.runtime.settings import add_settings_flags
 
 log = logging.getLogger("iomni")
-
-
-def add_triton_part_flags(parser: argparse.ArgumentParser) -> None:
-    """Where each Triton part lives when they are separate Services (Kubernetes)."""
-    for flag, model in (
-        ("vision", "vision_encoder"),
-        ("audio", "audio_encoder"),
-        ("speech", "speech_decoder"),
-    ):
-        parser.add_argument(f"--triton-{flag}", help=f"{model} host:port (default --triton)")
-
-
-def triton_part_urls(args: argparse.Namespace) -> dict[str, str]:
-    from iomni.triton.client import part_urls
-
-    return part_urls(args.triton_vision, args.triton_audio, args.triton_speech)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,56 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--repository", type=Path, default=Path("model_repository"))
 
     gateway = sub.add_parser("gateway", help="the gRPC dialogue gateway")
-    gateway.add_argument(
-        "--model",
-        required=True,
-        type=Path,
-        help="checkpoint directory (config + tokenizer; weights stay in Triton)",
-    )
-    gateway.add_argument("--tenants", required=True, type=Path, help="tenants JSON (key hashes)")
-    gateway.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC host:port")
-    gateway.add_argument(
-        "--llm-replicas",
-        nargs="*",
-        default=[],
-        help="llm replica host:port list for KV affinity (default: --triton)",
-    )
-    gateway.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    gateway.add_argument("--host", default="0.0.0.0")
-    gateway.add_argument("--port", type=int, default=50051)
-    gateway.add_argument("--metrics-port", type=int, default=9464)
-    gateway.add_argument("--max-concurrent-turns", type=int, default=16)
-    gateway.add_argument("--max-message-mb", type=int, default=32)
-    gateway.add_argument("--max-audio-seconds", type=float, default=300.0)
-    gateway.add_argument("--turn-timeout", type=float, default=300.0)
-    gateway.add_argument("--grace", type=float, default=30.0)
-    gateway.add_argument("--lease-ttl-ms", type=int, default=30000)
-    gateway.add_argument("--tls-cert", type=Path)
-    gateway.add_argument("--tls-key", type=Path)
-    gateway.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
-    add_triton_part_flags(gateway)
-    gateway.add_argument(
-        "--llm-service", default="", help="headless llm Service: replicas from its EndpointSlices"
-    )
-    gateway.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
-    gateway.add_argument(
-        "--events-bootstrap",
-        default="",
-        help="Kafka bootstrap: also publish every turn's events to the log",
-    )
-
+    add_settings_flags(gateway, "gateway")
     worker = sub.add_parser("worker", help="Kafka turn worker (consumer group)")
-    worker.add_argument("--model", required=True, type=Path)
-    worker.add_argument("--bootstrap", default="127.0.0.1:9092")
-    worker.add_argument("--triton", default="127.0.0.1:8001")
-    add_triton_part_flags(worker)
-    worker.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    worker.add_argument("--metrics-port", type=int, default=9465)
-    worker.add_argument("--max-in-flight", type=int, default=4)
-    worker.add_argument("--partitions", type=int, default=6)
-    worker.add_argument("--session-timeout-ms", type=int, default=10000)
-    worker.add_argument("--lease-ttl-ms", type=int, default=30000)
-    worker.add_argument("--group", default="iomni-turn-workers")
+    add_settings_flags(worker, "worker")
 
     submit = sub.add_parser("submit", help="send one turn through Kafka and follow its events")
     submit.add_argument("--bootstrap", default="127.0.0.1:9092")
@@ -186,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_chat(args))
     except IomniError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
-        return 2 if exc.code == "INVALID_ARGUMENT" else 1
+        return 2 if exc.code is ErrorCode.INVALID_INPUT else 1
     except KeyboardInterrupt:
         return 130
 
@@ -282,41 +219,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from iomni.gateway.server import Gateway, GatewaySettings
+    from iomni.gateway.server import Gateway
+    from iomni.runtime.settings import Settings
     from iomni.telemetry import tracing
 
     tracing.configure("iomni-gateway")
-    settings = GatewaySettings(
-        model=args.model,
-        tenants=args.tenants,
-        triton_url=args.triton,
-        llm_replicas=args.llm_replicas,
-        redis_url=args.redis,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        max_concurrent_turns=args.max_concurrent_turns,
-        max_message_bytes=args.max_message_mb << 20,
-        max_audio_seconds=args.max_audio_seconds,
-        turn_timeout_s=args.turn_timeout,
-        grace_s=args.grace,
-        lease_ttl_ms=args.lease_ttl_ms,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        events_bootstrap=args.events_bootstrap,
-        model_urls=triton_part_urls(args),
-        llm_service=args.llm_service,
-        namespace=args.namespace,
-    )
+    settings = Settings.resolve("gateway", args)
     asyncio.run(Gateway(settings).serve_forever())
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from iomni.runtime.settings import Settings
     from iomni.streams.service import run_worker
 
-    return run_worker(args)
+    return run_worker(Settings.resolve("worker", args))
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -457,84 +374,83 @@ def _write_wav(path: Path, pcm: bytes) -> None:
 
 
 async def _chat(args: argparse.Namespace) -> int:
-    from iomni.cli.session_file import SessionFile
-    from iomni.errors import InvalidInput as _Invalid
+    """`iomni chat --model`: the turn core in this process, the dialogue in a session file."""
+    import uuid
+
+    from iomni.cli.session_file import LOCAL_TENANT, SessionFile, SessionFileStore
+    from iomni.engine.events import AudioChunk, TextDelta
+    from iomni.errors import InvalidInput
+    from iomni.parts import SpeechOptions
+    from iomni.runtime.build import build_runner
+    from iomni.runtime.settings import Settings
+    from iomni.turns.runner import TurnFinished, TurnInput, TurnOutput
 
     if args.model is None:
-        raise _Invalid("chat needs --model DIR (in-process) or --server HOST:PORT")
-    from iomni.engine.events import AudioChunk, TextDelta
-    from iomni.engine.parts import InProcessParts, SpeechOptions
-    from iomni.engine.turn import TurnEngine, TurnRequest
-    from iomni.errors import InvalidInput
-    from iomni.model.checkpoint import load_checkpoint
+        raise InvalidInput("chat needs --model DIR (in-process) or --server HOST:PORT")
+    if args.speaker and not args.out:
+        raise InvalidInput("--speaker only makes sense with --out (speech output)")
+    user = _user_message(args)
+    params = _sampling(args)
+    speech = None
+    if args.out:
+        speaker = _read(args.speaker, "--speaker") if args.speaker else None
+        speech = SpeechOptions(speaker_wav=speaker, seed=args.seed or 0)
+    store = SessionFileStore(SessionFile.open(args.session))
+    settings = Settings(model=args.model, transport="inprocess", redis_url="memory")
+    runtime = build_runner(settings, role="chat", store=store)
+    audio: list[bytes] = []
+
+    async def show(output: TurnOutput) -> None:
+        if isinstance(output, TextDelta):
+            sys.stdout.write(output.text)
+            sys.stdout.flush()
+        elif isinstance(output, AudioChunk):
+            audio.append(output.pcm)
+        elif isinstance(output, TurnFinished):
+            sys.stdout.write("\n")
+            if args.out:
+                _write_wav(args.out, b"".join(audio))
+            if args.timings:
+                stages = " ".join(f"{k}={v:.1f}ms" for k, v in output.timings_ms.items())
+                print(
+                    f"[{output.stop_reason}] {output.usage.completion_tokens} tokens; {stages}",
+                    file=sys.stderr,
+                )
+
+    turn = TurnInput(LOCAL_TENANT, store.session_id, uuid.uuid4().hex, user, params, speech)
+    try:
+        await runtime.runner.run(turn, show)
+    finally:
+        await runtime.close()
+    return 0
+
+
+def _user_message(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from iomni.model.conversation import MediaPart, Message, TextPart
-    from iomni.model.processor import Processor
-    from iomni.model.sampling import SamplingParams
 
     parts: list[TextPart | MediaPart] = [
         MediaPart.from_bytes("image", _read(p, "--image")) for p in args.image
     ]
     if args.video:
-        parts.append(
-            MediaPart.from_bytes(
-                "video", _read(args.video, "--video"), num_frames=args.video_frames
-            )
-        )
+        video = _read(args.video, "--video")
+        parts.append(MediaPart.from_bytes("video", video, num_frames=args.video_frames))
     if args.audio:
         parts.append(MediaPart.from_bytes("audio", _read(args.audio, "--audio")))
     if args.text:
         parts.append(TextPart(args.text))
-    params = SamplingParams(
+    return Message("user", tuple(parts))
+
+
+def _sampling(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from iomni.model.sampling import SamplingParams
+
+    return SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     ).validate()
-    if args.speaker and not args.out:
-        raise InvalidInput("--speaker only makes sense with --out (speech output)")
-    speech = None
-    if args.out:
-        speaker = _read(args.speaker, "--speaker") if args.speaker else None
-        speech = SpeechOptions(speaker_wav=speaker, seed=args.seed or 0)
-    session = SessionFile.open(args.session)
-    checkpoint = load_checkpoint(args.model)
-    engine = TurnEngine(
-        InProcessParts(checkpoint),
-        Processor.from_checkpoint(args.model),
-        embeddings=session.embedding_cache(),
-        media=session.media_store(),
-    )
-    request = TurnRequest(
-        user=Message("user", tuple(parts)), history=session.messages, params=params, speech=speech
-    )
-    audio: list[bytes] = []
-    async for event in engine.start(request).events():
-        if isinstance(event, TextDelta):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        elif isinstance(event, AudioChunk):
-            audio.append(event.pcm)
-        else:
-            sys.stdout.write("\n")
-            if args.out:
-                _write_wav(args.out, b"".join(audio))
-            session.append(*event.record)
-            session.save()
-            if args.timings:
-                stages = " ".join(f"{k}={v:.1f}ms" for k, v in event.timings_ms.items())
-                print(
-                    f"[{event.stop_reason}] {event.usage.completion_tokens} tokens; {stages}",
-                    file=sys.stderr,
-                )
-    return 0
-
-
-def _write_wav(path: Path, pcm: bytes) -> None:
-    import numpy as np
-    import soundfile as sf
-
-    sf.write(path, np.frombuffer(pcm, dtype="<i2"), 24000, subtype="PCM_16")
 
 
 def _read(path: Path, flag: str) -> bytes:

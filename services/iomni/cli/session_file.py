@@ -10,6 +10,7 @@ from pathlib import Path
 from iomni.engine.cache import DirectoryEmbeddingCache, DirectoryMediaStore
 from iomni.errors import InvalidInput
 from iomni.model.conversation import Message
+from iomni.turns.store import Lease, MemoryDialogueStore, SessionInfo, _Session
 
 VERSION = 1
 
@@ -51,3 +52,33 @@ class SessionFile:
         temp = self.path.with_name(self.path.name + ".tmp")
         temp.write_text(json.dumps(raw, indent=1, ensure_ascii=False) + "\n")
         os.replace(temp, self.path)
+
+
+LOCAL_TENANT = "local"
+
+
+class SessionFileStore(MemoryDialogueStore):
+    """The turn core's `DialogueStore` over one session file: the embedded `iomni chat` keeps
+    its dialogue on disk between runs, media and embeddings beside it."""
+
+    def __init__(self, session: SessionFile, session_id: str = "local") -> None:
+        super().__init__()
+        self.session = session
+        self.session_id = session_id
+        self._sessions[session_id] = _Session(
+            SessionInfo(session_id, LOCAL_TENANT, 0.0, len(session.messages) // 2),
+            history=list(session.messages),
+        )
+
+    async def commit_turn(
+        self, lease: Lease, turn_id: str, user: Message, assistant: Message, result: dict
+    ) -> None:
+        await super().commit_turn(lease, turn_id, user, assistant, result)
+        self.session.messages = await self.history(LOCAL_TENANT, self.session_id)
+        self.session.save()
+
+    def media_store(self, scope: str = "") -> DirectoryMediaStore:
+        return self.session.media_store()
+
+    def embedding_cache(self, scope: str = "") -> DirectoryEmbeddingCache:
+        return self.session.embedding_cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -269,8 +270,12 @@ class Turn:
     async def _resolve_media(self, messages: Sequence[Message]) -> _MediaState:
         state = _MediaState()
         new_parts = [p for p in self.request.user.media if p.data is not None]
-        # Decode the new turn's media first: a bad file fails fast, before any encoding.
-        prepared = {p.ident: self._prepare(p, p.data) for p in new_parts}  # type: ignore[arg-type]
+        # Decode the new turn's media first: a bad file fails fast, before any encoding. Decoding
+        # is CPU work: off the event loop, so other sessions' streams keep flowing meanwhile.
+        prepared = {
+            p.ident: await asyncio.to_thread(self._prepare, p, p.data)  # type: ignore[arg-type]
+            for p in new_parts
+        }
         for part in _unique_media(messages):
             key = self._key(part)
             cached = await self.engine.embeddings.get(key)
@@ -278,7 +283,9 @@ class Turn:
                 state.rows[part.ident] = cached
                 state.hits += 1
                 continue
-            item = prepared.get(part.ident) or self._prepare(part, await self._load_bytes(part))
+            item = prepared.get(part.ident) or await asyncio.to_thread(
+                self._prepare, part, await self._load_bytes(part)
+            )
             rows = await self._encode(part, item, state.timings_ms)
             await self.engine.embeddings.put(key, rows)
             state.rows[part.ident] = rows

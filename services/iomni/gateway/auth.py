@@ -15,11 +15,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from iomni.errors import IomniError
+from iomni.errors import Unauthenticated
 
-
-class Unauthenticated(IomniError):
-    code = "UNAUTHENTICATED"
+__all__ = ["Tenants", "Unauthenticated", "key_hash", "write_dev_tenant"]
 
 
 def key_hash(key: str) -> str:

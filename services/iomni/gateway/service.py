@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import io
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,34 +13,17 @@ import grpc
 import numpy as np
 import soundfile as sf
 
-from iomni.engine.runner import (
-    RunningTurn,
-    TurnRunner,
-    chat_message,
-    sampling_params,
-    speech_options,
-)
-from iomni.errors import Internal, InvalidInput, IomniError
+from iomni import wire
+from iomni.errors import ErrorCode, Internal, InvalidInput, IomniError
 from iomni.gateway.auth import Tenants
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.telemetry.metrics import GatewayMetrics
+from iomni.turns.runner import RunningTurn, TurnInput, TurnOutput, TurnRunner
+from iomni.turns.store import DialogueStore
 from iomni.v1 import dialogue_pb2 as pb
 from iomni.v1 import dialogue_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-STATUS = {
-    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
-    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "CANCELLED": grpc.StatusCode.CANCELLED,
-    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
-    "ABORTED": grpc.StatusCode.ABORTED,
-    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
-    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
-}
 
 
 def pcm16_to_wav(data: bytes, rate: int) -> bytes:
@@ -69,12 +51,11 @@ class TurnAssembler:
     def add(self, request: pb.ConverseRequest) -> None:
         kind = request.WhichOneof("payload")
         if kind == "text":
+            self._count(len(request.text.text.encode()))
             self.parts.append(TextPart(request.text.text))
             return
         chunk = getattr(request, kind)
-        self.size += len(chunk.data)
-        if self.size > self.max_bytes:
-            raise InvalidInput(f"the turn's media exceed {self.max_bytes >> 20} MiB")
+        self._count(len(chunk.data))
         self.open.setdefault(kind, bytearray()).extend(chunk.data)
         if kind == "audio":
             self.audio_pcm = chunk.encoding == pb.AUDIO_ENCODING_PCM16
@@ -84,6 +65,14 @@ class TurnAssembler:
         ended = {"audio": "end_of_clip", "image": "end_of_image", "video": "end_of_video"}
         if getattr(chunk, ended[kind]):
             self._close(kind)
+
+    def _count(self, size: int) -> None:
+        # Text counts too: a turn is bounded however it is made up.
+        self.size += size
+        if self.size > self.max_bytes:
+            raise InvalidInput(
+                f"the turn's media and text exceed {self.max_bytes >> 20} MiB; send less"
+            )
 
     def _close(self, kind: str) -> None:
         data = bytes(self.open.pop(kind, b""))
@@ -100,33 +89,25 @@ class TurnAssembler:
         return message
 
 
-def history_message(message: Message) -> pb.Message:
-    parts = []
-    for part in message.parts:
-        if isinstance(part, TextPart):
-            parts.append(pb.Part(text=part.text))
-        else:
-            parts.append(
-                pb.Part(
-                    media_ref=pb.MediaRef(kind=part.type, sha256=part.sha256),
-                    video_frames=part.num_frames or 0,
-                )
-            )
-    return pb.Message(role=message.role, parts=parts)
+Responses = asyncio.Queue[pb.ConverseResponse | None]
 
 
 class DialogueService(pb_grpc.DialogueServicer):
     def __init__(
         self,
         runner: TurnRunner,
-        state,
-        tenants: Tenants,  # type: ignore[no-untyped-def]
+        store: DialogueStore,
+        tenants: Tenants,
         metrics: GatewayMetrics,
+        event_log=None,  # type: ignore[no-untyped-def]
     ) -> None:
+        """`event_log(session_id, turn_id)`, when given, returns an object whose `emit` also
+        receives every response of that turn (the Kafka dialogue event log)."""
         self.runner = runner
-        self.state = state
+        self.store = store
         self.tenants = tenants
         self.metrics = metrics
+        self.event_log = event_log
 
     async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         try:
@@ -135,18 +116,44 @@ class DialogueService(pb_grpc.DialogueServicer):
             await abort(context, exc)
             raise
 
+    async def run_turn(self, turn: TurnInput, queue: Responses, running: RunningTurn) -> None:
+        """Run a turn, its outputs as responses into `queue` (and the event log)."""
+        await self.runner.run(turn, self._emitter(turn, queue), running)
+
+    def _emitter(self, turn: TurnInput, queue: Responses):  # type: ignore[no-untyped-def]
+        log_turn = self.event_log(turn.session_id, turn.turn_id) if self.event_log else None
+
+        async def emit(output: TurnOutput) -> None:
+            response = wire.response(turn.session_id, turn.turn_id, output)
+            if log_turn is not None:
+                try:
+                    await log_turn.emit(response)
+                except Exception:  # the log must never break a live dialogue
+                    log.exception("could not publish turn %s to the event log", turn.turn_id)
+            await queue.put(response)
+
+        return emit
+
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ConverseResponse]:  # type: ignore[no-untyped-def]
         tenant = await self._tenant(context)
         self.metrics.active_streams.inc()
-        queue: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue()
+        queue: Responses = asyncio.Queue()
         task: asyncio.Task | None = None
         try:
             if not request.turn_id:
                 raise InvalidInput("turn_id is required: it makes retries of Chat safe")
             session_id = request.session_id
             if not session_id:
-                session_id = (await self.state.create_session(tenant)).session_id
-            task = asyncio.create_task(self._chat_turn(tenant, session_id, request, queue))
+                session_id = (await self.store.create_session(tenant)).session_id
+            turn = TurnInput(
+                tenant,
+                session_id,
+                request.turn_id,
+                wire.chat_message(list(request.parts)),
+                wire.sampling_params(request.sampling),
+                wire.speech_options(request.output),
+            )
+            task = asyncio.create_task(self._chat_turn(turn, queue))
             async for response in _drain(queue, task):
                 yield response
         except Exception as exc:
@@ -159,18 +166,9 @@ class DialogueService(pb_grpc.DialogueServicer):
                     await task
             self.metrics.active_streams.dec()
 
-    async def _chat_turn(self, tenant, session_id, request, queue) -> None:  # type: ignore[no-untyped-def]
+    async def _chat_turn(self, turn: TurnInput, queue: Responses) -> None:
         try:
-            await self.runner.run(
-                tenant,
-                session_id,
-                request.turn_id,
-                chat_message(list(request.parts)),
-                sampling_params(request.sampling),
-                speech_options(request.output),
-                queue.put,
-                RunningTurn(asyncio.Event()),
-            )
+            await self.run_turn(turn, queue, RunningTurn())
         finally:
             await queue.put(None)
 
@@ -190,8 +188,8 @@ class DialogueService(pb_grpc.DialogueServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:  # type: ignore[no-untyped-def]
         tenant = await self._tenant(context)
         try:
-            info = await self.state.get_session(tenant, request.session_id)
-            history = await self.state.history(tenant, request.session_id)
+            info = await self.store.get_session(tenant, request.session_id)
+            history = await self.store.history(tenant, request.session_id)
         except IomniError as exc:
             await abort(context, exc)
             raise
@@ -199,7 +197,7 @@ class DialogueService(pb_grpc.DialogueServicer):
             session_id=info.session_id,
             created_at=info.created_at,
             turns=info.turns,
-            history=[history_message(m) for m in history],
+            history=[wire.history_message(m) for m in history],
         )
 
     async def DeleteSession(
@@ -209,8 +207,8 @@ class DialogueService(pb_grpc.DialogueServicer):
     ) -> pb.DeleteSessionResponse:
         tenant = await self._tenant(context)
         try:
-            await self.state.get_session(tenant, request.session_id)
-            deleted = await self.state.delete_session(tenant, request.session_id)
+            await self.store.get_session(tenant, request.session_id)
+            deleted = await self.store.delete_session(tenant, request.session_id)
         except IomniError as exc:
             await abort(context, exc)
             raise
@@ -223,7 +221,7 @@ class _Conversation:
     def __init__(self, service: DialogueService, tenant: str) -> None:
         self.service = service
         self.tenant = tenant
-        self.queue: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue()
+        self.queue: Responses = asyncio.Queue()
         self.turns: asyncio.Queue[tuple[str, Message] | None] = asyncio.Queue()
         self.running: RunningTurn | None = None
         self.error: IomniError | None = None
@@ -238,8 +236,8 @@ class _Conversation:
         if first.WhichOneof("payload") != "config":
             raise InvalidInput("the first Converse message must be `config`")
         self.config = first.config
-        self.params = sampling_params(first.config.sampling)
-        self.speech = speech_options(first.config.output)
+        self.params = wire.sampling_params(first.config.sampling)
+        self.speech = wire.speech_options(first.config.output)
         self.session_id, resumed, turns = await self._session(first.config.session_id)
         yield pb.ConverseResponse(
             session_id=self.session_id, started=pb.SessionStarted(resumed=resumed, turns=turns)
@@ -254,10 +252,10 @@ class _Conversation:
             raise self.error
 
     async def _session(self, session_id: str) -> tuple[str, bool, int]:
-        state = self.service.state
+        store = self.service.store
         if not session_id:
-            return (await state.create_session(self.tenant)).session_id, False, 0
-        info = await state.get_session(self.tenant, session_id)
+            return (await store.create_session(self.tenant)).session_id, False, 0
+        info = await store.get_session(self.tenant, session_id)
         return info.session_id, True, info.turns
 
     async def _read(self, iterator) -> None:  # type: ignore[no-untyped-def]
@@ -280,9 +278,8 @@ class _Conversation:
             await self.turns.put(None)
 
     def _cancel(self) -> None:
-        if self.running is not None and not self.running.cancel.is_set():
-            self.running.cancelled_at = time.perf_counter()
-            self.running.cancel.set()
+        if self.running is not None:
+            self.running.request_cancel()
 
     async def _work(self) -> None:
         try:
@@ -291,17 +288,11 @@ class _Conversation:
                 if item is None:
                     break
                 turn_id, message = item
-                self.running = RunningTurn(asyncio.Event())
-                await self.service.runner.run(
-                    self.tenant,
-                    self.session_id,
-                    turn_id,
-                    message,
-                    self.params,
-                    self.speech,
-                    self.queue.put,
-                    self.running,
+                self.running = RunningTurn()
+                turn = TurnInput(
+                    self.tenant, self.session_id, turn_id, message, self.params, self.speech
                 )
+                await self.service.run_turn(turn, self.queue, self.running)
                 self.running = None
         except Exception as exc:
             self._fail(as_project_error(exc, "the turn"))
@@ -323,7 +314,7 @@ class _Conversation:
                 await task
 
 
-async def _drain(queue: asyncio.Queue, task: asyncio.Task) -> AsyncIterator[pb.ConverseResponse]:
+async def _drain(queue: Responses, task: asyncio.Task) -> AsyncIterator[pb.ConverseResponse]:
     while True:
         response = await queue.get()
         if response is None:
@@ -344,7 +335,6 @@ def as_project_error(exc: Exception, what: str) -> IomniError:
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: IomniError) -> None:
-    code = STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
-    if code == grpc.StatusCode.INTERNAL:
+    if exc.code is ErrorCode.INTERNAL:
         log.error("internal error: %s", exc.detail)
-    await context.abort(code, exc.detail)
+    await context.abort(grpc.StatusCode[exc.code.grpc_status], exc.detail)

@@ -1,4 +1,5 @@
-"""The gateway's dialogue state in Redis: sessions, leases, turn records, media, affinity.
+"""Dialogue state in Redis: the turn core's `DialogueStore` (sessions, leases, turn records),
+the media and embedding caches, llm affinity and the Kafka published marks.
 
 See docs/state.md for the key layout and the guarantees.
 """
@@ -6,17 +7,5 @@ See docs/state.md for the key layout and the guarantees.
 from iomni.state.blobs import RedisEmbeddingCache, RedisMediaStore
 from iomni.state.keys import PREFIX
 from iomni.state.redis_store import DialogueState
-from iomni.state.types import Lease, LeaseLost, SessionBusy, SessionInfo, TurnRecord, TurnState
 
-__all__ = [
-    "PREFIX",
-    "DialogueState",
-    "Lease",
-    "LeaseLost",
-    "RedisEmbeddingCache",
-    "RedisMediaStore",
-    "SessionBusy",
-    "SessionInfo",
-    "TurnRecord",
-    "TurnState",
-]
+__all__ = ["PREFIX", "DialogueState", "RedisEmbeddingCache", "RedisMediaStore"]

@@ -16,13 +16,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from iomni.errors import Internal, InvalidInput, IomniError, NotFound
+from iomni.errors import Internal, InvalidInput, IomniError, LeaseLost, NotFound, SessionBusy
 from iomni.model.conversation import Message
 from iomni.state import scripts
 from iomni.state.blobs import RedisEmbeddingCache, RedisMediaStore
 from iomni.state.connection import guarded, text
 from iomni.state.keys import SessionKeys, check_id
-from iomni.state.types import Lease, LeaseLost, SessionBusy, SessionInfo, TurnRecord
+from iomni.turns.store import Lease, SessionInfo, TurnRecord
 
 log = logging.getLogger(__name__)
 # delete_session retries its WATCH transaction this often before giving up.
@@ -47,7 +47,7 @@ class DialogueState:
         redis: aioredis.Redis,
         *,
         session_ttl_s: int = 86400,
-        lease_ttl_ms: int = 30000,
+        lease_ttl_ms: int = 6000,
         turn_record_ttl_s: int = 86400,
         media_ttl_s: int = 86400,
         embedding_ttl_s: int = 3600,
@@ -217,7 +217,7 @@ class DialogueState:
             args=[lease.token, self.lease_ttl_ms],
         )
         if text(reply[0]) != "ok":
-            raise LeaseLost(lease, text(reply[1]) if reply[1] else None)
+            raise LeaseLost(lease.session_id, lease.token, text(reply[1]) if reply[1] else None)
         lease.expires_at = started + self.lease_ttl_ms / 1000
 
     @guarded
@@ -265,7 +265,7 @@ class DialogueState:
         )
         status = text(reply[0])
         if status == "lost":
-            raise LeaseLost(lease, text(reply[1]) if reply[1] else None)
+            raise LeaseLost(lease.session_id, lease.token, text(reply[1]) if reply[1] else None)
         if status == "done":
             return TurnRecord(turn_id, "done", _result(reply[1]))
         return None
@@ -295,7 +295,7 @@ class DialogueState:
         )
         status = text(reply[0])
         if status == "lost":
-            raise LeaseLost(lease, text(reply[1]) if reply[1] else None)
+            raise LeaseLost(lease.session_id, lease.token, text(reply[1]) if reply[1] else None)
         if status == "missing":
             raise _not_found(lease.session_id)
         if status == "duplicate":

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from kafka import KafkaProducer
 
+from iomni.errors import ErrorCode
 from iomni.v1 import dialogue_pb2 as pb
 from iomni.v1 import events_pb2
 
@@ -62,13 +63,13 @@ class TurnPublisher:
         await asyncio.to_thread(self._send, event)
         self.published_done = self.published_done or kind == "done"
 
-    def fail(self, code: str, message: str) -> None:
+    def fail(self, code: ErrorCode, message: str) -> None:
         event = events_pb2.TurnEvent(
             session_id=self.session_id,
             turn_id=self.turn_id,
             sequence=self.sequence,
             source=self.source,
-            failed=events_pb2.TurnFailed(code=code, message=message),
+            failed=events_pb2.TurnFailed(code=code.grpc_status, message=message, reason=code.name),
         )
         self._send(event)
 

@@ -21,28 +21,29 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from iomni.engine.runner import (
-    RunningTurn,
-    TurnRunner,
-    chat_message,
-    sampling_params,
-    speech_options,
-)
-from iomni.errors import IomniError, NotFound, Unavailable
-from iomni.state.types import LeaseLost, SessionBusy
+from iomni import wire
+from iomni.errors import IomniError, LeaseLost, NotFound, SessionBusy, Unavailable
 from iomni.streams.publisher import TurnPublisher, make_producer
 from iomni.streams.topics import StreamSettings, ensure_topics
+from iomni.telemetry.metrics import TurnMetrics
+from iomni.turns.runner import TurnInput, TurnOutput, TurnRunner
 from iomni.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 
-class WorkerMetrics:
+class WorkerMetrics(TurnMetrics):
+    """The turn core's metrics as `iomni_worker_*` (the same series the gateway has), plus the
+    consumer's own: requests by outcome, end-to-end latency, in flight, DLQ, lag."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        super().__init__("iomni_worker", registry)
         r = self.registry
-        self.turns = Counter(
-            "iomni_worker_turns_total", "Requested turns by outcome", ["outcome"], registry=r
+        self.requests = Counter(
+            "iomni_worker_requests_total",
+            "Turn requests consumed, by outcome (ok, duplicate, dead_letter)",
+            ["outcome"],
+            registry=r,
         )
         self.latency = Histogram(
             "iomni_worker_processing_seconds",
@@ -72,8 +73,8 @@ class TurnWorker:
     def __init__(
         self,
         runner: TurnRunner,
-        state,
-        settings: StreamSettings,  # type: ignore[no-untyped-def]
+        state,  # type: ignore[no-untyped-def]  # DialogueState: the store plus published marks
+        settings: StreamSettings,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.runner = runner
@@ -201,13 +202,13 @@ class TurnWorker:
         )
         try:
             if await self._already_published(request):
-                self.metrics.turns.labels("duplicate").inc()
+                self.metrics.requests.labels("duplicate").inc()
                 return
             async with self._slots:
                 await self._run(request, publisher)
             await publisher.flush()
             await self.state.mark_published(request.session_id, request.turn_id)
-            self.metrics.turns.labels("ok").inc()
+            self.metrics.requests.labels("ok").inc()
             if request.requested_at:
                 self.metrics.latency.observe(max(0.0, time.time() - request.requested_at))
         except Unavailable:
@@ -215,7 +216,7 @@ class TurnWorker:
         except IomniError as exc:
             publisher.fail(exc.code, exc.detail)
             await publisher.flush()
-            await self._dead_letter(record, f"{exc.code}: {exc.detail}")
+            await self._dead_letter(record, f"{exc.code.grpc_status}: {exc.detail}")
 
     async def _already_published(self, request: events_pb2.TurnRequested) -> bool:
         try:
@@ -225,19 +226,22 @@ class TurnWorker:
 
     async def _run(self, request: events_pb2.TurnRequested, publisher: TurnPublisher) -> None:
         await self._ensure_session(request)
+        turn = TurnInput(
+            request.tenant,
+            request.session_id,
+            request.turn_id,
+            wire.chat_message(list(request.parts)),
+            wire.sampling_params(request.sampling),
+            wire.speech_options(request.output),
+        )
+
+        async def emit(output: TurnOutput) -> None:
+            await publisher.emit(wire.response(turn.session_id, turn.turn_id, output))
+
         deadline = time.monotonic() + self.settings.busy_retry_s
         while True:
             try:
-                await self.runner.run(
-                    request.tenant,
-                    request.session_id,
-                    request.turn_id,
-                    chat_message(list(request.parts)),
-                    sampling_params(request.sampling),
-                    speech_options(request.output),
-                    publisher.emit,
-                    RunningTurn(asyncio.Event()),
-                )
+                await self.runner.run(turn, emit)
                 return
             except (SessionBusy, LeaseLost):
                 # Another worker (perhaps a dead one whose lease has not expired) holds it.
@@ -267,7 +271,7 @@ class TurnWorker:
             ).get(30)
         )
         self.metrics.dlq.inc()
-        self.metrics.turns.labels("dead_letter").inc()
+        self.metrics.requests.labels("dead_letter").inc()
         log.warning(
             "request at %s[%d]@%d sent to the DLQ: %s",
             record.topic,

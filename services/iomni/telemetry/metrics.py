@@ -1,80 +1,131 @@
-"""The gateway's Prometheus metrics. Names follow Prometheus conventions (base units, `_total`
-counters) and are checked with `promtool check metrics` in the tests."""
+"""Prometheus metrics of the turn core, per front door. Names follow Prometheus conventions
+(base units, `_total` counters) and are checked with `promtool check metrics` in the tests.
+
+`TurnMetrics` is the turn core's observer; the gateway serves it as `iomni_gateway_*` and the
+Kafka worker as `iomni_worker_*`, with the same series, so a dashboard panel works for both.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from iomni.engine.events import TurnDone
+
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5)
+STAGES = ("vision_encode", "audio_encode", "prefill", "decode", "speech")
 
 
-class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+class TurnMetrics:
+    """A `TurnObserver` that records into Prometheus under `prefix`."""
+
+    def __init__(self, prefix: str = "iomni_gateway", registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        r, p = self.registry, prefix
         self.time_to_first_audio = Histogram(
-            "iomni_gateway_time_to_first_audio_seconds",
+            f"{p}_time_to_first_audio_seconds",
             "From end of the user's turn to the first audio chunk sent",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.time_to_first_token = Histogram(
-            "iomni_gateway_time_to_first_token_seconds",
+            f"{p}_time_to_first_token_seconds",
             "From end of the user's turn to the first text token",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.turn_duration = Histogram(
-            "iomni_gateway_turn_duration_seconds",
+            f"{p}_turn_duration_seconds",
             "Whole turn, end of user turn to done",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.real_time_factor = Histogram(
-            "iomni_gateway_speech_real_time_factor",
+            f"{p}_speech_real_time_factor",
             "Time to produce the reply's speech divided by its duration (below 1 keeps up)",
             buckets=RTF_BUCKETS,
             registry=r,
         )
         self.audio_underruns = Counter(
-            "iomni_gateway_audio_underruns_total",
+            f"{p}_audio_underruns_total",
             "Audio chunks sent after the audio before them had finished playing",
             registry=r,
         )
-        self.audio_seconds = Counter(
-            "iomni_gateway_audio_seconds_total", "Speech audio sent", registry=r
-        )
-        self.active_streams = Gauge(
-            "iomni_gateway_active_streams", "Open Converse/Chat streams", registry=r
-        )
-        self.active_turns = Gauge(
-            "iomni_gateway_active_turns", "Turns running in this gateway", registry=r
-        )
-        self.turns = Counter(
-            "iomni_gateway_turns_total", "Turns by outcome", ["outcome"], registry=r
-        )
+        self.audio_seconds = Counter(f"{p}_audio_seconds_total", "Speech audio sent", registry=r)
+        self.active_turns = Gauge(f"{p}_active_turns", "Turns running in this process", registry=r)
+        self.turns = Counter(f"{p}_turns_total", "Turns by outcome", ["outcome"], registry=r)
         self.cancel_latency = Histogram(
-            "iomni_gateway_cancel_latency_seconds",
+            f"{p}_cancel_latency_seconds",
             "From a cancel (barge-in) received to the turn stopped; no audio follows",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
             registry=r,
         )
         self.stage_duration = Histogram(
-            "iomni_gateway_stage_duration_seconds",
+            f"{p}_stage_duration_seconds",
             "Time per stage of a turn",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.kv_affinity = Counter(
-            "iomni_gateway_kv_affinity_total",
+            f"{p}_kv_affinity_total",
             "LLM replica choices: hit = the replica holding the session's KV cache",
             ["result"],
             registry=r,
         )
         self.llm_prompt_tokens_reused = Counter(
-            "iomni_gateway_llm_prompt_tokens_reused_total",
+            f"{p}_llm_prompt_tokens_reused_total",
             "Prompt tokens the llm served from its KV cache",
             registry=r,
+        )
+
+    # -- TurnObserver -----------------------------------------------------------------------
+
+    def turn_started(self) -> None:
+        self.active_turns.inc()
+
+    def turn_stopped(self) -> None:
+        self.active_turns.dec()
+
+    def outcome(self, label: str) -> None:
+        self.turns.labels(label).inc()
+
+    def first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def first_audio(self, seconds: float) -> None:
+        self.time_to_first_audio.observe(seconds)
+
+    def audio_underrun(self) -> None:
+        self.audio_underruns.inc()
+
+    def turn_done(self, done: TurnDone, seconds: float, cancel_latency_s: float | None) -> None:
+        self.turn_duration.observe(seconds)
+        if cancel_latency_s is not None:
+            self.cancel_latency.observe(cancel_latency_s)
+        for stage, ms in done.timings_ms.items():
+            if stage in STAGES:
+                self.stage_duration.labels(stage).observe(ms / 1000)
+        if done.usage.audio_ms:
+            self.audio_seconds.inc(done.usage.audio_ms / 1000)
+            speech_ms = done.timings_ms.get("speech", 0.0)
+            self.real_time_factor.observe(speech_ms / done.usage.audio_ms)
+        if done.usage.prompt_tokens_reused:
+            self.llm_prompt_tokens_reused.inc(done.usage.prompt_tokens_reused)
+
+    # -- the llm router ---------------------------------------------------------------------
+
+    def affinity(self, result: str) -> None:
+        self.kv_affinity.labels(result).inc()
+
+
+class GatewayMetrics(TurnMetrics):
+    """The turn metrics plus what only a front door with client streams has."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__("iomni_gateway", registry)
+        self.active_streams = Gauge(
+            "iomni_gateway_active_streams",
+            "Open client streams (Converse, Chat, Realtime WebSocket sessions)",
+            registry=self.registry,
         )

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from iomni.errors import CheckpointError, IomniError
+from iomni.errors import CheckpointError, Internal, InvalidInput, IomniError
 from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from iomni.triton.tensors import ERROR_CODE, ERROR_MESSAGE
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +87,33 @@ def _dtype(target: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-TRITON_CODES = {
-    "INVALID_ARGUMENT": "INVALID_ARG",
-    "NOT_FOUND": "NOT_FOUND",
-    "UNAVAILABLE": "UNAVAILABLE",
-    "CANCELLED": "CANCELLED",
-    "FAILED_PRECONDITION": "UNSUPPORTED",
-}
+def as_project_error(exc: BaseException) -> IomniError:
+    if isinstance(exc, IomniError):
+        return exc
+    log.exception("unexpected error in a Triton model")
+    return Internal(f"internal error: {type(exc).__name__}: {exc}")
 
 
 def error_response(exc: BaseException) -> Any:
-    """A per-request error; project errors keep their code and message, others are INTERNAL."""
+    """A plain (non-streaming) request's error: the code travels as the Triton error code,
+    which clients see as the gRPC status of the call."""
     pb_utils = pb()
-    if isinstance(exc, IomniError):
-        code = getattr(pb_utils.TritonError, TRITON_CODES.get(exc.code, "INTERNAL"))
-        # Decoupled (stream) errors reach clients without a status: keep the code in the text.
-        message = f"[{exc.code}] {exc.detail}"
-    else:
-        log.exception("unexpected error in a Triton model")
-        code = pb_utils.TritonError.INTERNAL
-        message = f"internal error: {type(exc).__name__}: {exc}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+    error = as_project_error(exc)
+    code = getattr(pb_utils.TritonError, error.code.triton_code)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.detail, code))
+
+
+def stream_error_response(exc: BaseException) -> Any:
+    """A streaming (decoupled) request's error. Triton delivers stream errors as bare text, so
+    the code travels in the ERROR_CODE output of a normal final response instead."""
+    pb_utils = pb()
+    error = as_project_error(exc)
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor(ERROR_CODE, np.array([error.code.name.encode()], dtype=np.object_)),
+            pb_utils.Tensor(ERROR_MESSAGE, np.array([error.detail.encode()], dtype=np.object_)),
+        ]
+    )
 
 
 def request_parameters(request: Any) -> dict[str, Any]:
@@ -118,7 +126,5 @@ def input_array(request: Any, name: str, optional: bool = False):  # type: ignor
     if tensor is None:
         if optional:
             return None
-        from iomni.errors import InvalidInput
-
         raise InvalidInput(f"input {name} is required")
     return tensor.as_numpy()

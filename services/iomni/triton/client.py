@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -19,17 +18,19 @@ import grpc
 import numpy as np
 import torch
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
+from tritonclient.grpc.aio import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
-from iomni.errors import DeadlineExceeded, Internal, InvalidInput, IomniError, Unavailable
+from iomni.errors import ErrorCode, InvalidInput, IomniError, Unavailable, error_for
 from iomni.parts import GenerationRequest, LLMStep, SpeechOptions
 from iomni.telemetry.tracing import context_headers
 from iomni.triton.tensors import (
     AUDIO,
     AUDIO_EMBEDS,
-    BATCH_SIZE,
     CONTRACTS,
+    ERROR_CODE,
+    ERROR_MESSAGE,
     FINISH_REASON,
     HIDDEN,
     IMAGE_EMBEDS,
@@ -38,6 +39,7 @@ from iomni.triton.tensors import (
     MEL,
     MODELS,
     PIXEL_VALUES,
+    PREFILL_MS,
     REUSED_TOKENS,
     SPEAKER_WAV,
     SPEECH_DECODER,
@@ -49,6 +51,28 @@ from iomni.triton.tensors import VISION_ENCODER as VISION_MODEL
 
 log = logging.getLogger(__name__)
 MAX_TILES = CONTRACTS[VISION_MODEL].max_batch_size
+LLM_OUTPUTS = (
+    TOKEN_ID,
+    HIDDEN,
+    REUSED_TOKENS,
+    PREFILL_MS,
+    FINISH_REASON,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+)
+# Reconnect within a second of a Triton restart (gRPC's default backoff grows to 120 s, so the
+# first turns after a restart would fail although the server is back).
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
@@ -57,38 +81,33 @@ def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
     return tensor
 
 
-def _rpc_error(exc: grpc.RpcError, model: str) -> IomniError:
-    code = exc.code().name if hasattr(exc, "code") else "UNAVAILABLE"
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return translate(InferenceServerException(msg=details or str(exc), status=code), model)
-
-
-def part_urls(vision: str | None, audio: str | None, speech: str | None) -> dict[str, str]:
-    """`model_urls` for parts that live at their own address (the rest use the default)."""
-    pairs = ((VISION_MODEL, vision), (AUDIO_MODEL, audio), (SPEECH_DECODER, speech))
-    return {model: url for model, url in pairs if url}
-
-
 class LLMRouter(Protocol):
     async def route(self, session_id: str) -> str: ...
 
 
-def translate(exc: InferenceServerException, model: str) -> IomniError:
-    """A Triton error as the project error a caller can act on, naming the model."""
-    status = str(exc.status() or "")
-    text = exc.message() or str(exc)
-    # Stream errors arrive without a status; our models prefix the project's code instead.
-    coded = re.match(r"^\[([A-Z_]+)\] (.*)$", text, flags=re.DOTALL)
-    if coded:
-        status, text = coded.group(1), coded.group(2)
-    message = f"Triton model '{model}': {text}"
-    if "INVALID_ARGUMENT" in status:
-        return InvalidInput(message)
-    if "DEADLINE_EXCEEDED" in status:
-        return DeadlineExceeded(message)
-    if "UNAVAILABLE" in status or "NOT_FOUND" in status or "not ready" in message:
-        return Unavailable(message)
-    return Internal(message)
+def translate(exc: InferenceServerException | grpc.RpcError, model: str) -> IomniError:
+    """A failed Triton call as the project error, by its gRPC status, naming the model."""
+    if isinstance(exc, InferenceServerException):
+        status, text = str(exc.status() or ""), exc.message() or str(exc)
+    else:
+        code = exc.code() if hasattr(exc, "code") else None
+        status = code.name if code is not None else "UNAVAILABLE"
+        text = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    # A stream that broke (server gone) has no status: the server is not answering.
+    code = ErrorCode.from_grpc_status(status) if status else ErrorCode.UNAVAILABLE
+    return error_for(code, f"Triton model '{model}': {text}")
+
+
+def stream_error(result: InferResult, model: str) -> IomniError | None:
+    """The structured error of a streaming model's final response, if it is one."""
+    code = result.as_numpy(ERROR_CODE)
+    if code is None:
+        return None
+    message = result.as_numpy(ERROR_MESSAGE)
+    text = message.reshape(-1)[0].decode() if message is not None else "failed"
+    return error_for(
+        ErrorCode.parse(code.reshape(-1)[0].decode()), f"Triton model '{model}': {text}"
+    )
 
 
 class TritonParts:
@@ -98,28 +117,30 @@ class TritonParts:
         model_id: str,
         placeholders: dict[int, str],
         timeout_s: float = 60.0,
-        encoder_retries: int = 2,
+        retries: int = 2,
         headers: dict[str, str] | None = None,
         llm_router: LLMRouter | None = None,
+        model_urls: dict[str, str] | None = None,
     ) -> None:
         """`placeholders` maps the prompt's placeholder token ids to the LLM inputs that fill
         them, e.g. {<IMG_CONTEXT> id: IMAGE_EMBEDS, <AUDIO_CONTEXT> id: AUDIO_EMBEDS}.
-        `llm_router` picks the `llm` replica for a session (KV-cache affinity); without it
-        every model is reached at `url`."""
+        `llm_router` picks the `llm` replica for a session (KV-cache affinity); `model_urls`
+        places parts at their own addresses; the rest are reached at `url`. Requests that fail
+        with UNAVAILABLE before any result are retried `retries` times."""
         self.llm_router = llm_router
         self.url = url
         self.model_id = model_id
         self.placeholders = placeholders
         self.timeout_s = timeout_s
-        self.encoder_retries = encoder_retries
+        self.retries = retries
         self.headers = headers or {}
-        self.model_urls: dict[str, str] = {}  # model -> host:port when parts live apart
+        self.model_urls: dict[str, str] = dict(model_urls or {})
         self._clients: dict[str, grpcclient.InferenceServerClient] = {}
 
     def client_at(self, url: str) -> grpcclient.InferenceServerClient:
         # Created on first use: a grpc.aio channel belongs to the event loop that made it.
         if url not in self._clients:
-            self._clients[url] = grpcclient.InferenceServerClient(url)
+            self._clients[url] = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         return self._clients[url]
 
     def url_for(self, model: str) -> str:
@@ -141,10 +162,10 @@ class TritonParts:
         """Static headers plus the current W3C trace context."""
         return {**self.headers, **context_headers()}
 
-    async def _llm_client(self, session_id: str) -> grpcclient.InferenceServerClient:
+    async def _llm_url(self, session_id: str) -> str:
         if self.llm_router is None:
-            return self.client_for(LLM)
-        return self.client_at(await self.llm_router.route(session_id))
+            return self.url_for(LLM)
+        return await self.llm_router.route(session_id)
 
     async def check_ready(self, models: Sequence[str] = MODELS) -> None:
         """Raise Unavailable naming every model that is not ready (and where it was asked)."""
@@ -164,8 +185,13 @@ class TritonParts:
                 f"Triton at {', '.join(where)}: model(s) not ready: {', '.join(missing)}"
             )
 
+    async def _backoff(self, attempt: int, error: IomniError) -> None:
+        if not isinstance(error, Unavailable) or attempt == self.retries:
+            raise error
+        await asyncio.sleep(0.2 * 2**attempt)
+
     async def _infer(self, model: str, inputs: list[InferInput], output: str) -> np.ndarray:
-        for attempt in range(self.encoder_retries + 1):
+        for attempt in range(self.retries + 1):
             try:
                 result = await self.client_for(model).infer(
                     model,
@@ -176,10 +202,7 @@ class TritonParts:
                 )
                 return result.as_numpy(output)
             except InferenceServerException as exc:
-                error = translate(exc, model)
-                if not isinstance(error, Unavailable) or attempt == self.encoder_retries:
-                    raise error from exc
-                await asyncio.sleep(0.2 * 2**attempt)
+                await self._backoff(attempt, translate(exc, model))
         raise AssertionError("unreachable")
 
     async def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -221,35 +244,45 @@ class TritonParts:
         }
         if request.params.seed is not None:
             params["seed"] = request.params.seed
-        outputs = [
-            InferRequestedOutput(n)
-            for n in (TOKEN_ID, HIDDEN, BATCH_SIZE, REUSED_TOKENS, FINISH_REASON)
-        ]
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": LLM, "inputs": inputs, "outputs": outputs, "parameters": params}
-
-        client = await self._llm_client(request.session_id)
+        call = {
+            "model_name": LLM,
+            "inputs": inputs,
+            "outputs": [InferRequestedOutput(n) for n in LLM_OUTPUTS],
+            "parameters": params,
+        }
         headers = {**self.call_headers(), **request.trace_headers}
-        stream = client.stream_infer(requests(), headers=headers)
-        first = True
+        url = await self._llm_url(request.session_id)
+        for attempt in range(self.retries + 1):
+            steps = 0
+            try:
+                async for step in self._llm_stream(url, call, headers):
+                    steps += 1
+                    yield step
+                return
+            except Unavailable as exc:
+                if steps:  # tokens already went out: a retry would repeat them
+                    raise
+                await self._backoff(attempt, exc)
+
+    async def _llm_stream(
+        self, url: str, call: dict[str, Any], headers: dict[str, str]
+    ) -> AsyncIterator[LLMStep]:
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield call
+
+        stream = self.client_at(url).stream_infer(requests(), headers=headers)
         try:
             async for result, error in stream:
                 if error is not None:
                     raise translate(error, LLM)
-                token = int(result.as_numpy(TOKEN_ID)[0])
-                hidden = result.as_numpy(HIDDEN)
-                reused = int(result.as_numpy(REUSED_TOKENS)[0]) if first else 0
-                first = False
-                yield LLMStep(
-                    token,
-                    torch.from_numpy(hidden.copy()) if hidden.size else None,
-                    reused_tokens=reused,
-                )
-                if result.as_numpy(FINISH_REASON)[0]:
+                failed = stream_error(result, LLM)
+                if failed is not None:
+                    raise failed
+                yield _llm_step(result)
+                if result.as_numpy(FINISH_REASON) is not None:
                     return
         except grpc.RpcError as exc:  # transport failures arrive raw from the aio stream
-            raise _rpc_error(exc, LLM) from exc
+            raise translate(exc, LLM) from exc
         finally:
             stream.cancel()
 
@@ -264,6 +297,18 @@ class TritonParts:
 
     async def open_speech(self, options: SpeechOptions) -> TritonSpeech:
         return TritonSpeech(self, options)
+
+
+def _llm_step(result: InferResult) -> LLMStep:
+    hidden = result.as_numpy(HIDDEN)
+    prefill = result.as_numpy(PREFILL_MS)
+    reused = result.as_numpy(REUSED_TOKENS)
+    return LLMStep(
+        int(result.as_numpy(TOKEN_ID)[0]),
+        torch.from_numpy(hidden.copy()) if hidden is not None and hidden.size else None,
+        timings_ms={"prefill": float(prefill[0])} if prefill is not None else {},
+        reused_tokens=int(reused[0]) if reused is not None else 0,
+    )
 
 
 class TritonSpeech:
@@ -290,7 +335,7 @@ class TritonSpeech:
         request = {
             "model_name": SPEECH_DECODER,
             "inputs": inputs,
-            "outputs": [InferRequestedOutput(AUDIO)],
+            "outputs": [InferRequestedOutput(n) for n in (AUDIO, ERROR_CODE, ERROR_MESSAGE)],
             "sequence_id": self.sequence_id,
             "sequence_start": not self.started,
             "sequence_end": end,
@@ -310,13 +355,16 @@ class TritonSpeech:
             async for result, error in stream:
                 if error is not None:
                     raise translate(error, SPEECH_DECODER)
-                audio = result.as_numpy(AUDIO).reshape(-1)
-                if audio.size:
-                    chunks.append(audio.copy())
+                failed = stream_error(result, SPEECH_DECODER)
+                if failed is not None:
+                    raise failed
+                audio = result.as_numpy(AUDIO)
+                if audio is not None and audio.size:
+                    chunks.append(audio.reshape(-1).copy())
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     break
         except grpc.RpcError as exc:  # transport failures arrive raw from the aio stream
-            raise _rpc_error(exc, SPEECH_DECODER) from exc
+            raise translate(exc, SPEECH_DECODER) from exc
         finally:
             stream.cancel()
         return chunks

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, Qwen3ForCausalLM
 
+from iomni.errors import Internal, IomniError, Unavailable
 from iomni.model.sampling import SamplingParams, make_generator, sample_next
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class StepEvent:
     reused_tokens: int = 0  # prompt tokens served from the session's KV cache (first event)
     prefill_ms: float = 0.0  # first event only
     finish_reason: str | None = None  # "eos" | "length" | "cancelled" on the last event
-    error: str | None = None
+    error: IomniError | None = None  # the last event of a sequence that failed
 
 
 @dataclass
@@ -193,7 +194,7 @@ class ContinuousBatcher:
                         self._step()
                 except Exception as exc:  # a dead loop would hang every client
                     log.exception("llm batcher step failed")
-                    self._fail_all(f"internal error in the llm batcher: {exc}")
+                    self._fail_all(Internal(f"internal error in the llm batcher: {exc}"))
 
     def _draining(self) -> bool:
         """Shutdown: refuse new work, cut what is still running at the deadline."""
@@ -205,9 +206,9 @@ class ContinuousBatcher:
                 request = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            request.emit(StepEvent(-1, None, 0, error="[UNAVAILABLE] the llm is shutting down"))
+            request.emit(StepEvent(-1, None, 0, error=Unavailable("the llm is shutting down")))
         if self._active and time.time() >= deadline:
-            self._fail_all("[UNAVAILABLE] the llm shut down before the reply finished")
+            self._fail_all(Unavailable("the llm shut down before the reply finished"))
         if self._active:
             self._drop_cancelled()
             if self._active:
@@ -233,7 +234,7 @@ class ContinuousBatcher:
                 self._prefill(request)
             except Exception as exc:
                 log.exception("prefill failed")
-                request.emit(StepEvent(-1, None, 0, error=f"prefill failed: {exc}"))
+                request.emit(StepEvent(-1, None, 0, error=Internal(f"prefill failed: {exc}")))
 
     def _prefill(self, request: SequenceRequest) -> None:
         started = time.perf_counter()
@@ -352,10 +353,10 @@ class ContinuousBatcher:
             _CacheEntry(seq.fed, {k: v for k, v in request.media.items()}, seq.cache),
         )
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, error: IomniError) -> None:
         for seq in self._active:
             try:
-                seq.request.emit(StepEvent(-1, None, 0, error=message))
+                seq.request.emit(StepEvent(-1, None, 0, error=error))
             except Exception:
                 log.exception("could not report a failure to a client")
         self._active = []

@@ -17,11 +17,12 @@ MEL = "MEL"
 AUDIO_EMBEDS = "AUDIO_EMBEDS"
 INPUT_IDS = "INPUT_IDS"
 TOKEN_ID = "TOKEN_ID"
-TEXT = "TEXT"
 HIDDEN = "HIDDEN"
-BATCH_SIZE = "BATCH_SIZE"
 REUSED_TOKENS = "REUSED_TOKENS"
+PREFILL_MS = "PREFILL_MS"
 FINISH_REASON = "FINISH_REASON"
+ERROR_CODE = "ERROR_CODE"  # a stream's structured error: iomni.errors.ErrorCode name
+ERROR_MESSAGE = "ERROR_MESSAGE"
 TEXT_TOKEN_IDS = "TEXT_TOKEN_IDS"
 SPEAKER_WAV = "SPEAKER_WAV"
 AUDIO = "AUDIO"
@@ -46,6 +47,13 @@ class ModelContract:
     controls: tuple[str, ...] = ()  # sequence-batcher control inputs (INT32 [1])
 
 
+# Streaming models answer an error with these outputs in a final response (Triton passes a
+# stream's error as bare text, without a status).
+STREAM_ERROR = (
+    TensorSpec(ERROR_CODE, "TYPE_STRING", (1,)),
+    TensorSpec(ERROR_MESSAGE, "TYPE_STRING", (1,)),
+)
+
 CONTRACTS: dict[str, ModelContract] = {
     VISION_ENCODER: ModelContract(
         inputs=(TensorSpec(PIXEL_VALUES, "TYPE_FP32", (3, 448, 448)),),
@@ -65,11 +73,11 @@ CONTRACTS: dict[str, ModelContract] = {
         ),
         outputs=(
             TensorSpec(TOKEN_ID, "TYPE_INT64", (1,)),
-            TensorSpec(TEXT, "TYPE_STRING", (1,)),
             TensorSpec(HIDDEN, "TYPE_FP32", (-1,)),
-            TensorSpec(BATCH_SIZE, "TYPE_INT32", (1,)),
             TensorSpec(REUSED_TOKENS, "TYPE_INT32", (1,)),
+            TensorSpec(PREFILL_MS, "TYPE_FP32", (1,)),
             TensorSpec(FINISH_REASON, "TYPE_STRING", (1,)),
+            *STREAM_ERROR,
         ),
         max_batch_size=0,
         decoupled=True,
@@ -80,7 +88,7 @@ CONTRACTS: dict[str, ModelContract] = {
             TensorSpec(HIDDEN, "TYPE_FP32", (-1, -1)),
             TensorSpec(SPEAKER_WAV, "TYPE_STRING", (1,), optional=True),
         ),
-        outputs=(TensorSpec(AUDIO, "TYPE_FP32", (-1,)),),
+        outputs=(TensorSpec(AUDIO, "TYPE_FP32", (-1,)), *STREAM_ERROR),
         max_batch_size=8,
         decoupled=True,
         controls=(START, END),

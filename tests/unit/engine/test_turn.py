@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +195,9 @@ async def test_same_seed_same_reply(engine: TurnEngine) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=40, max_new_tokens=10, seed=123)
     _, a = await run(engine, user(TextPart("Pick a word")), params=params)
     _, b = await run(engine, user(TextPart("Pick a word")), params=params)
+    _, c = await run(engine, user(TextPart("Pick a word")), params=replace(params, seed=124))
     assert a.record[1].text == b.record[1].text
+    assert c.record[1].text != a.record[1].text  # the seed, not luck, made them equal
 
 
 async def test_user_text_cannot_forge_placeholders(

@@ -3,34 +3,32 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import numpy as np
 import torch
 
-from iomni.errors import InvalidInput
+from iomni.errors import Cancelled, InvalidInput
 from iomni.model.sampling import SamplingParams
-from iomni.model.tokenizer import IncrementalDecoder, Tokenizer
+from iomni.model.tokenizer import Tokenizer
 from iomni.triton.backend import (
     drain_deadline,
-    error_response,
     input_array,
     load_part,
     model_parameters,
     pb,
     request_parameters,
+    stream_error_response,
 )
 from iomni.triton.llm_batcher import BatcherMetrics, ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.triton.tensors import (
     AUDIO_EMBEDS,
-    BATCH_SIZE,
     FINISH_REASON,
     HIDDEN,
     IMAGE_EMBEDS,
     INPUT_IDS,
+    PREFILL_MS,
     REUSED_TOKENS,
-    TEXT,
     TOKEN_ID,
 )
 
@@ -109,8 +107,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         loaded = load_part(args, "llm")
         params = model_parameters(args)
-        self.tokenizer = Tokenizer.from_dir(loaded.path)
-        self.special = self.tokenizer.special
+        self.special = Tokenizer.from_dir(loaded.path).special
         self.metrics = TritonMetrics(args["model_name"])
         self.batcher = ContinuousBatcher(
             loaded.model.language_model,
@@ -129,7 +126,8 @@ class TritonPythonModel:
             try:
                 self.batcher.submit(self._sequence(request, sender))
             except Exception as exc:
-                sender.send(error_response(exc), flags=pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                sender.send(stream_error_response(exc), flags=final)
         return None
 
     def finalize(self) -> None:
@@ -154,7 +152,7 @@ class TritonPythonModel:
             media=media,
             params=sampling.validate(),
             stop_ids=self.special.stop_ids,
-            emit=_Emitter(self.tokenizer, sender),
+            emit=_Emitter(sender),
             is_cancelled=request.is_cancelled,
             session_id=str(params.get("session_id", "")),
             return_hidden=bool(params.get("return_hidden", True)),
@@ -176,46 +174,37 @@ class TritonPythonModel:
 
 
 class _Emitter:
-    """Turns batcher events into Triton responses for one request (runs on the loop thread)."""
+    """Turns batcher events into Triton responses for one request (runs on the loop thread).
 
-    def __init__(self, tokenizer: Tokenizer, sender: Any) -> None:
-        self.decoder = IncrementalDecoder(tokenizer)
+    Per token it sends what the client reads every step (TOKEN_ID, HIDDEN); the first response
+    adds PREFILL_MS and REUSED_TOKENS, the last FINISH_REASON. Text is the client's business.
+    """
+
+    def __init__(self, sender: Any) -> None:
         self.sender = sender
-        self.lock = threading.Lock()
 
     def __call__(self, event: StepEvent) -> None:
         pb_utils = pb()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if event.error:
-            self.sender.send(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(event.error, pb_utils.TritonError.INTERNAL)
-                ),
-                flags=final,
-            )
+        if event.error is not None:
+            self.sender.send(stream_error_response(event.error), flags=final)
             return
         if event.finish_reason == "cancelled" and event.token_id < 0:
-            self.sender.send(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
-                ),
-                flags=final,
-            )
+            self.sender.send(stream_error_response(Cancelled("request cancelled")), flags=final)
             return
-        text = self.decoder.push(event.token_id)
-        if event.finish_reason:
-            text += self.decoder.flush()
         hidden = event.hidden.cpu().numpy() if event.hidden is not None else np.zeros(0, np.float32)
         outputs = [
             pb_utils.Tensor(TOKEN_ID, np.array([event.token_id], dtype=np.int64)),
-            pb_utils.Tensor(TEXT, np.array([text.encode()], dtype=np.object_)),
             pb_utils.Tensor(HIDDEN, hidden.astype(np.float32)),
-            pb_utils.Tensor(BATCH_SIZE, np.array([event.batch_size], dtype=np.int32)),
-            pb_utils.Tensor(REUSED_TOKENS, np.array([event.reused_tokens], dtype=np.int32)),
-            pb_utils.Tensor(
-                FINISH_REASON, np.array([(event.finish_reason or "").encode()], dtype=np.object_)
-            ),
         ]
+        if event.prefill_ms:
+            outputs += [
+                pb_utils.Tensor(PREFILL_MS, np.array([event.prefill_ms], dtype=np.float32)),
+                pb_utils.Tensor(REUSED_TOKENS, np.array([event.reused_tokens], dtype=np.int32)),
+            ]
+        if event.finish_reason:
+            reason = np.array([event.finish_reason.encode()], dtype=np.object_)
+            outputs.append(pb_utils.Tensor(FINISH_REASON, reason))
         self.sender.send(
             pb_utils.InferenceResponse(output_tensors=outputs),
             flags=final if event.finish_reason else 0,

@@ -15,16 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from iomni.errors import InvalidInput
+from iomni.errors import Cancelled, InvalidInput
 from iomni.model.speech.speaker import SpeakerEncoder
 from iomni.model.speech.stream import SpeechSession
 from iomni.triton.backend import (
-    error_response,
     input_array,
     load_part,
     model_parameters,
     pb,
     request_parameters,
+    stream_error_response,
 )
 from iomni.triton.tensors import AUDIO, END, HIDDEN, SPEAKER_WAV, START, TEXT_TOKEN_IDS
 
@@ -58,7 +58,8 @@ class TritonPythonModel:
                 self._serve(request, sender, corr)
             except Exception as exc:
                 self._free(corr)
-                sender.send(error_response(exc), flags=pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                sender.send(stream_error_response(exc), flags=final)
         return None
 
     def finalize(self) -> None:
@@ -73,12 +74,7 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if request.is_cancelled():
             self._free(corr)
-            sender.send(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
-                ),
-                flags=final,
-            )
+            sender.send(stream_error_response(Cancelled("request cancelled")), flags=final)
             return
         start = bool(input_array(request, START).reshape(-1)[0])
         end = bool(input_array(request, END).reshape(-1)[0])

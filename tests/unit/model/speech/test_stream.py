@@ -88,13 +88,30 @@ def test_streamed_audio_matches_one_shot(tiny: LoadedCheckpoint, monkeypatch) ->
     assert error < 0.25
 
 
-def test_seams_have_no_clicks(tiny: LoadedCheckpoint) -> None:
-    _, chunks = speak(tiny, 17)
+def test_seams_have_no_clicks(tiny: LoadedCheckpoint, monkeypatch) -> None:
+    """A chunk boundary continues the waveform that was playing: the samples right after a seam
+    follow the tail the previous chunk rendered and held back (the cross-fade starts on it),
+    not a fresh rendering that would jump. Random weights give noise-like audio, so a step-size
+    check cannot see a click; this comparison can (without the fade the error is ~100%)."""
+    from iomni.model.speech.hift import HiFTStreamer
+
+    tails: list[np.ndarray] = []
+    push = HiFTStreamer.push
+
+    def recording(self, mel_chunk, final):  # type: ignore[no-untyped-def]
+        out = push(self, mel_chunk, final)
+        if self._speech is not None:
+            tails.append(self._speech.reshape(-1).numpy().copy())
+        return out
+
+    monkeypatch.setattr(HiFTStreamer, "push", recording)
+    _, chunks = speak(tiny, 27)
     pieces = [c for g in chunks for c in g]
     audio = np.concatenate(pieces)
-    steps = np.abs(np.diff(audio))
-    typical = np.median(steps) + 1e-6
+    assert len(pieces) >= 4 and len(tails) == len(pieces) - 1
     seam = 0
-    for piece in pieces[:-1]:
+    for piece, tail in zip(pieces[:-1], tails, strict=True):
         seam += piece.size
-        assert steps[seam - 1] < 8 * typical + np.max(steps[seam - 240 : seam + 240])
+        after, expected = audio[seam : seam + 32], tail[:32]
+        error = np.sqrt(np.mean((after - expected) ** 2)) / np.sqrt(np.mean(expected**2))
+        assert error < 0.3, f"seam at sample {seam}: {error:.0%} off the waveform it continues"

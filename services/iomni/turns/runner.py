@@ -1,0 +1,323 @@
+"""`TurnRunner`: one turn for any front door (gRPC, Kafka, the embedded CLI).
+
+It owns what every front door needs and none should write again: admission (draining, the
+concurrency limit, the turn's size), the session lease (renewed in short beats, so a dead
+holder's lease lapses within seconds), idempotency by turn id (a done turn is replayed from its
+stored result; a second call with a turn id this process is already running waits for it), the
+engine turn with cancellation and a deadline, the atomic commit of the exchange, and reporting
+to a `TurnObserver`. It speaks engine types; front doors convert to and from their wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from iomni.engine.events import AudioChunk, StopReason, TextDelta, TurnDone, Usage
+from iomni.engine.turn import TurnEngine, TurnRequest
+from iomni.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    IomniError,
+    LeaseLost,
+    ResourceExhausted,
+    Unavailable,
+)
+from iomni.model.conversation import Message, TextPart
+from iomni.model.sampling import SamplingParams
+from iomni.parts import SpeechOptions
+from iomni.telemetry.tracing import tracer
+from iomni.turns.observer import NullObserver, TurnObserver
+from iomni.turns.store import DialogueStore, Lease
+
+log = logging.getLogger(__name__)
+
+# What a stored turn result keeps of its usage (the fields every front door reports).
+USAGE_FIELDS = (
+    "prompt_tokens_reused",
+    "prompt_tokens",
+    "completion_tokens",
+    "image_tokens",
+    "audio_tokens",
+    "media_cache_hits",
+    "history_turns_dropped",
+    "speech_tokens",
+    "audio_ms",
+)
+
+
+@dataclass(frozen=True)
+class RunnerLimits:
+    max_concurrent_turns: int = 16
+    turn_timeout_s: float = 300.0
+    max_turn_bytes: int = 32 << 20  # media bytes plus UTF-8 text of one user turn
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    tenant: str
+    session_id: str
+    turn_id: str
+    user: Message  # media parts carry their bytes
+    params: SamplingParams = field(default_factory=SamplingParams)
+    speech: SpeechOptions | None = None
+
+
+@dataclass
+class RunningTurn:
+    """The front door's handle on a turn: set `cancel` (barge-in) to stop every stage."""
+
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled_at: float | None = None  # perf_counter() of the cancel, for its latency
+
+    def request_cancel(self) -> None:
+        if not self.cancel.is_set():
+            self.cancelled_at = time.perf_counter()
+            self.cancel.set()
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    """The last event of a turn. A replayed turn (its id was already done) carries the stored
+    text and usage; its audio was never stored, so a replay has no audio and no timings."""
+
+    session_id: str
+    turn_id: str
+    stop_reason: StopReason
+    text: str
+    usage: Usage
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    replayed: bool = False
+
+
+TurnOutput = TextDelta | AudioChunk | TurnFinished
+Emit = Callable[[TurnOutput], Awaitable[None]]
+
+
+class TurnRunner:
+    def __init__(
+        self,
+        engine: TurnEngine,
+        store: DialogueStore,
+        owner: str,
+        limits: RunnerLimits | None = None,
+        observer: TurnObserver | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.owner = owner
+        self.limits = limits or RunnerLimits()
+        self.observer: TurnObserver = observer or NullObserver()
+        self.active = 0
+        self.draining = False
+        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    @property
+    def lease_beat_s(self) -> float:
+        """Renew the lease three times per TTL: two beats can be missed before it lapses."""
+        return self.store.lease_ttl_ms / 3000
+
+    async def run(self, turn: TurnInput, emit: Emit, running: RunningTurn | None = None) -> None:
+        """Run `turn`, sending its outputs to `emit`; the last one is a `TurnFinished`."""
+        running = running or RunningTurn()
+        if self.draining:  # not a failure: the client retries on another replica
+            raise Unavailable("this replica is draining for shutdown; retry on another one")
+        try:
+            self._admit(turn)
+        except IomniError as exc:
+            self.observer.outcome(exc.code.outcome)
+            raise
+        key = (turn.session_id, turn.turn_id)
+        while (earlier := self._inflight.get(key)) is not None:
+            # The same turn id is already running here (a client retrying early): wait for it,
+            # then this call replays its stored result or, if it failed, runs it.
+            await asyncio.shield(earlier)
+        done = asyncio.get_running_loop().create_future()
+        self._inflight[key] = done
+        self.active += 1
+        self.observer.turn_started()
+        try:
+            with tracer().start_as_current_span("turn") as span:
+                span.set_attribute("iomni.session_id", turn.session_id)
+                span.set_attribute("iomni.turn_id", turn.turn_id)
+                self.observer.outcome(await self._run(turn, emit, running))
+        except IomniError as exc:
+            self.observer.outcome(exc.code.outcome)
+            raise
+        except Exception:
+            self.observer.outcome("error")
+            raise
+        finally:
+            self.active -= 1
+            self.observer.turn_stopped()
+            del self._inflight[key]
+            done.set_result(None)
+
+    def _admit(self, turn: TurnInput) -> None:
+        if self.active >= self.limits.max_concurrent_turns:
+            raise ResourceExhausted(
+                f"this replica is running {self.active} turns, its limit; "
+                "retry shortly or on another replica"
+            )
+        size = message_bytes(turn.user)
+        if size > self.limits.max_turn_bytes:
+            raise InvalidInput(
+                f"the turn is {size / (1 << 20):.1f} MiB of media and text; the limit is "
+                f"{self.limits.max_turn_bytes / (1 << 20):.0f} MiB"
+            )
+
+    async def _run(self, turn: TurnInput, emit: Emit, running: RunningTurn) -> str:
+        """The turn under its lease; returns the outcome label."""
+        await self.store.get_session(turn.tenant, turn.session_id)
+        lease = await self.store.acquire_lease(turn.session_id, self.owner, turn.turn_id)
+        renewer = asyncio.create_task(self._renew(lease, running))
+        try:
+            record = await self.store.begin_turn(lease, turn.turn_id)
+            if record is not None:
+                await self._replay(turn, record.result, emit)
+                return "replayed"
+            request = TurnRequest(
+                user=turn.user,
+                history=await self.store.history(turn.tenant, turn.session_id),
+                params=turn.params,
+                speech=turn.speech,
+                session_id=turn.session_id,
+                turn_id=turn.turn_id,
+            )
+            try:
+                done = await asyncio.wait_for(
+                    self._stream(request, emit, running), timeout=self.limits.turn_timeout_s
+                )
+            except TimeoutError as exc:
+                raise DeadlineExceeded(
+                    f"turn {turn.turn_id} exceeded {self.limits.turn_timeout_s:.0f} s"
+                ) from exc
+            assert done.record is not None
+            await self.store.commit_turn(lease, turn.turn_id, *done.record, stored_result(done))
+            await emit(finished(turn, done))
+            return "cancelled" if done.stop_reason == "cancelled" else "ok"
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(IomniError):
+                await self.store.release_lease(lease)
+
+    async def _stream(self, request: TurnRequest, emit: Emit, running: RunningTurn) -> TurnDone:
+        """Run the engine turn, forwarding its events; a cancel stops every stage."""
+        turn = self.engine.start(request)
+        events = turn.events()
+        watcher = asyncio.create_task(_cancel_on(running.cancel, turn.cancel))
+        started = time.perf_counter()
+        first_text = first_audio = None
+        sent_audio_s = 0.0
+        try:
+            async for event in events:
+                now = time.perf_counter()
+                if isinstance(event, TextDelta):
+                    if first_text is None:
+                        first_text = now
+                        self.observer.first_token(now - started)
+                    await emit(event)
+                elif isinstance(event, AudioChunk):
+                    if turn.cancelled:
+                        continue  # nothing is spoken after a barge-in
+                    if first_audio is None:
+                        first_audio = now
+                        self.observer.first_audio(now - started)
+                    elif now - first_audio > sent_audio_s:
+                        self.observer.audio_underrun()
+                    sent_audio_s += event.duration_ms / 1000
+                    await emit(event)
+                else:
+                    cancel_latency = (
+                        time.perf_counter() - running.cancelled_at
+                        if running.cancelled_at is not None
+                        else None
+                    )
+                    self.observer.turn_done(event, time.perf_counter() - started, cancel_latency)
+                    return event
+        finally:
+            watcher.cancel()
+            # On an error or a client gone, close the turn now: it cancels the LLM stream and
+            # discards the speech sequence instead of leaving them to garbage collection.
+            turn.cancel()
+            await events.aclose()
+        raise RuntimeError("the turn ended without TurnDone")
+
+    async def _replay(self, turn: TurnInput, result: dict, emit: Emit) -> None:
+        text = str(result.get("text", ""))
+        await emit(TextDelta(text, 0))
+        await emit(
+            TurnFinished(
+                turn.session_id,
+                turn.turn_id,
+                result.get("stop_reason", "eos"),
+                text,
+                stored_usage(result.get("usage", {})),
+                replayed=True,
+            )
+        )
+
+    async def _renew(self, lease: Lease, running: RunningTurn) -> None:
+        beat = self.lease_beat_s
+        while True:
+            await asyncio.sleep(beat)
+            try:
+                await self.store.renew_lease(lease)
+                continue
+            except LeaseLost:
+                pass
+            except IomniError:
+                # A store blip: the lease is still ours until it expires, so keep trying.
+                if time.time() + beat < lease.expires_at:
+                    continue
+            log.warning("lease of session %s lost; stopping its turn", lease.session_id)
+            running.request_cancel()
+            return
+
+
+async def _cancel_on(event: asyncio.Event, cancel: Callable[[], None]) -> None:
+    await event.wait()
+    cancel()
+
+
+def message_bytes(message: Message) -> int:
+    """What a user turn weighs against `max_turn_bytes`: media bytes plus UTF-8 text."""
+    size = 0
+    for part in message.parts:
+        if isinstance(part, TextPart):
+            size += len(part.text.encode("utf-8", errors="surrogatepass"))
+        elif part.data is not None:
+            size += len(part.data)
+    return size
+
+
+def stored_result(done: TurnDone) -> dict:
+    assert done.record is not None
+    return {
+        "text": done.record[1].text,
+        "stop_reason": done.stop_reason,
+        "usage": {k: getattr(done.usage, k) for k in USAGE_FIELDS},
+    }
+
+
+def stored_usage(raw: dict) -> Usage:
+    values = {k: raw[k] for k in USAGE_FIELDS if k in raw}
+    values.setdefault("prompt_tokens", 0)
+    values.setdefault("completion_tokens", 0)
+    return Usage(**values)
+
+
+def finished(turn: TurnInput, done: TurnDone) -> TurnFinished:
+    assert done.record is not None
+    return TurnFinished(
+        turn.session_id,
+        turn.turn_id,
+        done.stop_reason,
+        done.record[1].text,
+        done.usage,
+        dict(done.timings_ms),
+    )

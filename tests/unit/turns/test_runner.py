@@ -1,0 +1,241 @@
+"""The turn core (`TurnRunner`) on the in-memory store and the real tiny model, in-process:
+lease renewal, idempotency, concurrent duplicates, limits, cancellation, outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from iomni.engine.events import AudioChunk, TextDelta, TurnDone
+from iomni.engine.parts import GenerationRequest, InProcessParts, LLMStep
+from iomni.engine.turn import TurnEngine
+from iomni.errors import ErrorCode, InvalidInput, LeaseLost, ResourceExhausted, SessionBusy
+from iomni.model.checkpoint import LoadedCheckpoint
+from iomni.model.conversation import Message, TextPart
+from iomni.model.processor import Processor
+from iomni.model.sampling import SamplingParams
+from iomni.turns.runner import RunnerLimits, RunningTurn, TurnFinished, TurnInput, TurnRunner
+from iomni.turns.store import MemoryDialogueStore
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
+
+
+class SlowParts(InProcessParts):
+    """The real parts, each decode step delayed, so a turn outlives a short lease."""
+
+    def __init__(self, checkpoint: LoadedCheckpoint, step_s: float) -> None:
+        super().__init__(checkpoint)
+        self.step_s = step_s
+        self.steps = 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[LLMStep]:
+        async for step in super().generate(request):
+            self.steps += 1
+            await asyncio.sleep(self.step_s)
+            yield step
+
+
+class Outcomes:
+    """A TurnObserver that remembers outcomes."""
+
+    def __init__(self) -> None:
+        self.labels: list[str] = []
+        self.active = 0
+        self.done: list[TurnDone] = []
+
+    def turn_started(self) -> None:
+        self.active += 1
+
+    def turn_stopped(self) -> None:
+        self.active -= 1
+
+    def outcome(self, label: str) -> None:
+        self.labels.append(label)
+
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def first_audio(self, seconds: float) -> None:
+        pass
+
+    def audio_underrun(self) -> None:
+        pass
+
+    def turn_done(self, done: TurnDone, seconds: float, cancel_latency_s: float | None) -> None:
+        self.done.append(done)
+
+    def affinity(self, result: str) -> None:
+        pass
+
+
+def runner_for(
+    tiny: LoadedCheckpoint,
+    processor: Processor,
+    store: MemoryDialogueStore,
+    step_s: float = 0.0,
+    limits: RunnerLimits | None = None,
+) -> tuple[TurnRunner, Outcomes]:
+    observer = Outcomes()
+    engine = TurnEngine(SlowParts(tiny, step_s), processor)
+    return TurnRunner(engine, store, "gw-test", limits, observer), observer
+
+
+def text_turn(turn_id: str, text: str = "Hello there", session: str = "s1") -> TurnInput:
+    return TurnInput("acme", session, turn_id, Message("user", (TextPart(text),)), GREEDY)
+
+
+async def run(runner: TurnRunner, turn: TurnInput, running: RunningTurn | None = None) -> list:
+    outputs: list = []
+
+    async def emit(output) -> None:  # type: ignore[no-untyped-def]
+        outputs.append(output)
+
+    await runner.run(turn, emit, running)
+    return outputs
+
+
+async def test_a_turn_longer_than_the_lease_commits_because_the_lease_is_renewed(
+    tiny: LoadedCheckpoint, processor: Processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MemoryDialogueStore(lease_ttl_ms=300)
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store, step_s=0.1)  # 8 steps: 0.8 s > 0.3 s
+    renewals = 0
+    renew = store.renew_lease
+
+    async def counting(lease):  # type: ignore[no-untyped-def]
+        nonlocal renewals
+        renewals += 1
+        await renew(lease)
+
+    monkeypatch.setattr(store, "renew_lease", counting)
+    outputs = await run(runner, text_turn("t1"))
+    assert isinstance(outputs[-1], TurnFinished) and outputs[-1].stop_reason == "length"
+    assert renewals >= 3  # every 100 ms through a 0.8 s turn
+    assert observer.labels == ["ok"]
+    assert len(await store.history("acme", "s1")) == 2
+
+
+async def test_without_renewal_the_lease_lapses_and_nothing_is_written(
+    tiny: LoadedCheckpoint, processor: Processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contrast to the test above: break renewal and the same turn is fenced out."""
+    store = MemoryDialogueStore(lease_ttl_ms=300)
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store, step_s=0.1)
+
+    async def no_renewal(lease) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+    monkeypatch.setattr(store, "renew_lease", no_renewal)
+    with pytest.raises(LeaseLost):
+        await run(runner, text_turn("t1"))
+    assert observer.labels == ["lease_lost"]
+    assert await store.history("acme", "s1") == []
+
+
+async def test_a_lease_taken_over_mid_turn_stops_the_turn(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    store = MemoryDialogueStore(lease_ttl_ms=300)
+    await store.create_session("acme", "s1")
+    runner, _ = runner_for(tiny, processor, store, step_s=0.1)
+    task = asyncio.create_task(run(runner, text_turn("t1")))
+    await asyncio.sleep(0.15)
+    # Another holder takes the session (as after a partition): renewal fails with LeaseLost.
+    store._sessions["s1"].lease.token += 1  # type: ignore[union-attr]
+    with pytest.raises(LeaseLost):
+        await task
+    parts = runner.engine.parts
+    assert isinstance(parts, SlowParts) and parts.steps < 8  # cancelled, not run to the end
+    assert await store.history("acme", "s1") == []
+
+
+async def test_a_done_turn_id_is_replayed_not_run_again(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store)
+    first = await run(runner, text_turn("t1"))
+    again = await run(runner, text_turn("t1"))
+    assert [type(o) for o in again] == [TextDelta, TurnFinished]
+    assert again[-1].replayed and again[-1].text == first[-1].text
+    assert again[-1].usage.completion_tokens == first[-1].usage.completion_tokens
+    assert observer.labels == ["ok", "replayed"]
+    assert len(await store.history("acme", "s1")) == 2
+
+
+async def test_two_calls_with_one_turn_id_run_it_once(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    """A client that retries before the first call ended: the second waits, then replays."""
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store, step_s=0.02)
+    a, b = await asyncio.gather(run(runner, text_turn("t1")), run(runner, text_turn("t1")))
+    assert sorted(observer.labels) == ["ok", "replayed"]
+    assert a[-1].text == b[-1].text
+    assert len(await store.history("acme", "s1")) == 2
+    parts = runner.engine.parts
+    assert isinstance(parts, SlowParts) and parts.steps == 8  # the model ran one turn
+
+
+async def test_another_turn_of_a_busy_session_is_refused(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    first = asyncio.create_task(run(runner, text_turn("t1")))
+    await asyncio.sleep(0.1)
+    with pytest.raises(SessionBusy) as busy:
+        await run(runner, text_turn("t2"))
+    assert busy.value.code is ErrorCode.SESSION_BUSY
+    await first
+    assert sorted(observer.labels) == ["busy", "ok"]
+
+
+async def test_limits_refuse_before_any_work(tiny: LoadedCheckpoint, processor: Processor) -> None:
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    await store.create_session("acme", "s2")
+    limits = RunnerLimits(max_concurrent_turns=1, max_turn_bytes=1000)
+    runner, observer = runner_for(tiny, processor, store, step_s=0.05, limits=limits)
+    with pytest.raises(InvalidInput, match="limit"):
+        await run(runner, text_turn("big", "x" * 1001))  # text counts toward the size too
+    first = asyncio.create_task(run(runner, text_turn("t1")))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ResourceExhausted):
+        await run(runner, text_turn("t2", session="s2"))
+    await first
+    assert observer.labels == ["invalid", "rejected", "ok"]
+    assert observer.active == 0
+
+
+async def test_cancel_stops_the_turn_and_commits_what_was_said(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    running = RunningTurn()
+    task = asyncio.create_task(run(runner, text_turn("t1"), running))
+    await asyncio.sleep(0.15)
+    running.request_cancel()
+    outputs = await task
+    assert outputs[-1].stop_reason == "cancelled"
+    assert not any(isinstance(o, AudioChunk) for o in outputs)
+    assert observer.labels == ["cancelled"]
+    history = await store.history("acme", "s1")
+    assert history[1].text == outputs[-1].text
+
+
+async def test_a_missing_session_is_not_found(tiny: LoadedCheckpoint, processor: Processor) -> None:
+    runner, observer = runner_for(tiny, processor, MemoryDialogueStore())
+    with pytest.raises(Exception) as info:
+        await run(runner, text_turn("t1", session="nope"))
+    assert getattr(info.value, "code", None) is ErrorCode.NOT_FOUND
+    assert observer.labels == ["not_found"]
