@@ -186,3 +186,36 @@ def test_cli_chat_against_the_gateway(gateway: GatewayProcess, tmp_path: Path) -
     )
     assert bad.returncode != 0
     assert bad.stderr.strip().startswith("error: UNAUTHENTICATED")
+
+
+def test_health_follows_triton_and_the_first_turn_after_a_restart_succeeds(
+    start_gateway,  # type: ignore[no-untyped-def]
+    tiny_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """While its Triton is down the gateway reports NOT_SERVING (Kubernetes stops routing to
+    it); when Triton is back it serves again within seconds and the very next turn succeeds
+    (no reconnect backoff left to wait out)."""
+    from iomni.triton.server import TritonPorts, TritonServer
+    from tests.integration.conftest import REPOSITORY, free_ports
+
+    server = TritonServer(REPOSITORY, tiny_dir, tmp_path / "triton", TritonPorts(*free_ports(3)))
+    server.start(timeout_s=240)
+    try:
+        gateway = start_gateway("--triton", server.grpc_url)
+        client = DialogueClient(gateway.target, ACME)
+        assert client.chat("", uuid.uuid4().hex, text="before", max_new_tokens=3).done
+        assert server.process is not None
+        server.process.kill()  # Triton dies without a word
+        server.stop()
+        gateway.wait_serving(timeout_s=10, serving=False)
+        with pytest.raises(grpc.RpcError) as info:
+            client.chat("", uuid.uuid4().hex, text="while down", max_new_tokens=3)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        server.start(timeout_s=240)
+        gateway.wait_serving(timeout_s=10)
+        reply = client.chat("", uuid.uuid4().hex, text="after", max_new_tokens=3)
+        assert reply.done is not None and reply.done.usage.completion_tokens >= 1
+        client.close()
+    finally:
+        server.stop()

@@ -180,3 +180,116 @@ def _processes_under(work: Path, program: str) -> list[int]:
         if program in text and str(work) in text:
             found.append(int(cmdline.parent.name))
     return found
+
+
+# -- nothing outlives its owner -----------------------------------------------------------------
+
+
+def _serve(tiny_dir: Path, work: Path, ports: list[int], *models: str) -> subprocess.Popen:
+    http, grpc, metrics = ports
+    serve = subprocess.Popen(
+        [
+            sys.executable, "-m", "iomni.cli", "triton", "serve",
+            "--model", str(tiny_dir), "--repository", str(REPOSITORY), "--work", str(work),
+            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+            "--grace", "2", "--models", *models,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    line = serve.stdout.readline()  # type: ignore[union-attr]
+    assert "triton ready" in line, line + serve.stdout.read()  # type: ignore[union-attr]
+    return serve
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child of init may linger as one in a container)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _regions(pids: list[int]) -> set[Path]:
+    regions = set()
+    for pid in pids:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        regions.add(Path("/dev/shm") / argv[2].decode())
+    return regions
+
+
+def _wait_gone(pids: list[int], regions: set[Path], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_running(p) for p in pids) or any(r.exists() for r in regions):
+        assert time.monotonic() < deadline, (
+            f"still there after {timeout_s} s: "
+            f"{[p for p in pids if _running(p)]} {[r for r in regions if r.exists()]}"
+        )
+        time.sleep(0.2)
+
+
+def test_a_killed_launcher_takes_its_server_and_stubs_with_it(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    work, ports = tmp_path / "work", free_ports(3)
+    serve = _serve(tiny_dir, work, ports, "llm", "speech_decoder")
+    server = int((work / "tritonserver.pid").read_text())
+    stubs = [p for p in _stubs_under(work) if _running(p)]
+    assert len(stubs) == 2
+    regions = _regions(stubs)
+    assert all(r.exists() for r in regions)
+    serve.kill()  # SIGKILL: no drain, no cleanup code runs in the launcher
+    serve.wait(10)
+    _wait_gone([server, *stubs], regions, timeout_s=10)
+    # The ports are free again: a new launcher on the same work directory starts cleanly.
+    again = _serve(tiny_dir, work, ports, "llm")
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(60) == 0
+
+
+def test_a_killed_tritonserver_stops_its_stubs_and_its_launcher(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    work, ports = tmp_path / "work", free_ports(3)
+    serve = _serve(tiny_dir, work, ports, "llm", "speech_decoder")
+    server = int((work / "tritonserver.pid").read_text())
+    stubs = [p for p in _stubs_under(work) if _running(p)]
+    regions = _regions(stubs)
+    os.kill(server, signal.SIGKILL)
+    assert serve.wait(30) == 1
+    assert "tritonserver exited" in serve.stdout.read()  # type: ignore[union-attr]
+    _wait_gone(stubs, regions, timeout_s=10)
+
+
+def test_an_orphaned_server_is_reaped_by_the_next_start(tiny_dir: Path, tmp_path: Path) -> None:
+    """A tritonserver whose launcher is gone (started here with no launcher at all) is found
+    through the work directory's pid file and stopped, with its stubs, before a new start."""
+    from iomni.triton.server import server_environment
+
+    work = tmp_path / "work"
+    ports = TritonPorts(*free_ports(3))
+    orphan_server = TritonServer(REPOSITORY, tiny_dir, work, ports, models=("llm",))
+    work.mkdir(parents=True)
+    orphan = subprocess.Popen(
+        orphan_server.command(),
+        env=server_environment(tiny_dir, orphan_server.drain_file),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    orphan_server.process = orphan
+    orphan_server.pid_file.write_text(f"{orphan.pid}\n")
+    orphan_server.wait_ready(120)
+    stubs = [p for p in _stubs_under(work) if _running(p)]
+    fresh = TritonServer(REPOSITORY, tiny_dir, work, ports, models=("llm",))
+    try:
+        fresh.start(timeout_s=120)  # the ports were taken: only reaping the orphan frees them
+        assert orphan.wait(10) is not None
+        assert not any(_running(p) for p in stubs)
+        assert fresh.process is not None and fresh.process.pid != orphan.pid
+    finally:
+        fresh.stop()
+        if orphan.poll() is None:
+            orphan.kill()

@@ -21,6 +21,15 @@ from iomni.gateway.auth import write_dev_tenant
 
 RUN = Path(".run")
 SERVICES = ("redis", "kafka", "triton", "gateway", "worker")  # start order; stopped in reverse
+# What each service's command line contains: a recorded pid running something else is stale.
+PROGRAMS = {
+    "redis": b"redis-server",
+    "kafka": b"tansu",
+    "triton": b"triton\0serve",
+    "gateway": b"gateway",
+    "worker": b"worker",
+}
+TRITON_WORK = RUN / "triton"
 
 
 def tansu_binary() -> str:
@@ -37,16 +46,21 @@ def _port_open(port: int) -> bool:
 
 
 def _alive(name: str) -> int | None:
+    """The pid of a service `up` started, if that process still runs. A pid file whose process
+    is gone, is a zombie, or is now some other program (pid reuse) is stale and removed."""
     pid_file = RUN / f"{name}.pid"
     if not pid_file.exists():
         return None
-    pid = int(pid_file.read_text())
     try:
-        os.kill(pid, 0)
-        return pid
-    except ProcessLookupError:
-        pid_file.unlink()
+        pid = int(pid_file.read_text())
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        state, argv = "gone", b""
+    if state in ("Z", "X", "gone") or PROGRAMS[name] not in argv:
+        pid_file.unlink(missing_ok=True)
         return None
+    return pid
 
 
 def _launch(
@@ -118,7 +132,7 @@ def up(model: Path) -> None:
     )
     _launch(
         "triton",
-        [*iomni, "triton", "serve", "--model", str(model), "--work", str(RUN / "triton")],
+        [*iomni, "triton", "serve", "--model", str(model), "--work", str(TRITON_WORK)],
         "triton ready",
         8001,
         600,
@@ -174,6 +188,16 @@ def down() -> None:
             os.killpg(pid, signal.SIGKILL)
         (RUN / f"{name}.pid").unlink(missing_ok=True)
         print(f"{name}: stopped")
+    _reap_triton()
+
+
+def _reap_triton() -> None:
+    """A tritonserver (and its stubs) whose launcher was killed does not outlive `down`."""
+    from iomni.triton.server import TritonServer
+
+    reaped = TritonServer(Path("model_repository"), Path("."), TRITON_WORK).reap_orphans()
+    if reaped:
+        print(f"triton: stopped {reaped} orphaned process(es)")
 
 
 def main() -> int:

@@ -1,22 +1,24 @@
 """The in-process transport: the model parts called directly, no servers.
 
 `InProcessParts` calls the PyTorch modules directly; a Triton transport implements the same
-protocol over the network. Nothing above this interface knows which one it talks to.
+protocol over the network. Nothing above this interface knows which one it talks to. The LLM
+runs in the same continuous batcher as the `llm` Triton model (its own thread: concurrent
+turns share decode steps, a session's KV cache is reused on its next turn, and decoding goes
+on while the speech decoder renders, since torch releases the GIL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 import torch
 
+from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint
-from iomni.model.llm import embed_token, forward
-from iomni.model.sampling import make_generator, sample_next
 from iomni.model.speech.speaker import SpeakerEncoder
 from iomni.model.speech.stream import SpeechSession
 from iomni.parts import (
@@ -31,12 +33,28 @@ from iomni.parts import (
 class InProcessParts:
     """PyTorch modules called directly, one forward at a time (a lock serialises the model)."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint) -> None:
+    def __init__(
+        self, checkpoint: LoadedCheckpoint, max_batch: int = 16, kv_cache_tokens: int = 65536
+    ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.model_id = checkpoint.fingerprint
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one encoder or speech forward at a time
         self._speaker: SpeakerEncoder | None = None
+        self._batcher_options = {"max_batch": max_batch, "kv_cache_tokens": kv_cache_tokens}
+        self._batcher: ContinuousBatcher | None = None
+
+    def _llm(self) -> ContinuousBatcher:
+        if self._batcher is None:
+            batcher = ContinuousBatcher(self.model.language_model, **self._batcher_options)
+            batcher.start()
+            self._batcher = batcher
+        return self._batcher
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await asyncio.to_thread(self._batcher.stop)
+            self._batcher = None
 
     def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         with self._lock, torch.inference_mode():
@@ -49,27 +67,39 @@ class InProcessParts:
         return await asyncio.to_thread(self._run, self.model.encode_audio, windows)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[LLMStep]:
-        lm = self.model.language_model
-        ids = torch.tensor(list(request.input_ids), dtype=torch.long)
-        generator = make_generator(request.params)
-        stop = set(request.stop_ids)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StepEvent] = asyncio.Queue()
+        closed = threading.Event()
 
-        def prefill():  # type: ignore[no-untyped-def]
-            return forward(lm, self.model.inputs_embeds(ids, request.media), None)
+        def emit(event: StepEvent) -> None:  # on the batcher's thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, event)
 
-        started = time.perf_counter()
-        step, cache = await asyncio.to_thread(self._run, prefill)
-        timings = {"prefill": (time.perf_counter() - started) * 1000}
-        for _ in range(request.params.max_new_tokens):
-            token = sample_next(step.logits, request.params, generator)
-            hidden = step.hidden.float() if request.return_hidden else None
-            yield LLMStep(token, hidden, timings)
-            timings = {}
-            if token in stop:
-                return
-            step, cache = await asyncio.to_thread(
-                self._run, lambda t=token, c=cache: forward(lm, embed_token(lm, t), c)
+        self._llm().submit(
+            SequenceRequest(
+                input_ids=list(request.input_ids),
+                media=request.media,
+                params=request.params,
+                stop_ids=request.stop_ids,
+                emit=emit,
+                is_cancelled=closed.is_set,
+                session_id=request.session_id,
+                return_hidden=request.return_hidden,
             )
+        )
+        try:
+            while True:
+                event = await events.get()
+                if event.error is not None:
+                    raise event.error
+                if event.token_id < 0:  # cancelled before a token
+                    return
+                timings = {"prefill": event.prefill_ms} if event.prefill_ms else {}
+                yield LLMStep(event.token_id, event.hidden, timings, event.reused_tokens)
+                if event.finish_reason:
+                    return
+        finally:
+            closed.set()  # the batcher drops the sequence before its next step
 
     async def open_speech(self, options: SpeechOptions) -> SpeechStream:
         model = self.model

@@ -7,9 +7,20 @@ Kafka worker as `iomni_worker_*`, with the same series, so a dashboard panel wor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from iomni.engine.events import TurnDone
+
+class TurnReport(Protocol):
+    """The fields of `iomni.turns.observer.TurnReport` read here (telemetry imports no room)."""
+
+    seconds: float
+    timings_ms: Mapping[str, float]
+    audio_ms: float
+    prompt_tokens_reused: int
+    cancel_latency_s: float | None
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5)
@@ -99,19 +110,19 @@ class TurnMetrics:
     def audio_underrun(self) -> None:
         self.audio_underruns.inc()
 
-    def turn_done(self, done: TurnDone, seconds: float, cancel_latency_s: float | None) -> None:
-        self.turn_duration.observe(seconds)
-        if cancel_latency_s is not None:
-            self.cancel_latency.observe(cancel_latency_s)
-        for stage, ms in done.timings_ms.items():
+    def turn_done(self, report: TurnReport) -> None:
+        self.turn_duration.observe(report.seconds)
+        if report.cancel_latency_s is not None:
+            self.cancel_latency.observe(report.cancel_latency_s)
+        for stage, ms in report.timings_ms.items():
             if stage in STAGES:
                 self.stage_duration.labels(stage).observe(ms / 1000)
-        if done.usage.audio_ms:
-            self.audio_seconds.inc(done.usage.audio_ms / 1000)
-            speech_ms = done.timings_ms.get("speech", 0.0)
-            self.real_time_factor.observe(speech_ms / done.usage.audio_ms)
-        if done.usage.prompt_tokens_reused:
-            self.llm_prompt_tokens_reused.inc(done.usage.prompt_tokens_reused)
+        if report.audio_ms:
+            self.audio_seconds.inc(report.audio_ms / 1000)
+            speech_ms = report.timings_ms.get("speech", 0.0)
+            self.real_time_factor.observe(speech_ms / report.audio_ms)
+        if report.prompt_tokens_reused:
+            self.llm_prompt_tokens_reused.inc(report.prompt_tokens_reused)
 
     # -- the llm router ---------------------------------------------------------------------
 

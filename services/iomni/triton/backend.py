@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,43 @@ def device(args: dict[str, str]) -> str:
     return "cpu"
 
 
+_watching: list[threading.Thread] = []
+
+
+def watch_parent(interval_s: float = 1.0) -> None:
+    """Exit this stub process soon after tritonserver dies (SIGKILL, OOM). Left alone, a stub
+    whose server is gone keeps its model (hundreds of MB) and its shared-memory region for
+    minutes; the model's background threads keep it alive. Started once per stub process."""
+    if _watching:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                _unlink_own_shm()
+                os._exit(0)
+
+    thread = threading.Thread(target=watch, name="iomni-parent-watch", daemon=True)
+    thread.start()
+    _watching.append(thread)
+
+
+def _unlink_own_shm() -> None:
+    """The stub's region is argv[2] of its command line (`stub model.py <region> ...`)."""
+    try:
+        argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")
+        region = argv[2].decode()
+        if region.startswith("triton_python_backend_shm_region_"):
+            (Path("/dev/shm") / region).unlink(missing_ok=True)
+    except (OSError, IndexError, UnicodeDecodeError):
+        pass
+
+
 def load_part(args: dict[str, str], part: str) -> LoadedCheckpoint:
     """Load one part of the checkpoint for this model instance."""
+    watch_parent()
     torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
     params = model_parameters(args)
     target = device(args)

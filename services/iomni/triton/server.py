@@ -5,11 +5,17 @@ numpy<2 (so the venv's bin/ goes first on PATH and its libraries on LD_LIBRARY_P
 server crashes on SIGTERM while decoupled streams are open, so `stop()` unloads every model
 first (unload waits for in-flight streams), then terminates, then removes any stub process and
 shared-memory region the server left behind.
+
+Nothing outlives its owner: tritonserver gets SIGKILL from the kernel if the process that
+started it dies (PR_SET_PDEATHSIG), its stubs exit within a second of it dying (a watch thread
+in iomni.triton.backend), and the stubs of a server are found by their executable, which lies
+in this server's own work directory, so cleanup never touches another server's processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -90,7 +96,6 @@ class TritonServer:
     log_file: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
-    _shm_before: set[str] = field(default_factory=set)
 
     @property
     def drain_file(self) -> Path:
@@ -124,10 +129,20 @@ class TritonServer:
             "--metrics-address=127.0.0.1",
         ]
 
+    @property
+    def pid_file(self) -> Path:
+        return self.work / "tritonserver.pid"
+
+    @property
+    def stub_binary(self) -> Path:
+        return (self.work / "backends" / "python" / "triton_python_backend_stub").resolve()
+
     def start(self, timeout_s: float = 120) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
+        reaped = self.reap_orphans()
+        if reaped:
+            log.warning("stopped %d process(es) left by an earlier server in %s", reaped, self.work)
         self.drain_file.unlink(missing_ok=True)
-        self._shm_before = {p.name for p in Path("/dev/shm").glob(SHM_GLOB)}
         log_path = self.log_file or self.work / "tritonserver.log"
         self.log_file = log_path
         output = log_path.open("ab")
@@ -137,8 +152,23 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             env=server_environment(self.checkpoint, self.drain_file, self.env),
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
+        self.pid_file.write_text(f"{self.process.pid}\n")
         self.wait_ready(timeout_s)
+
+    def reap_orphans(self) -> int:
+        """Stop a tritonserver and stubs left in this work directory by a launcher that died
+        (SIGKILL, a crash before PR_SET_PDEATHSIG existed); returns how many were stopped."""
+        pids = self.stub_pids()
+        server = _read_pid(self.pid_file)
+        if server is not None and _is_tritonserver(server, self.work):
+            pids.append(server)
+        for pid in pids:
+            _kill(pid)
+        self._free_shm(pids)
+        self.pid_file.unlink(missing_ok=True)
+        return len(pids)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -177,9 +207,9 @@ class TritonServer:
         is unloaded (which waits for them), then the server is terminated and whatever a crash
         could leave (stub processes, shared memory) is removed."""
         if self.process is None or self.process.poll() is not None:
-            self._cleanup()
+            self._kill_stubs()
             return
-        stubs = self._stub_pids()
+        stubs = self.stub_pids()
         self.drain_file.write_text(f"{time.time() + grace_s}\n")
         for model in self.models:
             self._post_json(f"/v2/repository/models/{model}/unload", {})
@@ -194,27 +224,39 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._free_shm(stubs)
         for pid in stubs:
             _kill(pid)
-        self._cleanup()
+        self._kill_stubs()
 
-    def _cleanup(self) -> None:
-        for path in Path("/dev/shm").glob(SHM_GLOB):
-            if path.name not in self._shm_before:
-                path.unlink(missing_ok=True)
+    def _kill_stubs(self) -> None:
+        """After the server exited (or was killed): its stubs and shared memory go too."""
+        stubs = self.stub_pids()
+        self._free_shm(stubs)
+        for pid in stubs:
+            _kill(pid)
+        self.pid_file.unlink(missing_ok=True)
 
-    def _stub_pids(self) -> list[int]:
-        if self.process is None:
-            return []
+    def stub_pids(self) -> list[int]:
+        """Stub processes of this server, found by their executable (in this work directory),
+        so they are found after tritonserver died and their parent became init."""
+        binary = str(self.stub_binary)
         pids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == self.process.pid:
-                pids.append(int(stat.parent.name))
+        for exe in Path("/proc").glob("[0-9]*/exe"):
+            with contextlib.suppress(OSError):
+                if os.readlink(exe).removesuffix(" (deleted)") == binary:
+                    pids.append(int(exe.parent.name))
         return pids
+
+    @staticmethod
+    def _free_shm(pids: list[int]) -> None:
+        """Unlink the shared-memory regions these stubs use (argv[2] of a stub)."""
+        for pid in pids:
+            with contextlib.suppress(OSError, IndexError, UnicodeDecodeError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                region = argv[2].decode()
+                if region.startswith(SHM_GLOB.rstrip("*")):
+                    (Path("/dev/shm") / region).unlink(missing_ok=True)
 
     def _get(self, path: str) -> int:
         try:
@@ -242,3 +284,30 @@ class TritonServer:
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel SIGKILLs it when the launcher dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_tritonserver(pid: int, work: Path) -> bool:
+    """A live tritonserver whose backends live in `work` (not a reused pid, not a zombie)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    backends = f"--backend-directory={(work / 'backends').resolve()}".encode()
+    return state != "Z" and argv[0].endswith(b"tritonserver") and backends in argv

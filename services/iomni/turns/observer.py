@@ -3,9 +3,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
-from iomni.engine.events import TurnDone
+
+@dataclass(frozen=True)
+class TurnReport:
+    """What a finished engine turn tells an observer (plain values: observers need no engine)."""
+
+    seconds: float  # end of the user's turn to the engine's last event
+    timings_ms: Mapping[str, float]  # per stage: vision_encode, audio_encode, prefill, ...
+    audio_ms: float  # speech produced
+    prompt_tokens_reused: int  # served from the llm's KV cache
+    cancel_latency_s: float | None = None  # a cancel to the turn stopped, when cancelled
 
 
 class TurnObserver(Protocol):
@@ -24,9 +35,8 @@ class TurnObserver(Protocol):
     def audio_underrun(self) -> None:
         """An audio chunk left after the audio before it had finished playing."""
 
-    def turn_done(self, done: TurnDone, seconds: float, cancel_latency_s: float | None) -> None:
-        """The engine finished a turn: its stage timings, usage, and (after a cancel) how long
-        the cancel took to stop it."""
+    def turn_done(self, report: TurnReport) -> None:
+        """The engine finished a turn (before its commit)."""
 
     def affinity(self, result: str) -> None:
         """An llm replica was chosen for a session: "hit" (it holds the KV cache) or "miss"."""
@@ -51,7 +61,7 @@ class NullObserver:
     def audio_underrun(self) -> None:
         pass
 
-    def turn_done(self, done: TurnDone, seconds: float, cancel_latency_s: float | None) -> None:
+    def turn_done(self, report: TurnReport) -> None:
         pass
 
     def affinity(self, result: str) -> None:

@@ -31,7 +31,7 @@ from iomni.model.conversation import Message, TextPart
 from iomni.model.sampling import SamplingParams
 from iomni.parts import SpeechOptions
 from iomni.telemetry.tracing import tracer
-from iomni.turns.observer import NullObserver, TurnObserver
+from iomni.turns.observer import NullObserver, TurnObserver, TurnReport
 from iomni.turns.store import DialogueStore, Lease
 
 log = logging.getLogger(__name__)
@@ -232,12 +232,7 @@ class TurnRunner:
                     sent_audio_s += event.duration_ms / 1000
                     await emit(event)
                 else:
-                    cancel_latency = (
-                        time.perf_counter() - running.cancelled_at
-                        if running.cancelled_at is not None
-                        else None
-                    )
-                    self.observer.turn_done(event, time.perf_counter() - started, cancel_latency)
+                    self.observer.turn_done(_report(event, started, running))
                     return event
         finally:
             watcher.cancel()
@@ -282,6 +277,17 @@ class TurnRunner:
 async def _cancel_on(event: asyncio.Event, cancel: Callable[[], None]) -> None:
     await event.wait()
     cancel()
+
+
+def _report(done: TurnDone, started: float, running: RunningTurn) -> TurnReport:
+    now = time.perf_counter()
+    return TurnReport(
+        seconds=now - started,
+        timings_ms=dict(done.timings_ms),
+        audio_ms=done.usage.audio_ms,
+        prompt_tokens_reused=done.usage.prompt_tokens_reused,
+        cancel_latency_s=None if running.cancelled_at is None else now - running.cancelled_at,
+    )
 
 
 def message_bytes(message: Message) -> int:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from iomni.engine.events import AudioChunk, TextDelta, TurnDone
+from iomni.engine.events import AudioChunk, TextDelta
 from iomni.engine.parts import GenerationRequest, InProcessParts, LLMStep
 from iomni.engine.turn import TurnEngine
 from iomni.errors import ErrorCode, InvalidInput, LeaseLost, ResourceExhausted, SessionBusy
@@ -16,6 +16,7 @@ from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
+from iomni.turns.observer import TurnReport
 from iomni.turns.runner import RunnerLimits, RunningTurn, TurnFinished, TurnInput, TurnRunner
 from iomni.turns.store import MemoryDialogueStore
 
@@ -43,7 +44,7 @@ class Outcomes:
     def __init__(self) -> None:
         self.labels: list[str] = []
         self.active = 0
-        self.done: list[TurnDone] = []
+        self.done: list[TurnReport] = []
 
     def turn_started(self) -> None:
         self.active += 1
@@ -63,8 +64,8 @@ class Outcomes:
     def audio_underrun(self) -> None:
         pass
 
-    def turn_done(self, done: TurnDone, seconds: float, cancel_latency_s: float | None) -> None:
-        self.done.append(done)
+    def turn_done(self, report: TurnReport) -> None:
+        self.done.append(report)
 
     def affinity(self, result: str) -> None:
         pass

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from iomni.errors import Cancelled, InvalidInput
+from iomni.model.batcher import BatcherMetrics, ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.sampling import SamplingParams
 from iomni.model.tokenizer import Tokenizer
 from iomni.triton.backend import (
@@ -20,7 +21,6 @@ from iomni.triton.backend import (
     request_parameters,
     stream_error_response,
 )
-from iomni.triton.llm_batcher import BatcherMetrics, ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.triton.tensors import (
     AUDIO_EMBEDS,
     FINISH_REASON,

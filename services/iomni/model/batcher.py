@@ -1,4 +1,5 @@
-"""Continuous batching for the `llm` model, with per-session KV-cache reuse.
+"""Continuous batching for the LLM, with per-session KV-cache reuse (used by both transports:
+the `llm` Triton model and the in-process parts).
 
 A background loop owns the model. Between decode steps it admits new sequences (prefilling
 each on top of its session's cached prefix when the prompt extends it), then runs ONE forward

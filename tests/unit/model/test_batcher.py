@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.llm import embed_token, forward
 from iomni.model.sampling import SamplingParams
-from iomni.triton.llm_batcher import ContinuousBatcher, SequenceRequest, StepEvent
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 IMG = 151671
