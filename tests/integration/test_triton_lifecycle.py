@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -166,6 +167,29 @@ async def _stream_then_sigterm(url: str, tiny_dir: Path, serve: subprocess.Popen
         await client.close()
 
 
+async def _stream_then_kill(url: str, tiny_dir: Path, serve: subprocess.Popen) -> str:
+    """SIGKILL the launcher while a long LLM stream is running."""
+    client = TritonParts(url, fingerprint(tiny_dir), {}, retries=0)
+    request = GenerationRequest(
+        input_ids=list(range(200, 230)),
+        media={},
+        params=SamplingParams(temperature=0.0, max_new_tokens=8000),
+        stop_ids=[],
+        return_hidden=False,
+    )
+    try:
+        received = 0
+        async for _ in client.generate(request):
+            received += 1
+            if received == 10:
+                serve.kill()  # no drain, no cleanup code runs in the launcher
+        return "finished"
+    except Unavailable:
+        return "unavailable"
+    finally:
+        await client.close()
+
+
 def _stubs_under(work: Path) -> list[int]:
     return _processes_under(work, "triton_python_backend_stub")
 
@@ -233,6 +257,8 @@ def _wait_gone(pids: list[int], regions: set[Path], timeout_s: float) -> None:
 def test_a_killed_launcher_takes_its_server_and_stubs_with_it(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
+    """SIGKILL of the launcher mid-stream: tritonserver dies with it, and so do the stubs (an
+    llm stub busy with a stream otherwise outlives its server by minutes, holding its model)."""
     work, ports = tmp_path / "work", free_ports(3)
     serve = _serve(tiny_dir, work, ports, "llm", "speech_decoder")
     server = int((work / "tritonserver.pid").read_text())
@@ -240,13 +266,19 @@ def test_a_killed_launcher_takes_its_server_and_stubs_with_it(
     assert len(stubs) == 2
     regions = _regions(stubs)
     assert all(r.exists() for r in regions)
-    serve.kill()  # SIGKILL: no drain, no cleanup code runs in the launcher
-    serve.wait(10)
-    _wait_gone([server, *stubs], regions, timeout_s=10)
-    # The ports are free again: a new launcher on the same work directory starts cleanly.
-    again = _serve(tiny_dir, work, ports, "llm")
-    again.send_signal(signal.SIGTERM)
-    assert again.wait(60) == 0
+    try:
+        outcome = asyncio.run(_stream_then_kill(f"127.0.0.1:{ports[1]}", tiny_dir, serve))
+        assert outcome == "unavailable"
+        serve.wait(10)
+        _wait_gone([server, *stubs], regions, timeout_s=10)
+        # The ports are free again: a new launcher on the same work directory starts cleanly.
+        again = _serve(tiny_dir, work, ports, "llm")
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0
+    finally:  # never leak a server when the test fails
+        for pid in _processes_under(work, "tritonserver") + _stubs_under(work):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_killed_tritonserver_stops_its_stubs_and_its_launcher(
@@ -283,11 +315,13 @@ def test_an_orphaned_server_is_reaped_by_the_next_start(tiny_dir: Path, tmp_path
     orphan_server.pid_file.write_text(f"{orphan.pid}\n")
     orphan_server.wait_ready(120)
     stubs = [p for p in _stubs_under(work) if _running(p)]
+    regions = _regions(stubs)
     fresh = TritonServer(REPOSITORY, tiny_dir, work, ports, models=("llm",))
     try:
         fresh.start(timeout_s=120)  # the ports were taken: only reaping the orphan frees them
         assert orphan.wait(10) is not None
         assert not any(_running(p) for p in stubs)
+        assert not any(r.exists() for r in regions)
         assert fresh.process is not None and fresh.process.pid != orphan.pid
     finally:
         fresh.stop()

@@ -22,6 +22,7 @@ class TurnReport(Protocol):
     prompt_tokens_reused: int
     cancel_latency_s: float | None
 
+
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5)
 STAGES = ("vision_encode", "audio_encode", "prefill", "decode", "speech")

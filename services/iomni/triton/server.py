@@ -114,7 +114,7 @@ class TritonServer:
         return [
             str(binary),
             f"--model-repository={self.repository.resolve()}",
-            f"--backend-directory={prepare_backend_dir(self.work)}",
+            f"--backend-directory={prepare_backend_dir(self.work).resolve()}",
             f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
@@ -164,9 +164,9 @@ class TritonServer:
         server = _read_pid(self.pid_file)
         if server is not None and _is_tritonserver(server, self.work):
             pids.append(server)
+        self._free_shm(pids)  # read their command lines while they still have them
         for pid in pids:
             _kill(pid)
-        self._free_shm(pids)
         self.pid_file.unlink(missing_ok=True)
         return len(pids)
 
