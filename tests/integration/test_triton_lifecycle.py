@@ -145,15 +145,20 @@ def test_sigterm_with_a_live_stream_stops_cleanly(tiny_dir: Path, tmp_path: Path
     assert set(Path("/dev/shm").glob(SHM_GLOB)) <= shm_before
 
 
-async def _stream_then_sigterm(url: str, tiny_dir: Path, serve: subprocess.Popen) -> str:
-    client = TritonParts(url, fingerprint(tiny_dir), {})
-    request = GenerationRequest(
+def _endless_request() -> GenerationRequest:
+    """A greedy LLM stream that would run for minutes (no stop token, 8000 tokens)."""
+    return GenerationRequest(
         input_ids=list(range(200, 230)),
         media={},
         params=SamplingParams(temperature=0.0, max_new_tokens=8000),
         stop_ids=[],
         return_hidden=False,
     )
+
+
+async def _stream_then_sigterm(url: str, tiny_dir: Path, serve: subprocess.Popen) -> str:
+    client = TritonParts(url, fingerprint(tiny_dir), {})
+    request = _endless_request()
     received = 0
     try:
         async for _ in client.generate(request):
@@ -170,13 +175,7 @@ async def _stream_then_sigterm(url: str, tiny_dir: Path, serve: subprocess.Popen
 async def _stream_then_kill(url: str, tiny_dir: Path, serve: subprocess.Popen) -> str:
     """SIGKILL the launcher while a long LLM stream is running."""
     client = TritonParts(url, fingerprint(tiny_dir), {}, retries=0)
-    request = GenerationRequest(
-        input_ids=list(range(200, 230)),
-        media={},
-        params=SamplingParams(temperature=0.0, max_new_tokens=8000),
-        stop_ids=[],
-        return_hidden=False,
-    )
+    request = _endless_request()
     try:
         received = 0
         async for _ in client.generate(request):

@@ -16,7 +16,7 @@ from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
-from iomni.turns.observer import TurnReport
+from iomni.turns.observer import NullObserver, TurnReport
 from iomni.turns.runner import RunnerLimits, RunningTurn, TurnFinished, TurnInput, TurnRunner
 from iomni.turns.store import MemoryDialogueStore
 
@@ -38,8 +38,8 @@ class SlowParts(InProcessParts):
             yield step
 
 
-class Outcomes:
-    """A TurnObserver that remembers outcomes."""
+class Outcomes(NullObserver):
+    """A TurnObserver that remembers outcomes, active turns and reports."""
 
     def __init__(self) -> None:
         self.labels: list[str] = []
@@ -55,20 +55,8 @@ class Outcomes:
     def outcome(self, label: str) -> None:
         self.labels.append(label)
 
-    def first_token(self, seconds: float) -> None:
-        pass
-
-    def first_audio(self, seconds: float) -> None:
-        pass
-
-    def audio_underrun(self) -> None:
-        pass
-
     def turn_done(self, report: TurnReport) -> None:
         self.done.append(report)
-
-    def affinity(self, result: str) -> None:
-        pass
 
 
 def runner_for(
