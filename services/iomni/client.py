@@ -144,6 +144,24 @@ class AsyncDialogueClient:
     ) -> AsyncIterator[pb.ConverseResponse]:
         return self.stub.Converse(requests, metadata=self.metadata, timeout=timeout)
 
+    def live(
+        self,
+        session_id: str = "",
+        detection: pb.TurnDetection | None = None,
+        speech: bool = True,
+        timeout: float | None = None,
+        **sampling,
+    ) -> LiveStream:  # type: ignore[no-untyped-def]
+        """A live-mode Converse stream: send microphone audio and camera frames as they come;
+        read responses (speech events, committed turns, replies) as they arrive."""
+        config = pb.SessionConfig(
+            session_id=session_id,
+            sampling=pb.SamplingOptions(**sampling),
+            output=pb.OutputOptions(speech=speech),
+            turn_detection=detection or pb.TurnDetection(mode=pb.TURN_DETECTION_SERVER_VAD),
+        )
+        return LiveStream(self, config, timeout)
+
     async def get_session(self, session_id: str) -> pb.Session:
         return await self.stub.GetSession(
             pb.GetSessionRequest(session_id=session_id), metadata=self.metadata
@@ -154,6 +172,48 @@ class AsyncDialogueClient:
             pb.DeleteSessionRequest(session_id=session_id), metadata=self.metadata
         )
         return response.deleted
+
+
+class LiveStream:
+    """One live conversation: `send_*` queue requests, iterating yields responses."""
+
+    def __init__(
+        self, client: AsyncDialogueClient, config: pb.SessionConfig, timeout: float | None
+    ) -> None:
+        self._outbox: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
+        self._outbox.put_nowait(pb.ConverseRequest(config=config))
+        self.call = client.converse(self._requests(), timeout)
+
+    async def _requests(self) -> AsyncIterator[pb.ConverseRequest]:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    def send_audio(self, pcm: bytes, rate: int) -> None:
+        audio = pb.UserAudio(data=pcm, encoding=pb.AUDIO_ENCODING_PCM16, sample_rate_hz=rate)
+        self._outbox.put_nowait(pb.ConverseRequest(audio=audio))
+
+    def send_frame(self, image: bytes) -> None:
+        self._outbox.put_nowait(pb.ConverseRequest(frame=pb.CameraFrame(data=image)))
+
+    def send_text(self, text: str) -> None:
+        self._outbox.put_nowait(pb.ConverseRequest(text=pb.UserText(text=text)))
+
+    def playback(self, turn_id: str, played_ms: int) -> None:
+        position = pb.PlaybackPosition(turn_id=turn_id, played_ms=played_ms)
+        self._outbox.put_nowait(pb.ConverseRequest(playback=position))
+
+    def cancel(self) -> None:
+        self._outbox.put_nowait(pb.ConverseRequest(cancel=pb.Cancel()))
+
+    def end_of_turn(self) -> None:
+        self._outbox.put_nowait(pb.ConverseRequest(end_of_turn=pb.EndOfTurn()))
+
+    def close(self) -> None:
+        """No more input; responses still in flight can be read."""
+        self._outbox.put_nowait(None)
+
+    def __aiter__(self) -> AsyncIterator[pb.ConverseResponse]:
+        return self.call.__aiter__()
 
 
 class DialogueClient:
@@ -206,6 +266,7 @@ class DialogueClient:
 __all__ = [
     "AsyncDialogueClient",
     "DialogueClient",
+    "LiveStream",
     "Reply",
     "asyncio",
     "chat_request",

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 from iomni.engine.events import AudioChunk, TextDelta, Usage
 from iomni.errors import InvalidInput
+from iomni.live.detector import SpeechStarted, SpeechStopped, TurnDetection
+from iomni.live.session import (
+    Interrupted,
+    LiveEvent,
+    LiveSettings,
+    LiveWarning,
+    ReplyTruncated,
+    TurnCommitted,
+)
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.model.sampling import SamplingParams
 from iomni.parts import SpeechOptions
@@ -98,3 +107,64 @@ def history_message(message: Message) -> pb.Message:
                 )
             )
     return pb.Message(role=message.role, parts=parts)
+
+
+def live_settings(config: pb.TurnDetection) -> LiveSettings | None:
+    """Live-mode settings from a session config; None for manual turns."""
+    if config.mode != pb.TURN_DETECTION_SERVER_VAD:
+        return None
+    defaults, live = TurnDetection(), LiveSettings()
+
+    def pick(name: str, default):  # type: ignore[no-untyped-def]
+        return getattr(config, name) if config.HasField(name) else default
+
+    detection = TurnDetection(
+        threshold=pick("threshold", defaults.threshold),
+        min_speech_ms=pick("min_speech_ms", defaults.min_speech_ms),
+        end_of_speech_ms=pick("end_of_speech_ms", defaults.end_of_speech_ms),
+        silence_ms=pick("silence_ms", defaults.silence_ms),
+        prefix_padding_ms=pick("prefix_padding_ms", defaults.prefix_padding_ms),
+    )
+    if detection.end_of_speech_ms > detection.silence_ms and not config.HasField(
+        "end_of_speech_ms"
+    ):
+        detection = TurnDetection(**{**vars(detection), "end_of_speech_ms": detection.silence_ms})
+    return LiveSettings(
+        detection=detection,
+        early_start=pick("early_start", live.early_start),
+        interrupt_response=pick("interrupt_response", live.interrupt_response),
+        max_frames=pick("max_frames", live.max_frames),
+    ).validate()
+
+
+BARGE_IN = {"voice": pb.INTERRUPTED_BY_VOICE, "client": pb.INTERRUPTED_BY_CLIENT}
+
+
+def live_response(
+    session_id: str, turn_id: str, event: LiveEvent | TurnOutput
+) -> pb.ConverseResponse:
+    """A live-session event (or a turn output) as the API's response message."""
+    if isinstance(event, TextDelta | AudioChunk | TurnFinished):
+        return response(session_id, turn_id, event)
+    message = pb.ConverseResponse(session_id=session_id, turn_id=turn_id)
+    if isinstance(event, SpeechStarted):
+        message.speech_started.CopyFrom(
+            pb.SpeechStarted(audio_start_ms=event.audio_start_ms, resumed=event.resumed)
+        )
+    elif isinstance(event, SpeechStopped):
+        message.speech_stopped.CopyFrom(pb.SpeechStopped(audio_end_ms=event.audio_end_ms))
+    elif isinstance(event, TurnCommitted):
+        message.committed.CopyFrom(
+            pb.TurnCommitted(
+                audio_start_ms=event.audio_start_ms,
+                audio_end_ms=event.audio_end_ms,
+                frames=event.frames,
+            )
+        )
+    elif isinstance(event, Interrupted):
+        message.interrupted.CopyFrom(pb.Interrupted(by=BARGE_IN[event.by]))
+    elif isinstance(event, ReplyTruncated):
+        message.truncated.CopyFrom(pb.ReplyTruncated(played_ms=event.played_ms, text=event.text))
+    elif isinstance(event, LiveWarning):
+        message.warning.CopyFrom(pb.Warning(code=event.code.grpc_status, message=event.message))
+    return message

@@ -458,3 +458,18 @@ async def test_engine_turns_over_redis(state: DialogueState, tiny, processor) ->
     await runner.run(TurnInput("acme", "s1", "t1", Message("user", parts), params), collect)
     assert finished[-1].replayed and finished[-1].text == finished[0].text
     assert len(await state.history("acme", "s1")) == 4
+
+
+async def test_truncate_reply_cuts_the_stored_reply_of_a_done_turn(state: DialogueState) -> None:
+    await state.create_session("acme", "s1")
+    await one_turn(state, "s1", "t1")
+    await one_turn(state, "s1", "t2")
+    assert await state.truncate_reply("acme", "s1", "t1", "A c") is True
+    history = await state.history("acme", "s1")
+    assert [m.text for m in history if m.role == "assistant"] == ["A c", "A cat."]
+    record = await state.turn_record("acme", "s1", "t1")
+    assert record is not None and record.result["text"] == "A c" and record.result["truncated"]
+    assert await state.truncate_reply("acme", "s1", "nope", "x") is False  # not a done turn
+    with pytest.raises(NotFound):  # another tenant's session does not exist for them
+        await state.truncate_reply("globex", "s1", "t1", "x")
+    assert [m.text for m in await state.history("acme", "s1")][1] == "A c"

@@ -100,6 +100,36 @@ class TurnEngine:
     def start(self, request: TurnRequest) -> Turn:
         return Turn(self, request)
 
+    async def prepare_media(self, part: MediaPart) -> None:
+        """Decode and encode a media part now (a live camera frame as it arrives), so the turn
+        that later carries it finds its embeddings cached; its bytes go to the media store."""
+        if part.data is None:
+            raise InvalidInput(f"{part.type} {part.sha256[:12]} has no bytes to encode")
+        key = self.media_key(part)
+        if await self.embeddings.get(key) is None:
+            item = await asyncio.to_thread(prepare, self.processor, part, part.data)
+            await self.embeddings.put(key, await self.encode(part, item, {}))
+        if self.media is not None:
+            await self.media.put(part.sha256, part.data)
+
+    def media_key(self, part: MediaPart) -> str:
+        variant = str(part.num_frames or DEFAULT_VIDEO_FRAMES) if part.type == "video" else ""
+        return embedding_key(self.parts.model_id, part.type, part.sha256, variant)
+
+    async def encode(self, part: MediaPart, item, timings: dict[str, float]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """Embedding rows of a prepared media item; adds its time to `timings`."""
+        started = time.perf_counter()
+        stage = "audio_encode" if part.type == "audio" else "vision_encode"
+        with tracer().start_as_current_span(stage):
+            if part.type == "audio":
+                windows = await self.parts.encode_audio(item.windows)
+                rows = torch.cat(windows)[: item.num_tokens]
+            else:
+                tiles = await self.parts.encode_images(item.pixel_values)
+                rows = tiles.reshape(-1, tiles.shape[-1])
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - started) * 1000
+        return rows
+
 
 class Turn:
     """One running turn. Iterate `events()` once; `cancel()` may be called from any thread."""
@@ -273,20 +303,20 @@ class Turn:
         # Decode the new turn's media first: a bad file fails fast, before any encoding. Decoding
         # is CPU work: off the event loop, so other sessions' streams keep flowing meanwhile.
         prepared = {
-            p.ident: await asyncio.to_thread(self._prepare, p, p.data)  # type: ignore[arg-type]
+            p.ident: await asyncio.to_thread(prepare, self.engine.processor, p, p.data)  # type: ignore[arg-type]
             for p in new_parts
         }
         for part in _unique_media(messages):
-            key = self._key(part)
+            key = self.engine.media_key(part)
             cached = await self.engine.embeddings.get(key)
             if cached is not None:
                 state.rows[part.ident] = cached
                 state.hits += 1
                 continue
             item = prepared.get(part.ident) or await asyncio.to_thread(
-                self._prepare, part, await self._load_bytes(part)
+                prepare, self.engine.processor, part, await self._load_bytes(part)
             )
-            rows = await self._encode(part, item, state.timings_ms)
+            rows = await self.engine.encode(part, item, state.timings_ms)
             await self.engine.embeddings.put(key, rows)
             state.rows[part.ident] = rows
             state.encoded += 1
@@ -294,10 +324,6 @@ class Turn:
             for part in new_parts:
                 await self.engine.media.put(part.sha256, part.data)  # type: ignore[arg-type]
         return state
-
-    def _key(self, part: MediaPart) -> str:
-        variant = str(part.num_frames or DEFAULT_VIDEO_FRAMES) if part.type == "video" else ""
-        return embedding_key(self.engine.parts.model_id, part.type, part.sha256, variant)
 
     async def _load_bytes(self, part: MediaPart) -> bytes:
         data = await self.engine.media.get(part.sha256) if self.engine.media is not None else None
@@ -307,27 +333,6 @@ class Turn:
                 "start a new session or send it again"
             )
         return data
-
-    def _prepare(self, part: MediaPart, data: bytes):  # type: ignore[no-untyped-def]
-        processor = self.engine.processor
-        if part.type == "image":
-            return processor.prepare_image(data)
-        if part.type == "video":
-            return processor.prepare_video(data, part.num_frames or DEFAULT_VIDEO_FRAMES)
-        return processor.prepare_audio(data)
-
-    async def _encode(self, part: MediaPart, item, timings: dict[str, float]) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        stage = "audio_encode" if part.type == "audio" else "vision_encode"
-        with tracer().start_as_current_span(stage):
-            if part.type == "audio":
-                windows = await self.engine.parts.encode_audio(item.windows)
-                rows = torch.cat(windows)[: item.num_tokens]
-            else:
-                tiles = await self.engine.parts.encode_images(item.pixel_values)
-                rows = tiles.reshape(-1, tiles.shape[-1])
-        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - started) * 1000
-        return rows
 
     # -- prompt -----------------------------------------------------------------------------
 
@@ -354,6 +359,17 @@ class Turn:
             # Drop a whole exchange (user + assistant) so roles keep alternating.
             history = history[2:] if len(history) >= 2 else []
             dropped += 1
+
+
+def prepare(processor: Processor, part: MediaPart, data: bytes):  # type: ignore[no-untyped-def]
+    """Decode and preprocess media bytes (CPU work: callers run it off the event loop)."""
+    if part.type == "image":
+        return processor.prepare_image(data)
+    if part.type == "frame":
+        return processor.prepare_frame(data)
+    if part.type == "video":
+        return processor.prepare_video(data, part.num_frames or DEFAULT_VIDEO_FRAMES)
+    return processor.prepare_audio(data)
 
 
 def _validate_user(user: Message, limits: TurnLimits) -> None:

@@ -16,6 +16,7 @@ import soundfile as sf
 from iomni import wire
 from iomni.errors import ErrorCode, Internal, InvalidInput, IomniError
 from iomni.gateway.auth import Tenants
+from iomni.gateway.live import LiveConversation
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.telemetry.metrics import GatewayMetrics
 from iomni.turns.runner import RunningTurn, TurnInput, TurnOutput, TurnRunner
@@ -226,6 +227,7 @@ class _Conversation:
         self.running: RunningTurn | None = None
         self.error: IomniError | None = None
         self.tasks: list[asyncio.Task] = []
+        self.live: LiveConversation | None = None
 
     async def run(self, requests) -> AsyncIterator[pb.ConverseResponse]:  # type: ignore[no-untyped-def]
         iterator = requests.__aiter__()
@@ -238,10 +240,18 @@ class _Conversation:
         self.config = first.config
         self.params = wire.sampling_params(first.config.sampling)
         self.speech = wire.speech_options(first.config.output)
+        live = wire.live_settings(first.config.turn_detection)
         self.session_id, resumed, turns = await self._session(first.config.session_id)
         yield pb.ConverseResponse(
             session_id=self.session_id, started=pb.SessionStarted(resumed=resumed, turns=turns)
         )
+        if live is not None:
+            self.live = LiveConversation(
+                self.service, self.tenant, self.session_id, self.params, self.speech, live
+            )
+            async for response in self.live.run(iterator):
+                yield response
+            return
         self.tasks = [asyncio.create_task(self._read(iterator)), asyncio.create_task(self._work())]
         while True:
             response = await self.queue.get()
@@ -307,6 +317,8 @@ class _Conversation:
 
     async def close(self) -> None:
         self._cancel()
+        if self.live is not None:
+            await self.live.close()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

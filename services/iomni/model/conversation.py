@@ -13,7 +13,8 @@ from typing import Any, Literal
 from iomni.errors import InvalidInput
 
 Role = Literal["user", "assistant"]
-MEDIA_KINDS = ("image", "video", "audio")
+# A "frame" is a still from a live camera: encoded like one video frame (one tile).
+MEDIA_KINDS = ("image", "video", "audio", "frame")
 
 
 def content_hash(data: bytes) -> str:
@@ -28,9 +29,10 @@ class TextPart:
 
 @dataclass(frozen=True)
 class MediaPart:
-    """An image, a video or an audio clip. `data` is dropped once stored; `sha256` stays."""
+    """An image, a video, an audio clip or a camera frame. `data` is dropped once stored;
+    `sha256` stays."""
 
-    type: Literal["image", "video", "audio"]
+    type: Literal["image", "video", "audio", "frame"]
     sha256: str
     data: bytes | None = field(default=None, repr=False, compare=False)
     # Frames sampled from a video; part of the identity of its embeddings.

@@ -139,6 +139,11 @@ class Processor:
         # One tile per frame, as InternVL does for video.
         return PreparedImage(tiles_to_tensor(frames, tile_size=self.vision.image_size))
 
+    def prepare_frame(self, data: bytes) -> PreparedImage:
+        """A live camera frame: one tile, as a frame of a video is."""
+        image = load_image(data, self.limits)
+        return PreparedImage(tiles_to_tensor([image], tile_size=self.vision.image_size))
+
     def prepare_audio(self, data: bytes) -> PreparedAudio:
         samples = load_audio(data, self.limits)
         windows = split_audio_windows(samples)
@@ -171,7 +176,7 @@ class Processor:
         special = self.tokenizer.special
         images = sum(1 for p in message.parts if isinstance(p, MediaPart) and p.type == "image")
         out: list[Segment] = []
-        image_number = 0
+        image_number = frame_number = 0
         for part in message.parts:
             if isinstance(part, TextPart):
                 out.append(PlainText(part.text))
@@ -184,6 +189,10 @@ class Processor:
                     (special.audio_end, 1),
                     "\n",
                 ]
+            elif part.type == "frame":
+                frame_number += 1
+                out.append(f"Frame{frame_number}: ")
+                out += self._image_block(tokens)
             elif part.type == "image":
                 image_number += 1
                 if images > 1:

@@ -17,10 +17,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from iomni.errors import Internal, InvalidInput, IomniError, LeaseLost, NotFound, SessionBusy
-from iomni.model.conversation import Message
+from iomni.model.conversation import Message, TextPart
 from iomni.state import scripts
 from iomni.state.blobs import RedisEmbeddingCache, RedisMediaStore
 from iomni.state.connection import guarded, text
+from iomni.state.connection import text as text_of
 from iomni.state.keys import SessionKeys, check_id
 from iomni.turns.store import Lease, SessionInfo, TurnRecord
 
@@ -76,6 +77,7 @@ class DialogueState:
         self._release = redis.register_script(scripts.RELEASE)
         self._begin = redis.register_script(scripts.BEGIN)
         self._commit = redis.register_script(scripts.COMMIT)
+        self._truncate = redis.register_script(scripts.TRUNCATE)
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> DialogueState:
@@ -302,6 +304,21 @@ class DialogueState:
             log.warning(
                 "turn %s of %s was already committed; kept the first", turn_id, lease.session_id
             )
+
+    @guarded
+    async def truncate_reply(self, tenant: str, session_id: str, turn_id: str, text: str) -> bool:
+        """Cut the stored reply of a done turn to `text` (what the user heard before they
+        interrupted it). False when the turn is not done (or predates reply indexes)."""
+        keys = self._keys(session_id)
+        assistant = Message("assistant", (TextPart(text),))
+        reply = await self._truncate(
+            keys=[*keys.all, keys.record(check_id("turn id", turn_id))],
+            args=[tenant, _json(assistant.to_dict(), "the reply"), text, self.session_ttl_s],
+        )
+        status = text_of(reply[0])
+        if status == "missing":
+            raise _not_found(session_id)
+        return status == "ok"
 
     # -- the event log --------------------------------------------------------------------------
 

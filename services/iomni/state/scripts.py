@@ -154,9 +154,11 @@ if held[1] ~= ARGV[1] then return {'lost', held[2]} end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
 if redis.call('HGET', KEYS[7], 'state') == 'done' then return {'duplicate'} end
 -- All checks are above: from here on every write succeeds, or (out of memory) the first fails.
-redis.call('RPUSH', KEYS[2], ARGV[3], ARGV[4])
+local length = redis.call('RPUSH', KEYS[2], ARGV[3], ARGV[4])
 redis.call('DEL', KEYS[7])
-redis.call('HSET', KEYS[7], 'state', 'done', 'token', ARGV[1], 'result', ARGV[5])
+-- `index`: where the reply sits in the history, so it can be cut to what the user heard.
+redis.call('HSET', KEYS[7], 'state', 'done', 'token', ARGV[1], 'result', ARGV[5],
+           'index', length - 1)
 redis.call('EXPIRE', KEYS[7], ARGV[6])
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -165,5 +167,22 @@ local turns = redis.call('HINCRBY', KEYS[1], 'turns', 1)
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[8])
 touch(ARGV[7])
 return {'ok', turns}
+"""
+)
+
+# KEYS[7]: turn record. ARGV: tenant, assistant json, text, session ttl s
+TRUNCATE = (
+    _PRELUDE
+    + """
+if not owned_by(ARGV[1]) then return {'missing'} end
+local rec = redis.call('HMGET', KEYS[7], 'state', 'index', 'result')
+if rec[1] ~= 'done' or not rec[2] then return {'unknown'} end
+redis.call('LSET', KEYS[2], tonumber(rec[2]), ARGV[2])
+local result = cjson.decode(rec[3])
+result['text'] = ARGV[3]
+result['truncated'] = true
+redis.call('HSET', KEYS[7], 'result', cjson.encode(result))
+touch(ARGV[4])
+return {'ok'}
 """
 )

@@ -132,12 +132,75 @@ class TurnMetrics:
 
 
 class GatewayMetrics(TurnMetrics):
-    """The turn metrics plus what only a front door with client streams has."""
+    """The turn metrics plus what only a front door with client streams has: open streams and
+    live conversations (a `LiveObserver`)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__("iomni_gateway", registry)
+        r = self.registry
         self.active_streams = Gauge(
             "iomni_gateway_active_streams",
             "Open client streams (Converse, Chat, Realtime WebSocket sessions)",
-            registry=self.registry,
+            registry=r,
         )
+        self.live_speech_to_first_audio = Histogram(
+            "iomni_gateway_live_speech_to_first_audio_seconds",
+            "Live mode: from the end of the user's speech to the reply's first audio",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.live_commits = Counter(
+            "iomni_gateway_live_turns_committed_total",
+            "Live mode: user turns the server committed (vad: by silence; forced: length cap)",
+            ["how"],
+            registry=r,
+        )
+        self.live_barge_ins = Counter(
+            "iomni_gateway_live_barge_ins_total",
+            "Replies interrupted, by the user's voice or by a client cancel",
+            ["by"],
+            registry=r,
+        )
+        self.live_speculative = Counter(
+            "iomni_gateway_live_speculative_turns_total",
+            "Turns started early at end of speech: started, confirmed, discarded",
+            ["result"],
+            registry=r,
+        )
+        self.live_vad_seconds = Counter(
+            "iomni_gateway_live_vad_seconds_total",
+            "Time spent on voice activity detection",
+            registry=r,
+        )
+        self.live_audio_seconds = Counter(
+            "iomni_gateway_live_input_audio_seconds_total",
+            "Live input audio received (VAD seconds per audio second = the VAD's cost)",
+            registry=r,
+        )
+        self.live_warnings = Counter(
+            "iomni_gateway_live_input_dropped_total",
+            "Live input dropped with a warning, by outcome (invalid, rejected, ...)",
+            ["outcome"],
+            registry=r,
+        )
+
+    # -- LiveObserver -----------------------------------------------------------------------
+
+    def speech_to_first_audio(self, seconds: float) -> None:
+        self.live_speech_to_first_audio.observe(seconds)
+
+    def committed(self, how: str) -> None:
+        self.live_commits.labels(how).inc()
+
+    def barge_in(self, by: str) -> None:
+        self.live_barge_ins.labels(by).inc()
+
+    def speculative(self, result: str) -> None:
+        self.live_speculative.labels(result).inc()
+
+    def vad_time(self, processing_s: float, audio_s: float) -> None:
+        self.live_vad_seconds.inc(processing_s)
+        self.live_audio_seconds.inc(audio_s)
+
+    def warning(self, outcome: str) -> None:
+        self.live_warnings.labels(outcome).inc()

@@ -69,15 +69,67 @@ class TurnInput:
 
 @dataclass
 class RunningTurn:
-    """The front door's handle on a turn: set `cancel` (barge-in) to stop every stage."""
+    """The front door's handle on a turn: set `cancel` (barge-in) to stop every stage.
+
+    A `speculative` turn (started before the user's turn was confirmed over) runs at once but
+    holds its outputs and is not committed until `confirm()`; `discard()` drops it without a
+    trace: nothing emitted, nothing stored.
+    """
 
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled_at: float | None = None  # perf_counter() of the cancel, for its latency
+    speculative: bool = False
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+    discarded: bool = False
 
     def request_cancel(self) -> None:
         if not self.cancel.is_set():
             self.cancelled_at = time.perf_counter()
             self.cancel.set()
+
+    def confirm(self) -> None:
+        self.confirmed.set()
+
+    def discard(self) -> None:
+        self.discarded = True
+        self.request_cancel()
+        self.confirmed.set()  # wakes whoever waits for the verdict
+
+
+class _Gate:
+    """Holds a speculative turn's outputs until it is confirmed (then sends them at once, in
+    order); drops them if it is discarded."""
+
+    def __init__(self, emit: Emit, running: RunningTurn) -> None:
+        self.emit = emit
+        self.running = running
+        self.held: list[TurnOutput] = []
+        self.lock = asyncio.Lock()
+        self.released = asyncio.ensure_future(self._release_on_verdict())
+
+    async def __call__(self, output: TurnOutput) -> None:
+        async with self.lock:
+            if self.running.discarded:
+                return
+            if not self.running.confirmed.is_set():
+                self.held.append(output)
+                return
+            await self._flush()
+            await self.emit(output)
+
+    async def _release_on_verdict(self) -> None:
+        await self.running.confirmed.wait()
+        async with self.lock:
+            if not self.running.discarded:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        held, self.held = self.held, []
+        for output in held:
+            await self.emit(output)
+
+    def close(self) -> None:
+        self.released.cancel()
 
 
 @dataclass(frozen=True)
@@ -188,14 +240,24 @@ class TurnRunner:
                 session_id=turn.session_id,
                 turn_id=turn.turn_id,
             )
+            gate = _Gate(emit, running) if running.speculative else None
             try:
                 done = await asyncio.wait_for(
-                    self._stream(request, emit, running), timeout=self.limits.turn_timeout_s
+                    self._stream(request, gate or emit, running),
+                    timeout=self.limits.turn_timeout_s,
                 )
+                if gate is not None:
+                    await asyncio.wait_for(running.confirmed.wait(), self.limits.turn_timeout_s)
+                    if running.discarded:
+                        return "discarded"
+                    await gate.released  # everything held went out, in order
             except TimeoutError as exc:
                 raise DeadlineExceeded(
                     f"turn {turn.turn_id} exceeded {self.limits.turn_timeout_s:.0f} s"
                 ) from exc
+            finally:
+                if gate is not None:
+                    gate.close()
             assert done.record is not None
             await self.store.commit_turn(lease, turn.turn_id, *done.record, stored_result(done))
             await emit(finished(turn, done))

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 from iomni.engine.cache import EmbeddingCache, MediaStore, MemoryEmbeddingCache, MemoryMediaStore
 from iomni.errors import InvalidInput, LeaseLost, NotFound, SessionBusy
-from iomni.model.conversation import Message
+from iomni.model.conversation import Message, TextPart
 
 TurnState = Literal["running", "done"]
 
@@ -94,6 +94,11 @@ class DialogueStore(Protocol):
         self, tenant: str, session_id: str, turn_id: str
     ) -> TurnRecord | None: ...
 
+    async def truncate_reply(self, tenant: str, session_id: str, turn_id: str, text: str) -> bool:
+        """Cut the stored reply of a done turn to `text` (what the user heard before they
+        interrupted it); False when that turn is not done."""
+        ...
+
     async def get_affinity(self, session_id: str) -> str | None:
         """The llm replica holding this session's KV cache, if any."""
         ...
@@ -113,6 +118,7 @@ class _Session:
     records: dict[str, TurnRecord] = field(default_factory=dict)
     affinity: str | None = None
     published: set[str] = field(default_factory=set)
+    reply_index: dict[str, int] = field(default_factory=dict)  # turn id -> its reply's index
 
 
 class MemoryDialogueStore:
@@ -232,6 +238,7 @@ class MemoryDialogueStore:
         if record is not None and record.state == "done":
             return
         session.history += [user, assistant]
+        session.reply_index[turn_id] = len(session.history) - 1
         session.records[turn_id] = TurnRecord(turn_id, "done", dict(result))
         info = session.info
         session.info = SessionInfo(
@@ -240,6 +247,17 @@ class MemoryDialogueStore:
 
     async def turn_record(self, tenant: str, session_id: str, turn_id: str) -> TurnRecord | None:
         return self._owned(tenant, session_id).records.get(turn_id)
+
+    async def truncate_reply(self, tenant: str, session_id: str, turn_id: str, text: str) -> bool:
+        session = self._owned(tenant, session_id)
+        index = session.reply_index.get(turn_id)
+        record = session.records.get(turn_id)
+        if index is None or record is None or record.state != "done":
+            return False
+        session.history[index] = Message("assistant", (TextPart(text),))
+        result = {**record.result, "text": text, "truncated": True}
+        session.records[turn_id] = TurnRecord(turn_id, "done", result)
+        return True
 
     async def get_affinity(self, session_id: str) -> str | None:
         session = self._sessions.get(session_id)

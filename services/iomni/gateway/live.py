@@ -1,0 +1,129 @@
+"""A Converse stream in live mode: microphone audio and camera frames into a `LiveSession`,
+its events and replies back as `ConverseResponse`s."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from iomni import wire
+from iomni.engine.events import AudioChunk, TextDelta
+from iomni.errors import ErrorCode, InvalidInput, IomniError
+from iomni.live.session import LiveEvent, LiveSession, LiveSettings, LiveWarning
+from iomni.model.sampling import SamplingParams
+from iomni.parts import SpeechOptions
+from iomni.turns.runner import TurnFinished, TurnOutput
+from iomni.v1 import dialogue_pb2 as pb
+
+if TYPE_CHECKING:
+    from iomni.gateway.service import DialogueService
+
+EVENT_LOG_TURNS = 8  # publishers kept for turns still streaming
+
+
+class LiveConversation:
+    def __init__(
+        self,
+        service: DialogueService,
+        tenant: str,
+        session_id: str,
+        params: SamplingParams,
+        speech: SpeechOptions | None,
+        settings: LiveSettings,
+    ) -> None:
+        self.service = service
+        self.session_id = session_id
+        self.queue: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue()
+        self.live = LiveSession(
+            service.runner,
+            tenant,
+            session_id,
+            params,
+            speech,
+            settings,
+            self._emit,
+            service.metrics,
+        )
+        self.error: IomniError | None = None
+        self._logs: OrderedDict[str, Any] = OrderedDict()
+        self._reader: asyncio.Task | None = None
+
+    async def run(
+        self, requests: AsyncIterator[pb.ConverseRequest]
+    ) -> AsyncIterator[pb.ConverseResponse]:
+        self._reader = asyncio.create_task(self._read(requests))
+        while True:
+            response = await self.queue.get()
+            if response is None:
+                break
+            yield response
+        if self.error is not None:
+            raise self.error
+
+    async def _read(self, requests: AsyncIterator[pb.ConverseRequest]) -> None:
+        from iomni.gateway.service import as_project_error
+
+        try:
+            async for request in requests:
+                await self._handle(request)
+        except Exception as exc:
+            self.error = as_project_error(exc, "the live stream")
+        finally:
+            await self.live.close()
+            await self.queue.put(None)
+
+    async def _handle(self, request: pb.ConverseRequest) -> None:
+        kind = request.WhichOneof("payload")
+        if kind == "audio":
+            if request.audio.encoding != pb.AUDIO_ENCODING_PCM16:
+                await self._warn("live mode takes raw PCM16 audio chunks (encoding PCM16)")
+                return
+            await self.live.push_audio(request.audio.data, request.audio.sample_rate_hz)
+        elif kind == "frame":
+            await self.live.push_frame(request.frame.data)
+        elif kind == "text":
+            self.live.add_text(request.text.text)
+        elif kind == "end_of_turn":
+            await self.live.commit()
+        elif kind == "cancel":
+            self.live.cancel()
+        elif kind == "playback":
+            await self.live.playback(request.playback.turn_id, request.playback.played_ms)
+        elif kind in ("image", "video"):
+            await self._warn(f"live mode takes camera `frame`s, not `{kind}`; it was dropped")
+        elif kind == "config":
+            raise InvalidInput("`config` may only be the first message of a stream")
+
+    async def _warn(self, message: str) -> None:
+        await self._emit("", LiveWarning(ErrorCode.INVALID_INPUT, message))
+
+    async def _emit(self, turn_id: str, event: LiveEvent | TurnOutput) -> None:
+        response = wire.live_response(self.session_id, turn_id, event)
+        if isinstance(event, TextDelta | AudioChunk | TurnFinished):
+            await self._log(turn_id, response, finished=isinstance(event, TurnFinished))
+        await self.queue.put(response)
+
+    async def _log(self, turn_id: str, response: pb.ConverseResponse, finished: bool) -> None:
+        """The turn's outputs also go to the Kafka event log, as manual turns' do."""
+        factory = self.service.event_log
+        if factory is None:
+            return
+        publisher = self._logs.get(turn_id)
+        if publisher is None:
+            publisher = self._logs[turn_id] = factory(self.session_id, turn_id)
+            while len(self._logs) > EVENT_LOG_TURNS:
+                self._logs.popitem(last=False)
+        with contextlib.suppress(Exception):  # the log must never break a live dialogue
+            await publisher.emit(response)
+        if finished:
+            self._logs.pop(turn_id, None)
+
+    async def close(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        await self.live.close()

@@ -1,0 +1,458 @@
+"""`LiveSession`: one live conversation for any front door (gRPC Converse in live mode, the
+Realtime WebSocket, `iomni chat --live`).
+
+Microphone audio streams in without pause; Silero VAD and the `TurnDetector` decide when the
+user speaks and when their turn is over, and the session runs turns through the turn core by
+itself. At the end of speech a turn may start early (speculatively: its outputs are held and it
+is not committed); if the user goes on speaking it is discarded without a trace, otherwise the
+silence confirms it and what it already produced goes out at once. Speech over a reply
+interrupts it; the client's playback position cuts the stored reply to what was heard. Camera
+frames are encoded as they arrive, so vision work overlaps the user's speech, and the most
+recent ones join the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import soundfile as sf
+
+from iomni.engine.events import AudioChunk, TextDelta
+from iomni.errors import ErrorCode, InvalidInput, IomniError
+from iomni.live.detector import (
+    SpeechStarted,
+    SpeechStopped,
+    TurnDetection,
+    TurnDetector,
+    Utterance,
+)
+from iomni.live.observer import LiveObserver, NullLiveObserver
+from iomni.live.vad import SAMPLE_RATE, VoiceActivity
+from iomni.model.conversation import MediaPart, Message, TextPart
+from iomni.model.sampling import SamplingParams
+from iomni.parts import SpeechOptions
+from iomni.telemetry.tracing import tracer
+from iomni.turns.runner import RunningTurn, TurnFinished, TurnInput, TurnOutput, TurnRunner
+
+log = logging.getLogger(__name__)
+
+INPUT_RATES = (8000, 16000, 24000, 32000, 44100, 48000)
+# Text tokens spoken per second of reply audio: the speech decoder turns each group of 5 text
+# tokens into 25 speech tokens of 40 ms (InteractiveOmni's 5:25 interleave).
+SPOKEN_TOKENS_PER_S = 5.0
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    detection: TurnDetection = field(default_factory=TurnDetection)
+    early_start: bool = True
+    interrupt_response: bool = True
+    max_frames: int = 4  # recent camera frames attached to a turn
+    max_speedup: float = 4.0  # sustained audio faster than this times real time is dropped
+    burst_s: float = 5.0  # audio a client may send ahead of real time before that applies
+    auto_respond: bool = True  # a committed turn is answered at once (else: `respond()`)
+
+    def validate(self) -> LiveSettings:
+        self.detection.validate()
+        if not 0 <= self.max_frames <= 16:
+            raise InvalidInput(f"max_frames must be between 0 and 16, got {self.max_frames}")
+        return self
+
+
+# -- what a live session emits, besides the turn outputs ------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnCommitted:
+    audio_start_ms: int
+    audio_end_ms: int
+    frames: int
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    by: Literal["voice", "client"]
+
+
+@dataclass(frozen=True)
+class ReplyTruncated:
+    played_ms: int
+    text: str
+
+
+@dataclass(frozen=True)
+class LiveWarning:
+    code: ErrorCode
+    message: str
+
+
+LiveEvent = (
+    SpeechStarted | SpeechStopped | TurnCommitted | Interrupted | ReplyTruncated | LiveWarning
+)
+# (turn id or "", event): turn outputs carry their turn's id.
+Emit = Callable[[str, LiveEvent | TurnOutput], Awaitable[None]]
+
+
+@dataclass
+class _Reply:
+    """A turn the session started, and what is known of how it was heard."""
+
+    turn_id: str
+    running: RunningTurn
+    end_of_speech_at: float  # monotonic time the user's speech ended
+    task: asyncio.Task | None = None
+    utterance_end_ms: int = 0
+    deltas: list[TextDelta] = field(default_factory=list)
+    first_audio_at: float | None = None
+    audio_ms: float = 0.0
+    finished: bool = False
+    interrupted: bool = False
+    frames: list[MediaPart] = field(default_factory=list)  # what its turn carried
+    text: list[TextPart] = field(default_factory=list)
+
+    @property
+    def speculative(self) -> bool:
+        return self.running.speculative and not self.running.confirmed.is_set()
+
+    def playing(self, now: float) -> bool:
+        """Still producing, or its audio (sent at real time) has not finished playing."""
+        if not self.finished:
+            return True
+        return self.first_audio_at is not None and now < self.first_audio_at + self.audio_ms / 1000
+
+    def spoken_text(self, played_ms: int) -> str:
+        tokens = int(np.ceil(played_ms / 1000 * SPOKEN_TOKENS_PER_S))
+        return "".join(d.text for d in self.deltas if d.token_index < tokens)
+
+
+class LiveSession:
+    def __init__(
+        self,
+        runner: TurnRunner,
+        tenant: str,
+        session_id: str,
+        params: SamplingParams,
+        speech: SpeechOptions | None,
+        settings: LiveSettings,
+        emit: Emit,
+        observer: LiveObserver | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tenant = tenant
+        self.session_id = session_id
+        self.params = params
+        self.speech = speech
+        self.settings = settings.validate()
+        self.emit = emit
+        self.observer = observer or NullLiveObserver()
+        self.detector = TurnDetector(settings.detection)
+        self.vad = VoiceActivity()
+        self.frames: deque[MediaPart] = deque(maxlen=max(settings.max_frames, 1))
+        self.text: list[TextPart] = []
+        self.reply: _Reply | None = None  # the latest turn started
+        self.replies: deque[_Reply] = deque(maxlen=8)  # recent ones, for playback reports
+        self.pending: Message | None = None  # committed, not yet answered (auto_respond off)
+        self._resampler: object | None = None
+        self._rate = 0
+        self._started = time.monotonic()
+        self._received_s = 0.0
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- input ------------------------------------------------------------------------------
+
+    async def push_audio(self, pcm: bytes, rate: int) -> None:
+        """PCM16 little-endian mono at `rate` Hz, continuous."""
+        if rate not in INPUT_RATES:
+            await self._warn(
+                ErrorCode.INVALID_INPUT,
+                f"audio at {rate} Hz is not supported; send PCM16 at "
+                f"{', '.join(str(r) for r in INPUT_RATES)} Hz",
+            )
+            return
+        if len(pcm) % 2:
+            await self._warn(ErrorCode.INVALID_INPUT, "PCM16 audio needs an even number of bytes")
+            return
+        seconds = len(pcm) / 2 / rate
+        if self._too_fast(seconds):
+            await self._warn(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"audio arrives faster than {self.settings.max_speedup:g}x real time; "
+                "this chunk was dropped (stream at the speed it is recorded)",
+            )
+            return
+        samples = self._resample(np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768, rate)
+        started = time.perf_counter()
+        with tracer().start_as_current_span("vad"):
+            scored = self.vad.push(samples)
+        self.observer.vad_time(time.perf_counter() - started, len(samples) / SAMPLE_RATE)
+        for frame, probability in scored:
+            for event in self.detector.push(frame, probability):
+                await self._on_detector(event)
+
+    def _too_fast(self, seconds: float) -> bool:
+        elapsed = time.monotonic() - self._started
+        allowed = self.settings.max_speedup * elapsed + self.settings.burst_s
+        if self._received_s + seconds > allowed:
+            return True
+        self._received_s += seconds
+        return False
+
+    def _resample(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        if rate == SAMPLE_RATE:
+            return samples
+        if rate != self._rate:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
+            self._rate = rate
+        return self._resampler.resample_chunk(samples)  # type: ignore[attr-defined]
+
+    async def push_frame(self, data: bytes) -> None:
+        """A camera frame: decoded and encoded now (overlapping speech), kept for the turn."""
+        if self.settings.max_frames == 0:
+            return
+        part = MediaPart.from_bytes("frame", data)
+        try:
+            await self.runner.engine.prepare_media(part)
+        except IomniError as exc:
+            await self._warn(exc.code, f"camera frame dropped: {exc.detail}")
+            return
+        self.frames.append(part)
+
+    def add_text(self, text: str) -> None:
+        """Typed text joins the next turn."""
+        self.text.append(TextPart(text))
+
+    async def commit(self) -> None:
+        """End the user's turn now (what was said so far), as `end_of_turn` does."""
+        utterance = self.detector.force_commit()
+        if utterance is not None:
+            await self._committed(utterance)
+        elif self.text or self.frames:
+            await self._start_turn(self._message(None), speculative=False, end_ms=0)
+
+    def cancel(self) -> None:
+        """The client interrupts the reply (its own barge-in)."""
+        self._interrupt("client")
+
+    async def respond(self) -> None:
+        """Answer the committed turn (when `auto_respond` is off)."""
+        if self.pending is not None:
+            message, self.pending = self.pending, None
+            await self._start_turn(message, speculative=False, end_ms=0)
+
+    async def playback(self, turn_id: str, played_ms: int) -> None:
+        """The client played `played_ms` of a reply: after an interruption, the stored reply is
+        cut to what was heard."""
+        reply = next(
+            (r for r in reversed(self.replies) if r.turn_id == turn_id or not turn_id), None
+        )
+        if reply is None or not reply.interrupted:
+            return
+        self._spawn(self._truncate(reply, played_ms))
+
+    async def close(self) -> None:
+        reply = self.reply
+        if reply is not None:
+            if reply.speculative:
+                reply.running.discard()
+            reply.running.request_cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    # -- turn-taking ------------------------------------------------------------------------
+
+    async def _on_detector(self, event: SpeechStarted | SpeechStopped | Utterance) -> None:
+        if isinstance(event, SpeechStarted):
+            await self._speech_started(event)
+        elif isinstance(event, SpeechStopped):
+            await self.emit("", event)
+            if self.settings.early_start and self.settings.auto_respond:
+                with tracer().start_as_current_span("early_start"):
+                    utterance = self.detector.utterance_so_far()
+                    await self._start_turn(
+                        self._message(utterance),
+                        speculative=True,
+                        end_ms=event.audio_end_ms,
+                        utterance=utterance,
+                    )
+        else:
+            await self._committed(event)
+
+    async def _speech_started(self, event: SpeechStarted) -> None:
+        reply = self.reply
+        if reply is not None and reply.speculative:
+            reply.running.discard()  # the user went on: the early turn never happened
+            self.observer.speculative("discarded")
+        elif self.settings.interrupt_response and reply is not None:
+            self._interrupt("voice")
+        await self.emit("", event)
+
+    def _interrupt(self, by: Literal["voice", "client"]) -> None:
+        reply = self.reply
+        if reply is None or reply.interrupted or reply.speculative:
+            return
+        if not reply.playing(time.monotonic()):
+            return
+        reply.interrupted = True
+        reply.running.request_cancel()
+        self.observer.barge_in(by)
+        self._spawn(self.emit(reply.turn_id, Interrupted(by)))
+
+    async def _committed(self, utterance: Utterance) -> None:
+        with tracer().start_as_current_span("commit") as span:
+            span.set_attribute("iomni.audio_end_ms", utterance.audio_end_ms)
+            reply = self.reply
+            early = (
+                reply is not None
+                and reply.speculative
+                and not reply.running.discarded
+                and reply.utterance_end_ms == utterance.audio_end_ms
+            )
+            self.observer.committed("vad" if not utterance.forced else "forced")
+            if early:
+                assert reply is not None
+                frames = len(reply.frames)
+                self._consume(reply)
+                reply.running.confirm()
+                self.observer.speculative("confirmed")
+                await self.emit(
+                    reply.turn_id,
+                    TurnCommitted(utterance.audio_start_ms, utterance.audio_end_ms, frames),
+                )
+                return
+            message = self._message(utterance)
+            if not self.settings.auto_respond:
+                self.pending = message
+                self.frames.clear()
+                self.text = []
+                frames = sum(1 for p in message.media if p.type == "frame")
+                await self.emit(
+                    "", TurnCommitted(utterance.audio_start_ms, utterance.audio_end_ms, frames)
+                )
+                return
+            await self._start_turn(
+                message, speculative=False, end_ms=utterance.audio_end_ms, utterance=utterance
+            )
+
+    def _message(self, utterance: Utterance | None) -> Message:
+        parts: list[TextPart | MediaPart] = list(self.frames)
+        if utterance is not None and utterance.audio.size:
+            parts.append(MediaPart.from_bytes("audio", _wav(utterance.audio)))
+        parts += self.text
+        return Message("user", tuple(parts))
+
+    def _consume(self, reply: _Reply) -> None:
+        """The reply's turn used these frames and this text: later turns do not get them."""
+        self.frames = deque((f for f in self.frames if f not in reply.frames), self.frames.maxlen)
+        self.text = [t for t in self.text if t not in reply.text]
+
+    async def _start_turn(
+        self,
+        message: Message,
+        speculative: bool,
+        end_ms: int,
+        utterance: Utterance | None = None,
+    ) -> None:
+        if not message.parts:
+            return
+        previous = self.reply
+        turn_id = uuid.uuid4().hex
+        now = time.monotonic()
+        # The end of speech was heard (position - end) ms of audio ago (audio comes at real time).
+        behind_s = max(0, self.detector.position_ms - end_ms) / 1000 if end_ms else 0.0
+        end_of_speech_at = now - behind_s
+        reply = _Reply(turn_id, RunningTurn(speculative=speculative), end_of_speech_at)
+        reply.utterance_end_ms = utterance.audio_end_ms if utterance is not None else 0
+        reply.frames = [p for p in message.media if p.type == "frame"]
+        reply.text = [p for p in message.parts if isinstance(p, TextPart)]
+        self.reply = reply
+        self.replies.append(reply)
+        if not speculative:
+            self._consume(reply)
+            await self.emit(
+                turn_id,
+                TurnCommitted(
+                    utterance.audio_start_ms if utterance else 0, end_ms, len(reply.frames)
+                ),
+            )
+        else:
+            self.observer.speculative("started")
+        turn = TurnInput(self.tenant, self.session_id, turn_id, message, self.params, self.speech)
+        reply.task = self._spawn(self._run(turn, reply, previous))
+
+    async def _run(self, turn: TurnInput, reply: _Reply, previous: _Reply | None) -> None:
+        if previous is not None and previous.task is not None and previous is not reply:
+            # One turn of a session at a time: the one before (interrupted or discarded) ends first.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(previous.task)
+
+        async def emit(output: TurnOutput) -> None:
+            if isinstance(output, TextDelta):
+                reply.deltas.append(output)
+            elif isinstance(output, AudioChunk):
+                now = time.monotonic()
+                if reply.first_audio_at is None:
+                    reply.first_audio_at = now
+                    self.observer.speech_to_first_audio(now - reply.end_of_speech_at)
+                reply.audio_ms += output.duration_ms
+            elif isinstance(output, TurnFinished):
+                reply.finished = True
+            await self.emit(turn.turn_id, output)
+
+        try:
+            await self.runner.run(turn, emit, reply.running)
+        except IomniError as exc:
+            await self._warn(exc.code, f"turn {turn.turn_id} failed: {exc.detail}")
+        finally:
+            reply.finished = True
+
+    async def _truncate(self, reply: _Reply, played_ms: int) -> None:
+        if reply.task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(reply.task)  # the cut applies to the committed reply
+        text = reply.spoken_text(played_ms)
+        try:
+            cut = await self.runner.store.truncate_reply(
+                self.tenant, self.session_id, reply.turn_id, text
+            )
+        except IomniError as exc:
+            await self._warn(exc.code, f"could not cut reply {reply.turn_id}: {exc.detail}")
+            return
+        if cut:
+            await self.emit(reply.turn_id, ReplyTruncated(played_ms, text))
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _warn(self, code: ErrorCode, message: str) -> None:
+        self.observer.warning(code.outcome)
+        await self.emit("", LiveWarning(code, message))
+
+    def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _wav(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def live_settings(detection: TurnDetection, **changes: object) -> LiveSettings:
+    return replace(LiveSettings(detection=detection), **changes)  # type: ignore[arg-type]
