@@ -59,7 +59,7 @@ $(CKPT_DIR)/tiny/config.json: $(wildcard services/iomni/model/*.py) | $(STAMP)
 # The 3-turn audio-visual conversation through the gateway over gRPC (stack up, then down).
 demo: setup checkpoints
 	$(PY) -m iomni.cli.stack up --model $(CKPT_DIR)/tiny
-	$(PY) -m iomni.cli.demo --server localhost:50051 --kafka 127.0.0.1:9092 \
+	$(PY) -m iomni.cli.demo --server localhost:50051 --kafka 127.0.0.1:9092 --live \
 	  --workdir .cache/demo || \
 	  { $(PY) -m iomni.cli.stack down; exit 1; }
 	$(PY) -m iomni.cli.stack down
@@ -98,6 +98,7 @@ bench: setup
 	$(PY) -m loadtests.bench_triton --out docs/benchmarks
 	$(PY) -m loadtests.bench_gateway --out docs/benchmarks
 	$(PY) -m loadtests.bench_streams --out docs/benchmarks
+	$(PY) -m loadtests.bench_live --out docs/benchmarks
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

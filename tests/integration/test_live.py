@@ -4,20 +4,19 @@ by espeak-ng, turn-taking and barge-in decided by the server."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 
 import numpy as np
 import pytest
 
 from iomni.client import AsyncDialogueClient, LiveStream
+from iomni.testing.speech import RATE, espeak_available, pcm, silence, spoken
 from iomni.v1 import dialogue_pb2 as pb
 from tests.conftest import png_bytes
 from tests.integration.conftest import TENANT_KEYS, GatewayProcess
 from tests.integration.prom import Scrape, delta
-from tests.unit.live.test_session import RATE, pcm, silence, spoken
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng")
 SPEED = 2.0  # audio is sent at twice real time (the server accepts up to 4x sustained)
 
 

@@ -222,6 +222,9 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="checkpoint: run in-process")
     parser.add_argument("--server", help="gateway host:port: run through gRPC")
     parser.add_argument("--kafka", default="", help="also send a turn through this broker")
+    parser.add_argument(
+        "--live", action="store_true", help="also a live turn and a barge-in (with --server)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
@@ -232,6 +235,10 @@ def main() -> int:
     print(f"assets: {', '.join(str(p) for p in assets.values())}")
     if args.server:
         converse_remote(args.server, assets, args.seed, args.workdir, args.kafka)
+        if args.live:
+            from iomni.cli.demo_live import live_demo
+
+            asyncio.run(live_demo(args.server, args.workdir))
     elif args.model:
         asyncio.run(converse(args.model, assets, args.seed, args.workdir))
     else:

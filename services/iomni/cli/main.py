@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--out", type=Path, help="speak the reply and write it to this WAV file")
     chat.add_argument("--speaker", type=Path, help="reference WAV to clone the voice from")
     chat.add_argument("--timings", action="store_true", help="print per-stage timings to stderr")
+    chat.add_argument(
+        "--live",
+        action="store_true",
+        help="live conversation: stream --audio (a recording, or - for PCM16 16 kHz on stdin) "
+        "as a microphone; the server side detects turns and barge-in",
+    )
+    chat.add_argument("--speed", type=float, default=1.0, help="--live: times real time")
     return parser
 
 
@@ -389,7 +396,7 @@ async def _chat(args: argparse.Namespace) -> int:
         raise InvalidInput("chat needs --model DIR (in-process) or --server HOST:PORT")
     if args.speaker and not args.out:
         raise InvalidInput("--speaker only makes sense with --out (speech output)")
-    user = _user_message(args)
+    user = None if args.live else _user_message(args)
     params = _sampling(args)
     speech = None
     if args.out:
@@ -417,8 +424,12 @@ async def _chat(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
 
-    turn = TurnInput(LOCAL_TENANT, store.session_id, uuid.uuid4().hex, user, params, speech)
     try:
+        if args.live:
+            from iomni.cli.live import run_live
+
+            return await run_live(args, runtime, store, params, speech)
+        turn = TurnInput(LOCAL_TENANT, store.session_id, uuid.uuid4().hex, user, params, speech)
         await runtime.runner.run(turn, show)
     finally:
         await runtime.close()

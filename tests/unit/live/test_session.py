@@ -5,16 +5,11 @@ truncation, camera frames, bad input."""
 from __future__ import annotations
 
 import asyncio
-import io
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-import soxr
 from tests.conftest import png_bytes
 
 from iomni.engine.events import AudioChunk, TextDelta
@@ -32,28 +27,11 @@ from iomni.model.sampling import SamplingParams
 from iomni.parts import SpeechOptions
 from iomni.runtime.build import Runtime, build_runner
 from iomni.runtime.settings import Settings
+from iomni.testing.speech import RATE, espeak_available, pcm, silence, spoken
 from iomni.turns.runner import TurnFinished
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
-RATE = 24000
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng")
 PARAMS = SamplingParams(temperature=0.0, max_new_tokens=24)
-
-
-def spoken(text: str, rate: int = RATE) -> np.ndarray:
-    """espeak-ng's speech of `text` as float32 mono at `rate`."""
-    wav = subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True).stdout
-    samples, source = sf.read(io.BytesIO(wav), dtype="float32")
-    voiced = np.flatnonzero(np.abs(samples) > 1e-3)  # espeak pads with silence: cut it
-    samples = samples[voiced[0] : voiced[-1] + 1]
-    return soxr.resample(samples, source, rate).astype(np.float32)
-
-
-def silence(seconds: float, rate: int = RATE) -> np.ndarray:
-    return np.zeros(int(seconds * rate), dtype=np.float32)
-
-
-def pcm(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 class Recorder:
