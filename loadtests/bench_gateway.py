@@ -141,6 +141,8 @@ def start_gateway(
             "18451",
             "--metrics-port",
             "18452",
+            "--realtime-port",
+            "18453",
             "--host",
             "127.0.0.1",
         ],

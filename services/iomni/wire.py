@@ -11,6 +11,7 @@ from iomni.live.session import (
     LiveEvent,
     LiveSettings,
     LiveWarning,
+    ReplyStarted,
     ReplyTruncated,
     TurnCommitted,
 )
@@ -153,6 +154,8 @@ def live_response(
         )
     elif isinstance(event, SpeechStopped):
         message.speech_stopped.CopyFrom(pb.SpeechStopped(audio_end_ms=event.audio_end_ms))
+    elif isinstance(event, ReplyStarted):
+        message.committed.CopyFrom(pb.TurnCommitted())
     elif isinstance(event, TurnCommitted):
         message.committed.CopyFrom(
             pb.TurnCommitted(

@@ -485,7 +485,9 @@ def test_tls_material_and_redis_url_come_from_secrets() -> None:
     assert secrets["tls"] == "gw-tls" and secrets["client-ca"] == "gw-ca"
     redis = next(e for e in container["env"] if e["name"] == "REDIS_URL")
     assert redis["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
-    assert "tcpSocket" in container["readinessProbe"], "the gRPC probe cannot speak TLS"
+    # gRPC TLS does not matter to readiness: it is read on the plain HTTP /readyz of the
+    # Realtime port, which reports the same health as gRPC's.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "realtime"}
     auth = by_name(objs, "TriggerAuthentication")["iomni-kafka"]
     assert {t["parameter"] for t in auth["spec"]["secretTargetRef"]} == {
         "ca",
@@ -924,6 +926,9 @@ def test_gateway_and_worker_args_parse_into_settings_that_match_the_values(scena
         assert settings.metrics_host == "0.0.0.0"
         if process == "gateway":
             assert settings.host == "0.0.0.0" and settings.port == section["port"]
+            assert settings.realtime_host == "0.0.0.0"
+            assert settings.realtime_port == section["realtime"]["port"]
+            assert settings.realtime_idle_timeout_s == section["realtime"]["idleTimeoutS"]
             assert settings.max_concurrent_turns == section["maxConcurrentTurns"]
             assert settings.max_message_mb == section["maxMessageMb"]
             assert settings.turn_timeout_s == section["turnTimeout"]
@@ -931,3 +936,53 @@ def test_gateway_and_worker_args_parse_into_settings_that_match_the_values(scena
         else:
             assert settings.max_in_flight == section["maxInFlight"]
             assert settings.group == section["group"]
+
+
+@ALL
+def test_the_realtime_port_is_served_probed_and_reachable(scenario: str) -> None:
+    """The WebSocket port is a container port, a Service port and open in the NetworkPolicy;
+    readiness reads it (so a pod whose WebSocket listener is down is not ready)."""
+    objs = docs(scenario)
+    v = values(scenario)["gateway"]["realtime"]
+    spec = by_name(objs, "Deployment")["iomni-gateway"]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["realtime"] == v["port"]
+    assert container["readinessProbe"]["httpGet"]["port"] == "realtime"
+    service = by_name(objs, "Service")["iomni-gateway"]
+    assert {"name": "realtime", "port": v["port"], "targetPort": "realtime"}.items() <= next(
+        p for p in service["spec"]["ports"] if p["name"] == "realtime"
+    ).items()
+    policies = [
+        p for p in of_kind(objs, "NetworkPolicy") if p["metadata"]["name"].endswith("-gateway")
+    ]
+    for policy in policies:
+        opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+        assert "realtime" in opened
+
+
+def test_the_realtime_ingress_keeps_websockets_open() -> None:
+    objs = deploy.documents(
+        deploy.render(
+            {
+                "gateway": {
+                    "realtime": {
+                        "ingress": {
+                            "enabled": True,
+                            "host": "talk.example.com",
+                            "className": "nginx",
+                        }
+                    }
+                }
+            },
+            profile="cpu",
+            namespace=NS,
+        )
+    )
+    ingress = by_name(objs, "Ingress")["iomni-gateway-realtime"]
+    annotations = ingress["metadata"]["annotations"]
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "talk.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"]["port"]["name"] == "realtime"
+    assert not any(o["kind"] == "Ingress" for o in docs("cpu"))  # off by default

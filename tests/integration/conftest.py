@@ -75,9 +75,12 @@ def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class GatewayProcess:
     """`iomni gateway` as a real process on loopback."""
 
-    def __init__(self, args: list[str], port: int, metrics_port: int, log: Path) -> None:
+    def __init__(
+        self, args: list[str], port: int, metrics_port: int, log: Path, realtime_port: int = 0
+    ) -> None:
         self.port = port
         self.metrics_port = metrics_port
+        self.realtime_port = realtime_port
         self.log = log
         self.process = subprocess.Popen(
             [
@@ -90,6 +93,8 @@ class GatewayProcess:
                 str(port),
                 "--metrics-port",
                 str(metrics_port),
+                "--realtime-port",
+                str(realtime_port),
                 "--host",
                 "127.0.0.1",
             ],
@@ -150,7 +155,7 @@ def start_gateway(
     logs = tmp_path_factory.mktemp("gateway-logs")
 
     def start(*extra: str, redis_url: str | None = None, wait: bool = True) -> GatewayProcess:
-        port, metrics_port = free_ports(2)
+        port, metrics_port, realtime_port = free_ports(3)
         args = [
             "--model",
             str(tiny_dir),
@@ -162,7 +167,9 @@ def start_gateway(
             redis_url or redis.url,
             *extra,
         ]
-        gateway = GatewayProcess(args, port, metrics_port, logs / f"gateway-{port}.log")
+        gateway = GatewayProcess(
+            args, port, metrics_port, logs / f"gateway-{port}.log", realtime_port
+        )
         started.append(gateway)
         if wait:
             gateway.wait_serving()

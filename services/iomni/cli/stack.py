@@ -1,8 +1,8 @@
 """`make up` / `make down`: the local stack in the background, logs and pids under .run/.
 
 Redis (127.0.0.1:6379, AOF on), Triton with the CPU profile (8000/8001/8002), the gateway
-(50051, metrics 9464). A local development tenant is created; its key is in .run/api_key, where
-`iomni chat --server` finds it.
+(gRPC 50051, metrics 9464, OpenAI Realtime WebSocket and the browser playground 8080). A local
+development tenant is created; its key is in .run/api_key, where `iomni chat --server` finds it.
 """
 
 from __future__ import annotations
@@ -169,9 +169,12 @@ def up(model: Path) -> None:
         9465,
         120,
     )
+    key = key_file.read_text().strip()
     print(
         f"stack up: `iomni chat --server localhost:50051 --text hi --session s.json` "
-        f"(dev key in {key_file})"
+        f"(dev key in {key_file})\n"
+        f"talk to it in a browser: http://127.0.0.1:8080/#key={key}\n"
+        f"OpenAI Realtime: ws://127.0.0.1:8080/v1/realtime (Authorization: Bearer <dev key>)"
     )
 
 

@@ -20,6 +20,8 @@ from prometheus_client import start_http_server
 from iomni.errors import InvalidInput, IomniError
 from iomni.gateway.auth import Tenants
 from iomni.gateway.service import DialogueService
+from iomni.realtime.connection import Limits
+from iomni.realtime.server import RealtimeServer
 from iomni.runtime.build import build_runner
 from iomni.runtime.settings import Settings
 from iomni.telemetry.metrics import GatewayMetrics
@@ -60,6 +62,8 @@ class Gateway:
             event_log,
         )
         self.server: grpc.aio.Server | None = None
+        self.realtime: RealtimeServer | None = None
+        self.serving = False  # what health says (also the Realtime port's /readyz)
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -89,6 +93,20 @@ class Gateway:
             self.settings.metrics_port, self.settings.metrics_host, registry=self.metrics.registry
         )
         await self.runtime.start()
+        if self.settings.realtime_port:
+            self.realtime = RealtimeServer(
+                self.runner,
+                self.runtime.store,
+                self.service.tenants,
+                self.metrics,
+                serving=lambda: self.serving and not self.runner.draining,
+                limits=Limits(
+                    send_queue=self.settings.realtime_send_queue,
+                    idle_timeout_s=self.settings.realtime_idle_timeout_s,
+                ),
+                max_message_bytes=self.settings.max_turn_bytes,
+            )
+            await self.realtime.start(self.settings.realtime_host, self.settings.realtime_port)
         self._watch = asyncio.create_task(self._watch_dependencies())
         log.info("gateway listening on %s, metrics on :%d", address, self.settings.metrics_port)
 
@@ -104,6 +122,7 @@ class Gateway:
         )
 
     async def _set_health(self, serving: bool) -> None:
+        self.serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -138,6 +157,8 @@ class Gateway:
         while self.runner.active and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
         self._stopping.set()
+        if self.realtime is not None:
+            await self.realtime.stop()
         if self.server is not None:
             await self.server.stop(grace=1.0)
         await self.runtime.close()
@@ -148,7 +169,12 @@ class Gateway:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        print(f"gateway ready on {self.settings.host}:{self.settings.port}", flush=True)
+        realtime = (
+            f", realtime ws://{self.settings.realtime_host}:{self.settings.realtime_port}/v1/realtime"
+            if self.realtime
+            else ""
+        )
+        print(f"gateway ready on {self.settings.host}:{self.settings.port}{realtime}", flush=True)
         await stop.wait()
         log.info("draining: %d turns in flight", self.runner.active)
         await self.drain_and_stop()

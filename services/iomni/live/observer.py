@@ -9,8 +9,9 @@ class LiveObserver(Protocol):
     def speech_to_first_audio(self, seconds: float) -> None:
         """From the end of the user's speech to the reply's first audio."""
 
-    def committed(self, how: Literal["vad", "forced"]) -> None:
-        """A turn the server committed: its silence ended it, or it reached the length cap."""
+    def committed(self, how: Literal["vad", "forced", "client"]) -> None:
+        """A user turn was committed: by its silence (vad), at the length cap (forced), or by
+        the client (end_of_turn, input_audio_buffer.commit)."""
 
     def barge_in(self, by: Literal["voice", "client"]) -> None: ...
 
@@ -27,7 +28,7 @@ class NullLiveObserver:
     def speech_to_first_audio(self, seconds: float) -> None:
         pass
 
-    def committed(self, how: Literal["vad", "forced"]) -> None:
+    def committed(self, how: Literal["vad", "forced", "client"]) -> None:
         pass
 
     def barge_in(self, by: Literal["voice", "client"]) -> None:

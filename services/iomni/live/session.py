@@ -61,6 +61,7 @@ class LiveSettings:
     max_speedup: float = 4.0  # sustained audio faster than this times real time is dropped
     burst_s: float = 5.0  # audio a client may send ahead of real time before that applies
     auto_respond: bool = True  # a committed turn is answered at once (else: `respond()`)
+    vad: bool = True  # False: no turn detection; audio waits for `commit()` (manual turns)
 
     def validate(self) -> LiveSettings:
         self.detection.validate()
@@ -77,6 +78,11 @@ class TurnCommitted:
     audio_start_ms: int
     audio_end_ms: int
     frames: int
+
+
+@dataclass(frozen=True)
+class ReplyStarted:
+    """A reply begins to what the user committed earlier (`respond()`)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,13 @@ class LiveWarning:
 
 
 LiveEvent = (
-    SpeechStarted | SpeechStopped | TurnCommitted | Interrupted | ReplyTruncated | LiveWarning
+    SpeechStarted
+    | SpeechStopped
+    | TurnCommitted
+    | ReplyStarted
+    | Interrupted
+    | ReplyTruncated
+    | LiveWarning
 )
 # (turn id or "", event): turn outputs carry their turn's id.
 Emit = Callable[[str, LiveEvent | TurnOutput], Awaitable[None]]
@@ -159,6 +171,9 @@ class LiveSession:
         self.vad = VoiceActivity()
         self.frames: deque[MediaPart] = deque(maxlen=max(settings.max_frames, 1))
         self.text: list[TextPart] = []
+        self.parts: list[MediaPart] = []  # media items added for the next turn
+        self._manual: list[np.ndarray] = []  # manual turns: audio until commit()
+        self._manual_ms = 0
         self.reply: _Reply | None = None  # the latest turn started
         self.replies: deque[_Reply] = deque(maxlen=8)  # recent ones, for playback reports
         self.pending: Message | None = None  # committed, not yet answered (auto_respond off)
@@ -167,6 +182,19 @@ class LiveSession:
         self._started = time.monotonic()
         self._received_s = 0.0
         self._tasks: set[asyncio.Task] = set()
+
+    def reconfigure(
+        self, settings: LiveSettings, params: SamplingParams, speech: SpeechOptions | None
+    ) -> None:
+        """New settings for the turns to come (a Realtime `session.update`). Turn detection
+        restarts unless the user is mid-utterance."""
+        self.settings = settings.validate()
+        self.params, self.speech = params, speech
+        if not self.detector.speaking:
+            self.detector = TurnDetector(settings.detection)
+        frames = max(settings.max_frames, 1)
+        if frames != self.frames.maxlen:
+            self.frames = deque(self.frames, frames)
 
     # -- input ------------------------------------------------------------------------------
 
@@ -183,6 +211,9 @@ class LiveSession:
             await self._warn(ErrorCode.INVALID_INPUT, "PCM16 audio needs an even number of bytes")
             return
         seconds = len(pcm) / 2 / rate
+        if not self.settings.vad:
+            await self._buffer(pcm, rate)
+            return
         if self._too_fast(seconds):
             await self._warn(
                 ErrorCode.RESOURCE_EXHAUSTED,
@@ -198,6 +229,19 @@ class LiveSession:
         for frame, probability in scored:
             for event in self.detector.push(frame, probability):
                 await self._on_detector(event)
+
+    async def _buffer(self, pcm: bytes, rate: int) -> None:
+        """Manual turns (no VAD): audio waits in a buffer, bounded, until `commit()`."""
+        samples = self._resample(np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768, rate)
+        held = sum(len(c) for c in self._manual)
+        if (held + len(samples)) * 1000 > self.settings.detection.max_utterance_ms * SAMPLE_RATE:
+            await self._warn(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"the input audio buffer is full ({self.settings.detection.max_utterance_ms} ms);"
+                " commit it before appending more",
+            )
+            return
+        self._manual.append(samples)
 
     def _too_fast(self, seconds: float) -> bool:
         elapsed = time.monotonic() - self._started
@@ -233,33 +277,70 @@ class LiveSession:
         """Typed text joins the next turn."""
         self.text.append(TextPart(text))
 
-    async def commit(self) -> None:
-        """End the user's turn now (what was said so far), as `end_of_turn` does."""
-        utterance = self.detector.force_commit()
+    async def commit(self) -> bool:
+        """End the user's turn now (what was said so far), as `end_of_turn` does. False when
+        there was nothing to commit."""
+        utterance = self.detector.force_commit() if self.settings.vad else self._take_buffer()
         if utterance is not None:
-            await self._committed(utterance)
-        elif self.text or self.frames:
-            await self._start_turn(self._message(None), speculative=False, end_ms=0)
+            await self._committed(utterance, how="client")
+            return True
+        if self.text or self.frames:
+            if self.settings.auto_respond:
+                await self._start_turn(self._message(None), speculative=False, end_ms=0)
+            else:
+                self.pending = self._message(None)
+                self.frames.clear()
+                self.text = []
+            return True
+        return False
+
+    def _take_buffer(self) -> Utterance | None:
+        if not self._manual:
+            return None
+        audio = np.concatenate(self._manual)
+        self._manual = []
+        start = self._manual_ms
+        self._manual_ms += len(audio) * 1000 // SAMPLE_RATE
+        return Utterance(audio, start, self._manual_ms, forced=True)
+
+    def clear(self) -> None:
+        """Drop input audio not yet committed."""
+        self._manual = []
+        self.detector = TurnDetector(self.settings.detection)
+        self.vad.reset()
+
+    def add_part(self, part: TextPart | MediaPart) -> None:
+        """A text or media item that joins the next turn (Realtime `conversation.item.create`)."""
+        if isinstance(part, TextPart):
+            self.text.append(part)
+        else:
+            self.parts.append(part)
 
     def cancel(self) -> None:
         """The client interrupts the reply (its own barge-in)."""
         self._interrupt("client")
 
-    async def respond(self) -> None:
-        """Answer the committed turn (when `auto_respond` is off)."""
-        if self.pending is not None:
-            message, self.pending = self.pending, None
-            await self._start_turn(message, speculative=False, end_ms=0)
+    async def respond(self) -> str | None:
+        """Answer what the user committed or added (when `auto_respond` is off); returns the
+        reply's turn id, None when there is nothing to answer."""
+        message, self.pending = self.pending, None
+        if message is None and (self.text or self.frames or self.parts):
+            message = self._message(None)
+        if message is None:
+            return None
+        return await self._start_turn(message, speculative=False, end_ms=0, announce=False)
 
-    async def playback(self, turn_id: str, played_ms: int) -> None:
-        """The client played `played_ms` of a reply: after an interruption, the stored reply is
-        cut to what was heard."""
+    async def playback(self, turn_id: str, played_ms: int, truncate: bool = False) -> bool:
+        """The client played `played_ms` of a reply: after an interruption (or always, with
+        `truncate`), the stored reply is cut to what was heard. False for an unknown reply."""
         reply = next(
             (r for r in reversed(self.replies) if r.turn_id == turn_id or not turn_id), None
         )
-        if reply is None or not reply.interrupted:
-            return
-        self._spawn(self._truncate(reply, played_ms))
+        if reply is None:
+            return False
+        if reply.interrupted or truncate:
+            self._spawn(self._truncate(reply, played_ms))
+        return True
 
     async def close(self) -> None:
         reply = self.reply
@@ -312,7 +393,7 @@ class LiveSession:
         self.observer.barge_in(by)
         self._spawn(self.emit(reply.turn_id, Interrupted(by)))
 
-    async def _committed(self, utterance: Utterance) -> None:
+    async def _committed(self, utterance: Utterance, how: str = "") -> None:
         with tracer().start_as_current_span("commit") as span:
             span.set_attribute("iomni.audio_end_ms", utterance.audio_end_ms)
             reply = self.reply
@@ -322,7 +403,7 @@ class LiveSession:
                 and not reply.running.discarded
                 and reply.utterance_end_ms == utterance.audio_end_ms
             )
-            self.observer.committed("vad" if not utterance.forced else "forced")
+            self.observer.committed(how or ("forced" if utterance.forced else "vad"))
             if early:
                 assert reply is not None
                 frames = len(reply.frames)
@@ -349,7 +430,8 @@ class LiveSession:
             )
 
     def _message(self, utterance: Utterance | None) -> Message:
-        parts: list[TextPart | MediaPart] = list(self.frames)
+        parts: list[TextPart | MediaPart] = [*self.frames, *self.parts]
+        self.parts = []
         if utterance is not None and utterance.audio.size:
             parts.append(MediaPart.from_bytes("audio", _wav(utterance.audio)))
         parts += self.text
@@ -366,9 +448,12 @@ class LiveSession:
         speculative: bool,
         end_ms: int,
         utterance: Utterance | None = None,
-    ) -> None:
+        announce: bool = True,
+    ) -> str | None:
+        """Start answering `message`. `announce`: say `TurnCommitted` (the user's turn ends
+        here); a reply to what was committed earlier says `ReplyStarted` instead."""
         if not message.parts:
-            return
+            return None
         previous = self.reply
         turn_id = uuid.uuid4().hex
         now = time.monotonic()
@@ -381,18 +466,16 @@ class LiveSession:
         reply.text = [p for p in message.parts if isinstance(p, TextPart)]
         self.reply = reply
         self.replies.append(reply)
-        if not speculative:
-            self._consume(reply)
-            await self.emit(
-                turn_id,
-                TurnCommitted(
-                    utterance.audio_start_ms if utterance else 0, end_ms, len(reply.frames)
-                ),
-            )
-        else:
+        if speculative:
             self.observer.speculative("started")
+        else:
+            self._consume(reply)
+            start_ms = utterance.audio_start_ms if utterance else 0
+            event = TurnCommitted(start_ms, end_ms, len(reply.frames)) if announce else None
+            await self.emit(turn_id, event or ReplyStarted())
         turn = TurnInput(self.tenant, self.session_id, turn_id, message, self.params, self.speech)
         reply.task = self._spawn(self._run(turn, reply, previous))
+        return turn_id
 
     async def _run(self, turn: TurnInput, reply: _Reply, previous: _Reply | None) -> None:
         if previous is not None and previous.task is not None and previous is not reply:

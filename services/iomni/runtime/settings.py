@@ -85,6 +85,23 @@ class Settings:
     events_bootstrap: str = setting(
         "", "Kafka bootstrap: also publish every turn's events to the log", processes=("gateway",)
     )
+    # -- the Realtime (WebSocket) front door and the playground ------------------------------
+    realtime_host: str = setting(
+        "127.0.0.1", "address the Realtime/HTTP port binds", processes=("gateway",)
+    )
+    realtime_port: int = setting(
+        8080, "OpenAI Realtime WebSocket + playground port (0: off)", processes=("gateway",)
+    )
+    realtime_idle_timeout_s: float = setting(
+        300.0,
+        "close a Realtime connection after this long without a client event",
+        processes=("gateway",),
+    )
+    realtime_send_queue: int = setting(
+        2048,
+        "server events queued for a slow client before it is disconnected",
+        processes=("gateway",),
+    )
     # -- the Kafka worker --------------------------------------------------------------------
     bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers", processes=("worker",))
     partitions: int = setting(6, "partitions of topics it creates", processes=("worker",))

@@ -151,7 +151,7 @@ class GatewayMetrics(TurnMetrics):
         )
         self.live_commits = Counter(
             "iomni_gateway_live_turns_committed_total",
-            "Live mode: user turns the server committed (vad: by silence; forced: length cap)",
+            "Live mode: user turns committed (vad: by silence; forced: length cap; client)",
             ["how"],
             registry=r,
         )

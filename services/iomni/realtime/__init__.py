@@ -1,0 +1,1 @@
+"""The OpenAI Realtime front door (WebSocket) and the browser playground."""
