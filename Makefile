@@ -65,7 +65,7 @@ demo: setup checkpoints
 	$(PY) -m iomni.cli.stack down
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check services tests loadtests

@@ -25,7 +25,7 @@ from tests.integration.conftest import TENANT_KEYS, GatewayProcess
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng")
 SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
-SPEED = 2.0
+SPEED = 3.5
 
 
 class Conversation:
