@@ -1,9 +1,10 @@
 """Config presets for generated checkpoints: `tiny`, `small`, `4b`, `8b`.
 
 `4b` / `8b` use the published sizes of InternViT-300M, Whisper-large-v3's encoder and
-Qwen3-4B / -8B. Top-level fields the real `config.json` may set differently (downsample_ratio,
-select_layer, ps_version, template) use the remote config class defaults; see
-docs/model.md for which facts are still assumptions.
+Qwen3-4B / -8B. Top-level fields the real `config.json` may set differently (select_layer,
+ps_version, template) use the remote config class defaults, except `downsample_ratio`: 0.25
+(64 tokens per tile, as the paper states) for `small`/`4b`/`8b`; see docs/model.md for which
+facts are still assumptions.
 """
 
 from __future__ import annotations
@@ -220,7 +221,9 @@ def preset_config(size: str) -> dict[str, Any]:
         "audio_config": _audio_config(spec["audio"]),
         "llm_config": _llm_config(spec["llm"]),
         "select_layer": -4,
-        "downsample_ratio": 0.5,
+        # The paper's 64 tokens per 448-px tile (0.25); `tiny` keeps the class default 0.5 so
+        # its tests keep exercising that path. A real config.json always wins.
+        "downsample_ratio": 0.5 if size == "tiny" else 0.25,
         "ps_version": "v1",
         "template": "internvl2_5",
         "force_image_size": 448,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from iomni.model.speech.flow import CausalMaskedDiffWithXvec
+from iomni.model.speech.flow_stream import FlowStream
 from iomni.model.speech.hift import HiFTGenerator, HiFTStreamer
 from iomni.model.speech.voicelm import BistreamDecoder, VoiceLM
 
@@ -43,6 +44,7 @@ class SpeechSession:
         self.speaker = speaker.reshape(1, -1).to(next(flow.parameters()).dtype)
         self.lm_decoder = BistreamDecoder(voicelm, torch.Generator().manual_seed(seed))
         self.vocoder = HiFTStreamer(hift, torch.Generator().manual_seed(seed + 1))
+        self.flow_stream = FlowStream(flow, self.speaker)
         self.tokens: list[int] = []
         self.offset = 0  # tokens already rendered to audio
         self.samples_out = 0
@@ -73,9 +75,10 @@ class SpeechSession:
         return [chunk] if chunk.size else []
 
     def _render(self, upto: int, final: bool) -> np.ndarray:
-        ids = torch.tensor([self.tokens[:upto]], dtype=torch.long)
-        mel = self.flow.inference(ids, self.speaker, finalize=final, streaming=True)
-        wav = self.vocoder.push(mel[:, :, 2 * self.offset :], final=final)
+        # Only new chunks are computed: the flow keeps the states of those it rendered before.
+        start, mel = self.flow_stream.render(self.tokens[:upto], finalize=final)
+        ratio = self.flow_stream.ratio
+        wav = self.vocoder.push(mel[:, :, ratio * (self.offset - start) :], final=final)
         samples = wav.reshape(-1).float().numpy()
         self.samples_out += samples.size
         return samples
