@@ -62,6 +62,19 @@ class _Active:
 
 
 @dataclass
+class _Prefill:
+    """A sequence whose prompt is being prefilled, a chunk per loop turn."""
+
+    request: SequenceRequest
+    ids: list[int]
+    cache: DynamicCache
+    embeds: torch.Tensor  # (1, n, H) of the prompt not served from the KV cache
+    reused: int
+    started: float
+    fed: int = 0  # how many of `embeds` are in the cache
+
+
+@dataclass
 class _CacheEntry:
     ids: list[int]
     media: dict[int, torch.Tensor]
@@ -153,9 +166,21 @@ class ContinuousBatcher:
         idle_wait_s: float = 0.05,
         metrics: BatcherMetrics | None = None,
         drain_deadline: Callable[[], float | None] = lambda: None,
+        prefill_chunk: int | None = None,
     ) -> None:
         """`drain_deadline` returns a time.time() deadline once the server is shutting down:
-        new sequences are refused, active ones run until it and are then cut."""
+        new sequences are refused, active ones run until it and are then cut.
+
+        Prefill is chunked so it never stalls decoding: while sequences are decoding, each loop
+        turn prefills at most as many prompt tokens as take about one decode step (measured as
+        it runs; `prefill_chunk` fixes the number instead), then runs the decode step. A
+        running stream's next token is thus at most about twice as late as undisturbed, and a
+        new turn still gets a share of every step. With nothing decoding, a prompt is prefilled
+        whole."""
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: list[_Prefill] = []
+        self._step_ms = 0.0  # decode step time, moving average
+        self._prefill_token_ms = 0.0  # prefill time per token, moving average
         self.drain_deadline = drain_deadline
         self.lm = language_model
         self.max_batch = max_batch
@@ -189,8 +214,10 @@ class ContinuousBatcher:
                 try:
                     if self._draining():
                         continue
-                    self._admit(block=not self._active)
+                    self._admit(block=not (self._active or self._prefilling))
                     self._drop_cancelled()
+                    if self._prefilling:
+                        self._prefill_some()
                     if self._active:
                         self._step()
                 except Exception as exc:  # a dead loop would hang every client
@@ -208,10 +235,13 @@ class ContinuousBatcher:
             except queue.Empty:
                 break
             request.emit(StepEvent(-1, None, 0, error=Unavailable("the llm is shutting down")))
-        if self._active and time.time() >= deadline:
+        busy = self._active or self._prefilling
+        if busy and time.time() >= deadline:
             self._fail_all(Unavailable("the llm shut down before the reply finished"))
-        if self._active:
+        if self._active or self._prefilling:
             self._drop_cancelled()
+            if self._prefilling:
+                self._prefill_some()
             if self._active:
                 self._step()
         else:
@@ -219,7 +249,7 @@ class ContinuousBatcher:
         return True
 
     def _admit(self, block: bool) -> None:
-        while len(self._active) < self.max_batch:
+        while len(self._active) + len(self._prefilling) < self.max_batch:
             try:
                 request = (
                     self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
@@ -232,12 +262,12 @@ class ContinuousBatcher:
                 request.emit(StepEvent(-1, None, 0, finish_reason="cancelled"))
                 continue
             try:
-                self._prefill(request)
+                self._prefilling.append(self._start_prefill(request))
             except Exception as exc:
                 log.exception("prefill failed")
                 request.emit(StepEvent(-1, None, 0, error=Internal(f"prefill failed: {exc}")))
 
-    def _prefill(self, request: SequenceRequest) -> None:
+    def _start_prefill(self, request: SequenceRequest) -> _Prefill:
         started = time.perf_counter()
         ids = list(request.input_ids)
         entry = self.kv.take(request.session_id)
@@ -253,11 +283,49 @@ class ContinuousBatcher:
         if request.session_id:
             self.metrics.on_kv(reused)
         embeds = self._embed(ids, reused, request.media)
-        out = self.lm.model(inputs_embeds=embeds, cache=cache, use_cache=True)
-        seq = _Active(request, out.cache, ids, make_generator(request.params))
-        self._choose(seq, out.last_hidden_state[0, -1])
-        prefill_ms = (time.perf_counter() - started) * 1000
-        seq.first_event = {"reused_tokens": reused, "prefill_ms": prefill_ms}
+        return _Prefill(request, ids, cache, embeds, reused, started)
+
+    def _chunk_budget(self) -> int:
+        """Prompt tokens to prefill this loop turn."""
+        if not self._active:
+            return 1 << 30  # nobody is waiting for a token: prefill whole
+        if self.prefill_chunk:
+            return self.prefill_chunk
+        if not self._step_ms or not self._prefill_token_ms:
+            return 64  # no measurements yet: a small first bite
+        return max(16, int(self._step_ms / self._prefill_token_ms))
+
+    def _prefill_some(self) -> None:
+        """Prefill up to the chunk budget, oldest prompt first; finished ones start decoding."""
+        budget = self._chunk_budget()
+        while self._prefilling and budget > 0:
+            job = self._prefilling[0]
+            take = min(budget, job.embeds.shape[1] - job.fed)
+            started = time.perf_counter()
+            try:
+                out = self.lm.model(
+                    inputs_embeds=job.embeds[:, job.fed : job.fed + take],
+                    cache=job.cache,
+                    use_cache=True,
+                )
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._prefilling.pop(0)
+                job.request.emit(StepEvent(-1, None, 0, error=Internal(f"prefill failed: {exc}")))
+                continue
+            self._prefill_token_ms = _average(
+                self._prefill_token_ms, (time.perf_counter() - started) * 1000 / take
+            )
+            job.cache, job.fed, budget = out.cache, job.fed + take, budget - take
+            if job.fed == job.embeds.shape[1]:
+                self._prefilling.pop(0)
+                self._begin_decoding(job, out.last_hidden_state[0, -1])
+
+    def _begin_decoding(self, job: _Prefill, hidden: torch.Tensor) -> None:
+        seq = _Active(job.request, job.cache, job.ids, make_generator(job.request.params))
+        self._choose(seq, hidden)
+        prefill_ms = (time.perf_counter() - job.started) * 1000
+        seq.first_event = {"reused_tokens": job.reused, "prefill_ms": prefill_ms}
         self.metrics.on_first_token(prefill_ms)
         self._active.append(seq)
 
@@ -282,6 +350,11 @@ class ContinuousBatcher:
 
     def _step(self) -> None:
         """Emit every sequence's pending token, then one batched forward for the survivors."""
+        started = time.perf_counter()
+        self._decode_step()
+        self._step_ms = _average(self._step_ms, (time.perf_counter() - started) * 1000)
+
+    def _decode_step(self) -> None:
         batch = len(self._active)
         self.metrics.on_step(batch)
         survivors = []
@@ -337,6 +410,14 @@ class ContinuousBatcher:
             self._choose(seq, hidden[row], logits[row])
 
     def _drop_cancelled(self) -> None:
+        waiting = []
+        for job in self._prefilling:
+            if job.request.is_cancelled():
+                self.metrics.on_cancel()
+                job.request.emit(StepEvent(-1, None, 0, finish_reason="cancelled"))
+            else:
+                waiting.append(job)
+        self._prefilling = waiting
         kept = []
         for seq in self._active:
             if seq.request.is_cancelled():
@@ -355,12 +436,17 @@ class ContinuousBatcher:
         )
 
     def _fail_all(self, error: IomniError) -> None:
-        for seq in self._active:
+        for request in [s.request for s in self._active] + [j.request for j in self._prefilling]:
             try:
-                seq.request.emit(StepEvent(-1, None, 0, error=error))
+                request.emit(StepEvent(-1, None, 0, error=error))
             except Exception:
                 log.exception("could not report a failure to a client")
         self._active = []
+        self._prefilling = []
+
+
+def _average(current: float, sample: float, weight: float = 0.2) -> float:
+    return sample if not current else (1 - weight) * current + weight * sample
 
 
 def _padded_cache(batch: list[_Active]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:

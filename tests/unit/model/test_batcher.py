@@ -158,3 +158,48 @@ def test_changed_media_is_not_reused(tiny: LoadedCheckpoint, batcher: Continuous
     assert second.done.wait(30)
     assert second.events[0].reused_tokens == 2  # up to the first placeholder
     assert second.tokens == reference(tiny, ids + [10], media=changed)
+
+
+@pytest.fixture
+def chunked(tiny: LoadedCheckpoint) -> Iterator[ContinuousBatcher]:
+    """Prefill in chunks of 7 tokens whenever something is decoding."""
+    b = ContinuousBatcher(
+        tiny.model.language_model, max_batch=8, idle_wait_s=0.01, prefill_chunk=7
+    )
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_chunked_prefill_gives_the_same_tokens(
+    chunked: ContinuousBatcher, tiny: LoadedCheckpoint
+) -> None:
+    """A long prompt prefilled 7 tokens at a time while others decode: the same greedy tokens
+    as one forward over the whole prompt, for it and for the streams it joined."""
+    long_params = SamplingParams(temperature=0.0, max_new_tokens=40)
+    running = [submit(chunked, prompt(12, seed), long_params) for seed in range(2)]
+    while not all(r.tokens for r in running):
+        threading.Event().wait(0.005)
+    joining = submit(chunked, prompt(150, 9))
+    for out in [*running, joining]:
+        assert out.done.wait(120)
+    assert joining.tokens == reference(tiny, prompt(150, 9))
+    for seed, out in enumerate(running):
+        assert out.tokens == reference(tiny, prompt(12, seed), n=40)
+
+
+def test_running_streams_keep_decoding_while_a_prompt_is_prefilled(
+    chunked: ContinuousBatcher,
+) -> None:
+    """The running stream gets tokens between the joining prompt's admission and its first
+    token: prefill never stalls decoding for the whole prompt."""
+    running = submit(chunked, prompt(10, 1), SamplingParams(temperature=0.0, max_new_tokens=200))
+    while len(running.tokens) < 3:
+        threading.Event().wait(0.005)
+    before = len(running.tokens)
+    joining = submit(chunked, prompt(140, 2))  # 20 chunks of 7
+    while not joining.tokens:
+        threading.Event().wait(0.001)
+    during = len(running.tokens) - before
+    assert during >= 10  # one decode step per prefill chunk, give or take admission timing
+    assert joining.done.wait(60) and running.done.wait(120)

@@ -113,6 +113,7 @@ class TritonPythonModel:
             loaded.model.language_model,
             max_batch=int(params.get("max_batch") or 16),
             kv_cache_tokens=int(params.get("kv_cache_tokens") or 65536),
+            prefill_chunk=int(params.get("prefill_chunk") or 0) or None,
             metrics=self.metrics,
             drain_deadline=drain_deadline,
         )
