@@ -95,6 +95,7 @@ engines: setup checkpoints
 
 bench: setup
 	$(PY) -m loadtests.bench_inprocess --out docs/benchmarks
+	$(PY) -m loadtests.bench_engine --out docs/benchmarks
 	$(PY) -m loadtests.bench_triton --out docs/benchmarks
 	$(PY) -m loadtests.bench_gateway --out docs/benchmarks
 	$(PY) -m loadtests.bench_streams --out docs/benchmarks

@@ -40,11 +40,15 @@ from iomni.v1 import dialogue_pb2 as pb
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 KEY = "bench-key"
 TOKENS = 24
+SESSIONS = (1, 4, 8, 16)
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+PROMPT_TOKENS: list[int] = []  # of every measured gateway turn
 
 
 async def gateway_ttfa(client: AsyncDialogueClient, text: str) -> float:
@@ -56,6 +60,8 @@ async def gateway_ttfa(client: AsyncDialogueClient, text: str) -> float:
     async for response in client.chat_stream(request):
         if first is None and response.WhichOneof("payload") == "audio":
             first = time.perf_counter() - started
+        if response.WhichOneof("payload") == "done":
+            PROMPT_TOKENS.append(response.done.usage.prompt_tokens)
     return (first or float("nan")) * 1000
 
 
@@ -82,9 +88,14 @@ async def concurrent(target: str, sessions: int, rounds: int = 2) -> list[float]
         return samples
 
 
-async def cancel_latency(target: str, repeats: int = 3) -> tuple[list[float], list[float]]:
-    """Converse with speech; cancel on the first audio chunk. Returns (cancel -> last audio
-    byte received, cancel -> turn done received) in ms."""
+async def cancel_latency(
+    target: str, repeats: int = 3, sessions: int = 1
+) -> tuple[list[float], list[float]]:
+    """Converse with speech; cancel on the first audio chunk, `sessions` at once. Returns
+    (cancel -> last audio byte received, cancel -> turn done received) in ms."""
+    if sessions > 1:
+        runs = await asyncio.gather(*(cancel_latency(target, repeats, 1) for _ in range(sessions)))
+        return [v for r in runs for v in r[0]], [v for r in runs for v in r[1]]
     out, done_after = [], []
     async with AsyncDialogueClient(target, KEY) as client:
         for _ in range(repeats):
@@ -157,6 +168,44 @@ def start_gateway(
     return process
 
 
+async def audio_gaps(target: str, image: bytes | None, senders: int = 4) -> float:
+    """Largest gap (ms) between audio chunks of one long spoken reply, alone or while
+    `senders` other sessions send large images back to back."""
+    stop = asyncio.Event()
+
+    async def send_images(client: AsyncDialogueClient) -> None:
+        while not stop.is_set():
+            await client.chat(
+                "", uuid.uuid4().hex, images=[image], text="what is it?", max_new_tokens=2
+            )
+
+    async with AsyncDialogueClient(target, KEY) as client:
+        load = [asyncio.create_task(send_images(client)) for _ in range(senders if image else 0)]
+        await asyncio.sleep(1.0 if image else 0)
+        request = chat_request(
+            "", uuid.uuid4().hex, text="talk", speech=True, temperature=0.0, max_new_tokens=150
+        )
+        stamps = []
+        async for response in client.chat_stream(request):
+            if response.WhichOneof("payload") == "audio":
+                stamps.append(time.perf_counter())
+        stop.set()
+        await asyncio.gather(*load, return_exceptions=True)
+    return max((b - a) * 1000 for a, b in zip(stamps, stamps[1:], strict=False))
+
+
+def big_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 async def measure(target: str, checkpoint: Path) -> dict:
     async with AsyncDialogueClient(target, KEY) as client:
         await gateway_ttfa(client, "warm up")
@@ -171,16 +220,29 @@ async def measure(target: str, checkpoint: Path) -> dict:
         "ttfa_in_process_ms": statistics.median(local),
     }
     results["ratio"] = results["ttfa_gateway_ms"] / results["ttfa_in_process_ms"]
-    for sessions in (1, 4, 8):
+    for sessions in SESSIONS:
         samples = await concurrent(target, sessions)
         results[f"sessions_{sessions}"] = {
             "p50_ms": percentile(samples, 0.5),
             "p95_ms": percentile(samples, 0.95),
             "samples": len(samples),
         }
-    cancels, stops = await cancel_latency(target)
-    results["cancel_to_last_audio_ms"] = {"median": statistics.median(cancels), "max": max(cancels)}
-    results["cancel_to_turn_done_ms"] = {"median": statistics.median(stops), "max": max(stops)}
+    results["p95_at_8_over_p50_at_1"] = (
+        results["sessions_8"]["p95_ms"] / results["sessions_1"]["p50_ms"]
+    )
+    results["prompt_tokens"] = {"min": min(PROMPT_TOKENS), "max": max(PROMPT_TOKENS)}
+    for label, sessions in (("alone", 1), ("under_load", 8)):
+        cancels, stops = await cancel_latency(target, repeats=3, sessions=sessions)
+        results[f"cancel_{label}"] = {
+            "to_last_audio_p50_ms": percentile(cancels, 0.5),
+            "to_last_audio_p95_ms": percentile(cancels, 0.95),
+            "to_done_p50_ms": percentile(stops, 0.5),
+            "to_done_p95_ms": percentile(stops, 0.95),
+            "samples": len(stops),
+        }
+    alone = await audio_gaps(target, None)
+    loaded = await audio_gaps(target, big_png())
+    results["audio_gap_ms"] = {"alone": alone, "while_images": loaded, "extra": loaded - alone}
     return results
 
 
@@ -211,15 +273,28 @@ def write(results: dict, out: Path) -> None:
         *[
             f"| {n} | {results[f'sessions_{n}']['p50_ms']:.0f} | "
             f"{results[f'sessions_{n}']['p95_ms']:.0f} |"
-            for n in (1, 4, 8)
+            for n in SESSIONS
         ],
         "",
-        f"Cancel (barge-in) to last audio byte received: median "
-        f"{results['cancel_to_last_audio_ms']['median']:.0f} ms, max "
-        f"{results['cancel_to_last_audio_ms']['max']:.0f} ms (no audio arrives after the "
-        f"cancel); cancel to the turn's `done`: median "
-        f"{results['cancel_to_turn_done_ms']['median']:.0f} ms, max "
-        f"{results['cancel_to_turn_done_ms']['max']:.0f} ms.",
+        f"p95 at 8 sessions ÷ p50 at 1: **{results['p95_at_8_over_p50_at_1']:.2f}**. Prompts: "
+        f"{results['prompt_tokens']['min']}-{results['prompt_tokens']['max']} tokens.",
+        "",
+        "| barge-in (cancel at the first audio) | to last audio byte p50 / p95 (ms) "
+        "| to `done` p50 / p95 (ms) |",
+        "|---|---|---|",
+        *[
+            f"| {label} | {r['to_last_audio_p50_ms']:.0f} / {r['to_last_audio_p95_ms']:.0f} | "
+            f"{r['to_done_p50_ms']:.0f} / {r['to_done_p95_ms']:.0f} |"
+            for label, r in (
+                ("1 session", results["cancel_alone"]),
+                ("8 sessions at once", results["cancel_under_load"]),
+            )
+        ],
+        "",
+        f"Largest gap between audio chunks of a spoken reply: "
+        f"{results['audio_gap_ms']['alone']:.0f} ms alone, "
+        f"{results['audio_gap_ms']['while_images']:.0f} ms while 4 other sessions send "
+        f"2000x1500 images (+{results['audio_gap_ms']['extra']:.0f} ms).",
     ]
     (out / "gateway.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

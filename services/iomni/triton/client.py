@@ -81,6 +81,17 @@ def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
     return tensor
 
 
+OFFLOAD_BYTES = 1 << 20  # packing a larger tensor leaves the event loop
+
+
+async def _packed(name: str, array: np.ndarray, dtype: str) -> InferInput:
+    """`_tensor`, off the event loop when large: image tiles are tens of MB, and packing them
+    on the loop stalls every other session's stream on this gateway."""
+    if array.nbytes > OFFLOAD_BYTES:
+        return await asyncio.to_thread(_tensor, name, array, dtype)
+    return _tensor(name, array, dtype)
+
+
 class LLMRouter(Protocol):
     async def route(self, session_id: str) -> str: ...
 
@@ -211,7 +222,7 @@ class TritonParts:
         parts = [
             self._infer(
                 VISION_MODEL,
-                [_tensor(PIXEL_VALUES, pixels[i : i + MAX_TILES], "FP32")],
+                [await _packed(PIXEL_VALUES, pixels[i : i + MAX_TILES], "FP32")],
                 IMAGE_EMBEDS,
             )
             for i in range(0, len(pixels), MAX_TILES)
@@ -225,7 +236,7 @@ class TritonParts:
             by_length.setdefault(window.shape[-1], []).append(index)
         for indices in by_length.values():
             mel = np.stack([windows[i].float().numpy() for i in indices])
-            embeds = await self._infer(AUDIO_MODEL, [_tensor(MEL, mel, "FP32")], AUDIO_EMBEDS)
+            embeds = await self._infer(AUDIO_MODEL, [await _packed(MEL, mel, "FP32")], AUDIO_EMBEDS)
             for i, rows in zip(indices, embeds, strict=True):
                 out[i] = torch.from_numpy(rows.copy())
         return [t for t in out if t is not None]
@@ -233,7 +244,7 @@ class TritonParts:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[LLMStep]:
         inputs = [_tensor(INPUT_IDS, np.asarray(request.input_ids, dtype=np.int64), "INT64")]
         for name, rows in self._media_inputs(request):
-            inputs.append(_tensor(name, rows, "FP32"))
+            inputs.append(await _packed(name, rows, "FP32"))
         params = {
             "temperature": request.params.temperature,
             "top_p": request.params.top_p,

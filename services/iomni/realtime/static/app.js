@@ -56,7 +56,10 @@ class Speaker {
   stop() {
     const heard = this.item === null ? 0 : Math.max(0, this.context.currentTime - this.itemStart);
     const total = this.itemSamples / RATE;
-    for (const source of this.sources) source.stop();
+    for (const source of this.sources) {
+      source.onended = null; // cut short: not counted as played
+      source.stop();
+    }
     this.sources = [];
     this.next = 0;
     const item = this.item;

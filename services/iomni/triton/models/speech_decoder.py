@@ -51,7 +51,9 @@ class TritonPythonModel:
         self._sweeper.start()
 
     def execute(self, requests: list[Any]) -> None:
-        for request in requests:
+        # First audio first: requests of sequences that have not produced audio yet (a new
+        # reply) go before later chunks of replies already playing, which have audio queued.
+        for request in sorted(requests, key=self._played):
             sender = request.get_response_sender()
             corr = request.correlation_id()
             try:
@@ -61,6 +63,11 @@ class TritonPythonModel:
                 final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
                 sender.send(stream_error_response(exc), flags=final)
         return None
+
+    def _played(self, request: Any) -> bool:
+        with self.lock:
+            entry = self.sessions.get(request.correlation_id())
+        return entry is not None and entry[0].samples_out > 0
 
     def finalize(self) -> None:
         self._stop.set()

@@ -1,0 +1,214 @@
+"""Engine-level figures under load, in-process on the `small` checkpoint, one run:
+
+- inter-token latency of running streams while 3k-token prompts join: chunked prefill vs
+  whole-prompt prefill (the batcher of both transports), against the undisturbed step;
+- the cost of speech per chunk as the reply grows (32 / 128 / 512 text tokens): the flow
+  streamed incrementally vs re-rendered from the start (the old way), side by side.
+
+Writes docs/benchmarks/engine.{md,json}. Never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
+from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from iomni.model.generate import make_checkpoint
+from iomni.model.sampling import SamplingParams
+from iomni.model.speech.flow_stream import FlowStream
+from iomni.model.speech.stream import SpeechSession
+
+RUNNING = 4  # streams decoding throughout
+JOINING = 3  # long prompts that join while they run
+JOIN_TOKENS = 3000
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Stamps:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: StepEvent) -> None:
+        if event.token_id >= 0:
+            self.times.append(time.perf_counter())
+        if event.finish_reason or event.error:
+            self.done.set()
+
+
+def _request(ids: list[int], tokens: int, emit: Stamps) -> SequenceRequest:
+    return SequenceRequest(
+        ids, {}, SamplingParams(temperature=0.0, max_new_tokens=tokens), (), emit=emit
+    )
+
+
+def inter_token_latency(lm, prefill_chunk: int | None) -> dict:  # type: ignore[no-untyped-def]
+    """ITL of RUNNING streams before and while JOINING long prompts are prefilled."""
+    batcher = ContinuousBatcher(lm, max_batch=16, idle_wait_s=0.005, prefill_chunk=prefill_chunk)
+    batcher.start()
+    try:
+        generator = torch.Generator().manual_seed(0)
+        running = [Stamps() for _ in range(RUNNING)]
+        for stamps in running:
+            ids = torch.randint(1000, 100000, (64,), generator=generator).tolist()
+            batcher.submit(_request(ids, 100000, stamps))
+        time.sleep(3.0)  # undisturbed
+        joined_at = time.perf_counter()
+        joining = [Stamps() for _ in range(JOINING)]
+        for stamps in joining:
+            ids = torch.randint(1000, 100000, (JOIN_TOKENS,), generator=generator).tolist()
+            batcher.submit(_request(ids, 4, stamps))
+            time.sleep(0.3)
+        for stamps in joining:
+            stamps.done.wait(600)
+        joined_until = max(s.times[0] for s in joining)
+        time.sleep(0.5)
+    finally:
+        batcher.stop()
+
+    def gaps(start: float, end: float) -> list[float]:
+        out = []
+        for stamps in running:
+            t = [x for x in stamps.times if start <= x <= end]
+            out += [(b - a) * 1000 for a, b in zip(t, t[1:], strict=False)]
+        return out
+
+    before = gaps(joined_at - 2.5, joined_at)
+    during = gaps(joined_at, joined_until)
+    first_token_ms = [(s.times[0] - joined_at) * 1000 for s in joining]
+    return {
+        "undisturbed_p50_ms": statistics.median(before),
+        "undisturbed_p95_ms": percentile(before, 0.95),
+        "joining_p95_ms": percentile(during, 0.95),
+        "joining_max_ms": max(during),
+        "p95_ratio": percentile(during, 0.95) / percentile(before, 0.95),
+        "joining_first_token_ms": first_token_ms,
+    }
+
+
+def speech_cost(tiny_or_small: LoadedCheckpoint, text_tokens: int, incremental: bool) -> dict:
+    """ms of speech decoding per chunk, first and last, for one reply of `text_tokens`."""
+    model = tiny_or_small.model
+    session = SpeechSession(
+        model.voicelm, model.flow, model.hifigan, model.default_speaker_embedding
+    )
+    if not incremental:  # the old way: every chunk re-renders the flow from the start
+        flow = model.flow
+
+        def whole(ids: list[int], finalize: bool) -> tuple[int, torch.Tensor]:
+            return 0, flow.inference(
+                torch.tensor([ids]), session.speaker, finalize=finalize, streaming=True
+            )
+
+        session.flow_stream = FlowStream(flow, session.speaker)
+        session.flow_stream.render = whole  # type: ignore[method-assign]
+    generator = torch.Generator().manual_seed(text_tokens)
+    ids = torch.randint(0, 150000, (text_tokens,), generator=generator).tolist()
+    hidden = torch.randn(text_tokens, tiny_or_small.config.llm_hidden_size, generator=generator)
+    chunk_ms: list[float] = []
+    total = time.perf_counter()
+    for start in range(0, text_tokens, 5):
+        began = time.perf_counter()
+        out = session.push_text(ids[start : start + 5], hidden[start : start + 5])
+        if out:
+            chunk_ms.append((time.perf_counter() - began) * 1000)
+    session.finish()
+    total_ms = (time.perf_counter() - total) * 1000
+    audio_s = session.samples_out / 24000
+    return {
+        "first_chunk_ms": chunk_ms[0] if chunk_ms else float("nan"),
+        "last_chunk_ms": chunk_ms[-1] if chunk_ms else float("nan"),
+        "total_ms": total_ms,
+        "audio_s": audio_s,
+        "ms_per_audio_s": total_ms / audio_s if audio_s else float("nan"),
+    }
+
+
+def measure(checkpoint: LoadedCheckpoint) -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    lm = checkpoint.model.language_model
+    results: dict = {
+        "itl_chunked": inter_token_latency(lm, None),
+        "itl_whole_prompt": inter_token_latency(lm, 1 << 30),
+        "speech": {},
+    }
+    for tokens in (32, 128, 512):
+        results["speech"][tokens] = {
+            "incremental": speech_cost(checkpoint, tokens, incremental=True),
+            "re_render": speech_cost(checkpoint, tokens, incremental=False),
+        }
+    return results
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "checkpoint": "small"}
+    (out / "engine.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    chunked, whole = results["itl_chunked"], results["itl_whole_prompt"]
+    lines = [
+        "# The engine under load (CPU, `small` checkpoint, in-process, one run)",
+        "",
+        f"Measured {meta['date']} on {meta['cpu_count']} CPU cores. Regenerate with `make bench`.",
+        "",
+        f"## Inter-token latency while {JOINING} prompts of {JOIN_TOKENS} tokens join "
+        f"{RUNNING} running streams",
+        "",
+        "| prefill | undisturbed p95 (ms) | while joining p95 (ms) | ratio | worst gap (ms) "
+        "| joiners' first token (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in (("chunked (adaptive, default)", chunked), ("whole prompt", whole)):
+        firsts = ", ".join(f"{v:.0f}" for v in r["joining_first_token_ms"])
+        lines.append(
+            f"| {label} | {r['undisturbed_p95_ms']:.0f} | {r['joining_p95_ms']:.0f} | "
+            f"{r['p95_ratio']:.2f} | {r['joining_max_ms']:.0f} | {firsts} |"
+        )
+    lines += [
+        "",
+        "## Speech cost as the reply grows",
+        "",
+        "| text tokens | audio (s) | incremental: first / last chunk (ms) | ms per audio s "
+        "| re-render: first / last chunk (ms) | ms per audio s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for tokens, r in results["speech"].items():
+        inc, old = r["incremental"], r["re_render"]
+        lines.append(
+            f"| {tokens} | {inc['audio_s']:.1f} | {inc['first_chunk_ms']:.0f} / "
+            f"{inc['last_chunk_ms']:.0f} | {inc['ms_per_audio_s']:.0f} | "
+            f"{old['first_chunk_ms']:.0f} / {old['last_chunk_ms']:.0f} | "
+            f"{old['ms_per_audio_s']:.0f} |"
+        )
+    (out / "engine.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
+    args = parser.parse_args()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    path = args.checkpoints / "small"
+    if not (path / "config.json").exists():
+        make_checkpoint("small", path)
+    write(measure(load_checkpoint(path)), args.out)
+
+
+if __name__ == "__main__":
+    main()
