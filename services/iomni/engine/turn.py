@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +31,14 @@ from iomni.telemetry.tracing import context_headers, tracer
 log = logging.getLogger(__name__)
 # Text tokens per speech-decoder step (InteractiveOmni's 5:25 interleave).
 SPEECH_TEXT_GROUP = 5
+T = TypeVar("T")
+
+
+class _Cancelled(enum.Enum):
+    CANCELLED = "cancelled"
+
+
+CANCELLED = _Cancelled.CANCELLED
 
 
 @dataclass(frozen=True)
@@ -138,9 +149,32 @@ class Turn:
         self.engine = engine
         self.request = request
         self._cancelled = threading.Event()
+        self._wake: asyncio.Event | None = None  # set on cancel, on the turn's event loop
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def cancel(self) -> None:
         self._cancelled.set()
+        if self._loop is not None and self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing waits
+                self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _unless_cancelled(self, awaitable: Awaitable[T]) -> T | _Cancelled:
+        """`awaitable`'s result, or CANCELLED as soon as the turn is cancelled: a cancel does
+        not wait for a decode step or a speech chunk in flight (it is abandoned)."""
+        if self._wake is None:
+            self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+            if self.cancelled:
+                self._wake.set()
+        task = asyncio.ensure_future(awaitable)
+        waiter = asyncio.ensure_future(self._wake.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return CANCELLED
 
     @property
     def cancelled(self) -> bool:
@@ -187,7 +221,13 @@ class Turn:
             generation.trace_headers = context_headers(trace.set_span_in_context(llm_span))
             stream = self.engine.parts.generate(generation)
             try:
-                async for step in stream:
+                while True:
+                    step = await self._unless_cancelled(anext(stream, None))
+                    if step is CANCELLED:
+                        reason = "cancelled"
+                        break
+                    if step is None:
+                        break
                     stats.first_step(step.timings_ms)
                     if step.reused_tokens:
                         stats.usage["prompt_tokens_reused"] = step.reused_tokens
@@ -201,7 +241,10 @@ class Turn:
                     if speech is not None:
                         pending.append((step.token_id, step.hidden))
                         if len(pending) >= SPEECH_TEXT_GROUP:
-                            for chunk in await self._speak(speech, pending, stats):
+                            chunks = await self._unless_cancelled(
+                                self._speak(speech, pending, stats)
+                            )
+                            for chunk in [] if chunks is CANCELLED else chunks:
                                 yield chunk
                     if self.cancelled:
                         reason = "cancelled"

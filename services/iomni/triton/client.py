@@ -50,6 +50,7 @@ from iomni.triton.tensors import AUDIO_ENCODER as AUDIO_MODEL
 from iomni.triton.tensors import VISION_ENCODER as VISION_MODEL
 
 log = logging.getLogger(__name__)
+_BACKGROUND: set[asyncio.Task] = set()  # fire-and-forget calls, referenced until done
 MAX_TILES = CONTRACTS[VISION_MODEL].max_batch_size
 LLM_OUTPUTS = (
     TOKEN_ID,
@@ -389,13 +390,20 @@ class TritonSpeech:
         return await self._send([], torch.zeros(0), end=True)
 
     async def close(self) -> None:
-        """Free the server's sequence state if the reply was not finished (barge-in)."""
+        """Free the server's sequence state if the reply was not finished (barge-in). The
+        discard goes out in the background: the turn's `done` does not wait for it (behind
+        other sequences' chunks in the decoder's queue it can take a while)."""
         if self.started and not self.ended:
-            try:
-                await self._send([], torch.zeros(0), end=True, discard=True)
-            except IomniError:
-                log.warning("could not end speech sequence %s", self.sequence_id)
+            task = asyncio.ensure_future(self._discard())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
         self.ended = True
+
+    async def _discard(self) -> None:
+        try:
+            await self._send([], torch.zeros(0), end=True, discard=True)
+        except IomniError:
+            log.warning("could not end speech sequence %s", self.sequence_id)
 
 
 __all__ = ["TritonParts", "TritonSpeech"]
