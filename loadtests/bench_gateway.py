@@ -2,7 +2,11 @@
 
 - time to first audio through the gateway (client side, over gRPC) vs in-process (ratio);
 - p50 / p95 time to first audio with 1, 4 and 8 concurrent sessions;
-- cancel latency: cancel sent -> last audio byte received (barge-in).
+- cancel latency: cancel sent -> last audio byte received (barge-in), alone and 8 at once;
+- the largest gap between audio chunks of a running reply, alone and while others send images,
+  with GetSession's latency meanwhile (is the gateway's event loop free?);
+- a CPU profile of every row: CPU seconds each process (gateway, tritonserver, each model's
+  stub) used, and how busy the machine's cores were: what bounds time to first audio.
 
 Writes docs/benchmarks/gateway.{md,json}. Never asserted in tests.
 """
@@ -49,6 +53,44 @@ def percentile(values: list[float], q: float) -> float:
 
 
 PROMPT_TOKENS: list[int] = []  # of every measured gateway turn
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by the gateway, tritonserver and each model's stub process."""
+
+    def __init__(self, gateway: int, triton: TritonServer) -> None:
+        self.gateway, self.triton = gateway, triton
+
+    def _processes(self) -> dict[str, int]:
+        named = {"gateway": self.gateway}
+        if self.triton.process is not None:
+            named["tritonserver"] = self.triton.process.pid
+        for pid in self.triton.stub_pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                named[Path(argv[1].decode()).parents[1].name] = pid
+            except (OSError, IndexError):
+                continue
+        return named
+
+    def read(self) -> dict[str, float]:
+        times = {}
+        for name, pid in self._processes().items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                times[name] = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+            except (OSError, IndexError):
+                continue
+        return times
+
+    async def during(self, work) -> tuple:  # type: ignore[no-untyped-def]
+        """(work's result, {process: CPU s}, busy share of all cores)."""
+        before, started = self.read(), time.perf_counter()
+        result = await work
+        after, wall = self.read(), time.perf_counter() - started
+        used = {k: after[k] - before.get(k, 0.0) for k in after}
+        return result, used, sum(used.values()) / (wall * (os.cpu_count() or 1))
 
 
 async def gateway_ttfa(client: AsyncDialogueClient, text: str) -> float:
@@ -206,7 +248,38 @@ def big_png() -> bytes:
     return buffer.getvalue()
 
 
-async def measure(target: str, checkpoint: Path) -> dict:
+async def session_latency(target: str, stop: asyncio.Event) -> list[float]:
+    """GetSession round trips (ms) until `stop`: a blocked event loop shows here first."""
+    samples = []
+    async with AsyncDialogueClient(target, KEY) as client:
+        await client.chat("gap-probe", uuid.uuid4().hex, text="hi", max_new_tokens=1)
+        while not stop.is_set():
+            started = time.perf_counter()
+            await client.get_session("gap-probe")
+            samples.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.05)
+    return samples
+
+
+async def gap_with_probe(target: str, image: bytes | None) -> tuple[float, list[float]]:
+    stop = asyncio.Event()
+    probe = asyncio.create_task(session_latency(target, stop))
+    try:
+        return await audio_gaps(target, image), await _stop(probe, stop)
+    finally:
+        stop.set()
+
+
+async def _stop(probe: asyncio.Task, stop: asyncio.Event) -> list[float]:
+    stop.set()
+    return await probe
+
+
+def _profile(used: dict[str, float], busy: float) -> dict:
+    return {"cpu_s": {k: round(v, 2) for k, v in sorted(used.items())}, "busy": round(busy, 3)}
+
+
+async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
     async with AsyncDialogueClient(target, KEY) as client:
         await gateway_ttfa(client, "warm up")
         via_gateway = [await gateway_ttfa(client, f"q{i}") for i in range(3)]
@@ -221,11 +294,12 @@ async def measure(target: str, checkpoint: Path) -> dict:
     }
     results["ratio"] = results["ttfa_gateway_ms"] / results["ttfa_in_process_ms"]
     for sessions in SESSIONS:
-        samples = await concurrent(target, sessions)
+        samples, used, busy = await meter.during(concurrent(target, sessions))
         results[f"sessions_{sessions}"] = {
             "p50_ms": percentile(samples, 0.5),
             "p95_ms": percentile(samples, 0.95),
             "samples": len(samples),
+            "profile": _profile(used, busy),
         }
     results["p95_at_8_over_p50_at_1"] = (
         results["sessions_8"]["p95_ms"] / results["sessions_1"]["p50_ms"]
@@ -240,9 +314,14 @@ async def measure(target: str, checkpoint: Path) -> dict:
             "to_done_p95_ms": percentile(stops, 0.95),
             "samples": len(stops),
         }
-    alone = await audio_gaps(target, None)
-    loaded = await audio_gaps(target, big_png())
+    (alone, probe_alone), _, _ = await meter.during(gap_with_probe(target, None))
+    (loaded, probe_loaded), used, busy = await meter.during(gap_with_probe(target, big_png()))
     results["audio_gap_ms"] = {"alone": alone, "while_images": loaded, "extra": loaded - alone}
+    results["get_session_ms"] = {
+        "alone": {"p50": percentile(probe_alone, 0.5), "max": max(probe_alone)},
+        "while_images": {"p50": percentile(probe_loaded, 0.5), "max": max(probe_loaded)},
+    }
+    results["images_profile"] = _profile(used, busy)
     return results
 
 
@@ -294,10 +373,37 @@ def write(results: dict, out: Path) -> None:
         f"Largest gap between audio chunks of a spoken reply: "
         f"{results['audio_gap_ms']['alone']:.0f} ms alone, "
         f"{results['audio_gap_ms']['while_images']:.0f} ms while 4 other sessions send "
-        f"2000x1500 images (+{results['audio_gap_ms']['extra']:.0f} ms).",
+        f"2000x1500 images (+{results['audio_gap_ms']['extra']:.0f} ms). GetSession meanwhile "
+        f"(the gateway's event loop): p50/max {_probe(results, 'alone')} ms alone, "
+        f"{_probe(results, 'while_images')} ms while images arrive.",
+        "",
+        "## Where the CPU goes (CPU seconds per process during each row)",
+        "",
+        "| row | cores busy | " + " | ".join(STAGES) + " |",
+        "|---|---|" + "---|" * len(STAGES),
+        *[_profile_row(f"{n} session(s)", results[f"sessions_{n}"]["profile"]) for n in SESSIONS],
+        _profile_row("audio gap while images", results["images_profile"]),
+        "",
+        "`cores busy` is CPU seconds used by these processes ÷ (wall time × cores): near 100% the "
+        "machine is saturated and time to first audio grows with the work queued ahead of it, "
+        "whatever the scheduling.",
     ]
     (out / "gateway.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+STAGES = ("gateway", "tritonserver", "vision_encoder", "audio_encoder", "llm", "speech_decoder")
+
+
+def _probe(results: dict, key: str) -> str:
+    probe = results["get_session_ms"][key]
+    return f"{probe['p50']:.0f}/{probe['max']:.0f}"
+
+
+def _profile_row(label: str, profile: dict) -> str:
+    cpu = profile["cpu_s"]
+    cells = " | ".join(f"{cpu.get(stage, 0.0):.1f}" for stage in STAGES)
+    return f"| {label} | {100 * profile['busy']:.0f}% | {cells} |"
 
 
 def main() -> None:
@@ -331,7 +437,8 @@ def main() -> None:
     try:
         triton.start(timeout_s=300)
         gateway = start_gateway(checkpoint, triton, 18479, work)
-        results = asyncio.run(measure("127.0.0.1:18451", checkpoint))
+        meter = CpuMeter(gateway.pid, triton)
+        results = asyncio.run(measure("127.0.0.1:18451", checkpoint, meter))
     except grpc.RpcError as exc:
         raise SystemExit(f"bench failed: {exc.code().name}: {exc.details()}") from exc
     finally:

@@ -55,6 +55,7 @@ def test_a_request_produces_the_full_ordered_event_sequence(broker: str, start_w
     assert done.usage.completion_tokens == 12
     assert done.text == "".join(e.text.text for e in events if e.HasField("text"))
     assert all(e.session_id == req.session_id and e.source == "worker" for e in events)
+    assert {e.attempt for e in events} == {1}
     # A different client library reads the same records: plain Kafka + protobuf.
     consumer = ConfluentConsumer(
         {
@@ -195,10 +196,19 @@ def test_killed_worker_turn_is_finished_by_another_exactly_once(
             first.stop(signal.SIGKILL)
             break
     start_worker()
-    events += list(follower.events(req.turn_id, 120))
+    restarts = 0
+    for event in follower.events(req.turn_id, 120):
+        restarts += follower.restarted
+        events.append(event)
     follower.close()
     done = [e for e in events if e.HasField("done")]
     assert len(done) == 1 and done[0].done.usage.completion_tokens == 120
+    # The dead worker's partial events are attempt 1; the turn ran again as attempt 2 from
+    # sequence 0, and the follower said so once (its consumers start over there).
+    assert {e.attempt for e in events[:2]} == {1}
+    second = [e for e in events if e.attempt == 2]
+    assert second and [e.sequence for e in second] == list(range(len(second)))
+    assert done[0].attempt == 2 and restarts == 1
 
     async def history() -> list:
         state = DialogueState.from_url(redis.url)

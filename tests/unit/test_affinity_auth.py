@@ -48,3 +48,47 @@ def test_api_keys() -> None:
         tenants.authenticate([])
     with pytest.raises(Unauthenticated, match="invalid"):
         tenants.authenticate([("authorization", "Bearer nope")])
+
+
+def _write_tenants(path, entries) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    path.write_text(json.dumps({"tenants": entries}))
+
+
+def test_a_key_removed_from_the_tenants_file_stops_working_without_a_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "tenants.json"
+    _write_tenants(path, [{"name": "acme", "api_key_sha256": [key_hash("k1"), key_hash("k2")]}])
+    tenants = Tenants.from_file(path, reload_s=0)
+    assert tenants.authenticate([("authorization", "Bearer k2")]) == "acme"
+    _write_tenants(path, [{"name": "acme", "api_key_sha256": [key_hash("k1")]}])
+    with pytest.raises(Unauthenticated, match="invalid"):
+        tenants.authenticate([("authorization", "Bearer k2")])
+    assert tenants.authenticate([("authorization", "Bearer k1")]) == "acme"
+    path.write_text("{not json")  # a broken edit keeps the last good file in force
+    assert tenants.authenticate([("authorization", "Bearer k1")]) == "acme"
+
+
+def test_keys_expire(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    path = tmp_path / "tenants.json"
+    keys = [
+        {"sha256": key_hash("old"), "expires_at": time.time() - 1},
+        {"sha256": key_hash("new"), "expires_at": time.time() + 3600},
+    ]
+    _write_tenants(path, [{"name": "trial", "api_keys": keys}])
+    tenants = Tenants.from_file(path)
+    assert tenants.authenticate([("x-api-key", "new")]) == "trial"
+    with pytest.raises(Unauthenticated, match="expired"):
+        tenants.authenticate([("x-api-key", "old")])
+
+
+def test_binary_headers_are_not_read_and_a_non_ascii_key_is_invalid_input() -> None:
+    from iomni.errors import InvalidInput
+
+    tenants = Tenants({key_hash("k1"): "acme"})
+    metadata = [("trace-bin", b"\xff\x00\xfe"), ("authorization", "Bearer k1")]
+    assert tenants.authenticate(metadata) == "acme"
+    with pytest.raises(InvalidInput, match="ASCII"):
+        tenants.authenticate([("authorization", b"Bearer \xff")])

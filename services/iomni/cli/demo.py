@@ -143,6 +143,9 @@ def kafka_turn(bootstrap: str, session_id: str, workdir: Path) -> None:
     try:
         submit(settings, request)
         for event in follower.events(request.turn_id, 180):
+            if follower.restarted:  # a worker died mid-turn: keep only the new attempt
+                audio.clear()
+                print("\n  (restarted by another worker) ", end="")
             kind = event.WhichOneof("payload")
             if kind == "text":
                 print(event.text.text, end="", flush=True)

@@ -273,6 +273,10 @@ def _submit(args: argparse.Namespace) -> int:
         submit(settings, request)
         for event in follower.events(request.turn_id, args.timeout):
             kind = event.WhichOneof("payload")
+            if follower.restarted:
+                print("\n[a worker died mid-turn; another one starts it over]", file=sys.stderr)
+                sys.stdout.write("\n")
+                audio.clear()
             if kind == "text":
                 sys.stdout.write(event.text.text)
                 sys.stdout.flush()

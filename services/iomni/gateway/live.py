@@ -121,6 +121,12 @@ class LiveConversation:
         if finished:
             self._logs.pop(turn_id, None)
 
+    def fail(self, error: IomniError) -> None:
+        """End the stream with `error` (the idle watchdog)."""
+        if self.error is None:
+            self.error = error
+        self.queue.put_nowait(None)
+
     async def close(self) -> None:
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()

@@ -19,13 +19,14 @@ from prometheus_client import start_http_server
 
 from iomni.errors import InvalidInput, IomniError
 from iomni.gateway.auth import Tenants
+from iomni.gateway.registration import add_dialogue_service
 from iomni.gateway.service import DialogueService
 from iomni.realtime.connection import Limits
 from iomni.realtime.server import RealtimeServer
 from iomni.runtime.build import build_runner
 from iomni.runtime.settings import Settings
 from iomni.telemetry.metrics import GatewayMetrics
-from iomni.v1 import dialogue_pb2, dialogue_pb2_grpc
+from iomni.v1 import dialogue_pb2
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "iomni.v1.Dialogue"
@@ -60,6 +61,7 @@ class Gateway:
             Tenants.from_file(settings.tenants),
             self.metrics,
             event_log,
+            idle_timeout_s=settings.stream_idle_timeout_s,
         )
         self.server: grpc.aio.Server | None = None
         self.realtime: RealtimeServer | None = None
@@ -72,7 +74,7 @@ class Gateway:
             ("grpc.max_send_message_length", self.settings.max_turn_bytes),
         ]
         self.server = grpc.aio.server(options=options)
-        dialogue_pb2_grpc.add_DialogueServicer_to_server(self.service, self.server)
+        add_dialogue_service(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.settings.reflection:
             names = (

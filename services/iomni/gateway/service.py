@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,9 +15,10 @@ import numpy as np
 import soundfile as sf
 
 from iomni import wire
-from iomni.errors import ErrorCode, Internal, InvalidInput, IomniError
+from iomni.errors import DeadlineExceeded, ErrorCode, Internal, InvalidInput, IomniError
 from iomni.gateway.auth import Tenants
 from iomni.gateway.live import LiveConversation
+from iomni.gateway.registration import check
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.telemetry.metrics import GatewayMetrics
 from iomni.turns.runner import RunningTurn, TurnInput, TurnOutput, TurnRunner
@@ -101,6 +103,7 @@ class DialogueService(pb_grpc.DialogueServicer):
         tenants: Tenants,
         metrics: GatewayMetrics,
         event_log=None,  # type: ignore[no-untyped-def]
+        idle_timeout_s: float = 300.0,
     ) -> None:
         """`event_log(session_id, turn_id)`, when given, returns an object whose `emit` also
         receives every response of that turn (the Kafka dialogue event log)."""
@@ -109,6 +112,7 @@ class DialogueService(pb_grpc.DialogueServicer):
         self.tenants = tenants
         self.metrics = metrics
         self.event_log = event_log
+        self.idle_timeout_s = idle_timeout_s  # a Converse stream with no message and no turn
 
     async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         try:
@@ -141,6 +145,7 @@ class DialogueService(pb_grpc.DialogueServicer):
         queue: Responses = asyncio.Queue()
         task: asyncio.Task | None = None
         try:
+            request = check(request)
             if not request.turn_id:
                 raise InvalidInput("turn_id is required: it makes retries of Chat safe")
             session_id = request.session_id
@@ -189,6 +194,7 @@ class DialogueService(pb_grpc.DialogueServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:  # type: ignore[no-untyped-def]
         tenant = await self._tenant(context)
         try:
+            request = check(request)
             info = await self.store.get_session(tenant, request.session_id)
             history = await self.store.history(tenant, request.session_id)
         except IomniError as exc:
@@ -208,6 +214,7 @@ class DialogueService(pb_grpc.DialogueServicer):
     ) -> pb.DeleteSessionResponse:
         tenant = await self._tenant(context)
         try:
+            request = check(request)
             await self.store.get_session(tenant, request.session_id)
             deleted = await self.store.delete_session(tenant, request.session_id)
         except IomniError as exc:
@@ -230,7 +237,10 @@ class _Conversation:
         self.live: LiveConversation | None = None
 
     async def run(self, requests) -> AsyncIterator[pb.ConverseResponse]:  # type: ignore[no-untyped-def]
-        iterator = requests.__aiter__()
+        iterator = self._touching(_checked(requests)).__aiter__()
+        self.idle_since = time.monotonic()
+        watchdog = asyncio.create_task(self._watch_idle())
+        self.tasks.append(watchdog)
         try:
             first = await iterator.__anext__()
         except StopAsyncIteration:
@@ -252,7 +262,7 @@ class _Conversation:
             async for response in self.live.run(iterator):
                 yield response
             return
-        self.tasks = [asyncio.create_task(self._read(iterator)), asyncio.create_task(self._work())]
+        self.tasks += [asyncio.create_task(self._read(iterator)), asyncio.create_task(self._work())]
         while True:
             response = await self.queue.get()
             if response is None:
@@ -260,6 +270,34 @@ class _Conversation:
             yield response
         if self.error is not None:
             raise self.error
+
+    async def _touching(self, requests) -> AsyncIterator[pb.ConverseRequest]:  # type: ignore[no-untyped-def]
+        async for request in requests:
+            self.idle_since = time.monotonic()
+            yield request
+
+    def busy(self) -> bool:
+        if self.live is not None:
+            return self.live.live.reply is not None and not self.live.live.reply.finished
+        return self.running is not None
+
+    async def _watch_idle(self) -> None:
+        """End a stream that has sent nothing for `idle_timeout_s` while no turn runs."""
+        limit = self.service.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            if self.busy():
+                self.idle_since = time.monotonic()
+            elif time.monotonic() - self.idle_since > limit:
+                self._fail(
+                    DeadlineExceeded(
+                        f"no message on this stream for {limit:.0f} s; it was closed "
+                        "(open a new one to go on; the session is kept)"
+                    )
+                )
+                if self.live is not None:
+                    self.live.fail(self.error)  # type: ignore[arg-type]
+                return
 
     async def _session(self, session_id: str) -> tuple[str, bool, int]:
         store = self.service.store
@@ -324,6 +362,12 @@ class _Conversation:
         for task in self.tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _checked(requests) -> AsyncIterator[pb.ConverseRequest]:  # type: ignore[no-untyped-def]
+    """The stream's requests; one that did not parse ends it with INVALID_ARGUMENT."""
+    async for request in requests:
+        yield check(request)
 
 
 async def _drain(queue: Responses, task: asyncio.Task) -> AsyncIterator[pb.ConverseResponse]:

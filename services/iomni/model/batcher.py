@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, Qwen3ForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from iomni.errors import Internal, IomniError, Unavailable
 from iomni.model.sampling import SamplingParams, make_generator, sample_next
@@ -49,7 +50,7 @@ class SequenceRequest:
     return_hidden: bool = True
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a batch is these very sequences
 class _Active:
     request: SequenceRequest
     cache: DynamicCache
@@ -189,6 +190,7 @@ class ContinuousBatcher:
         self.idle_wait_s = idle_wait_s
         self._inbox: queue.Queue[SequenceRequest] = queue.Queue()
         self._active: list[_Active] = []
+        self._batch: _BatchCache | None = None  # the decode batch's KV, while it is unchanged
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llm-batcher", daemon=True)
 
@@ -293,7 +295,8 @@ class ContinuousBatcher:
             return self.prefill_chunk
         if not self._step_ms or not self._prefill_token_ms:
             return 64  # no measurements yet: a small first bite
-        return max(16, int(self._step_ms / self._prefill_token_ms))
+        # Three quarters of a decode step's time: the step plus the chunk stay under two steps.
+        return max(16, int(0.75 * self._step_ms / self._prefill_token_ms))
 
     def _prefill_some(self) -> None:
         """Prefill up to the chunk budget, oldest prompt first; finished ones start decoding."""
@@ -313,16 +316,16 @@ class ContinuousBatcher:
                 self._prefilling.pop(0)
                 job.request.emit(StepEvent(-1, None, 0, error=Internal(f"prefill failed: {exc}")))
                 continue
-            self._prefill_token_ms = _average(
-                self._prefill_token_ms, (time.perf_counter() - started) * 1000 / take
-            )
+            # The latest chunk, not an average: a token costs more as the prompt grows.
+            self._prefill_token_ms = (time.perf_counter() - started) * 1000 / take
             job.cache, job.fed, budget = out.cache, job.fed + take, budget - take
             if job.fed == job.embeds.shape[1]:
                 self._prefilling.pop(0)
                 self._begin_decoding(job, out.last_hidden_state[0, -1])
 
     def _begin_decoding(self, job: _Prefill, hidden: torch.Tensor) -> None:
-        seq = _Active(job.request, job.cache, job.ids, make_generator(job.request.params))
+        cache = growing_cache([(layer.keys, layer.values) for layer in job.cache.layers])
+        seq = _Active(job.request, cache, job.ids, make_generator(job.request.params))
         self._choose(seq, hidden)
         prefill_ms = (time.perf_counter() - job.started) * 1000
         seq.first_event = {"reused_tokens": job.reused, "prefill_ms": prefill_ms}
@@ -388,26 +391,33 @@ class ContinuousBatcher:
         for seq in batch:
             seq.fed.append(seq.next_token)
         if len(batch) == 1:
+            self._unbatch()
             out = self.lm.model(inputs_embeds=embeds, cache=batch[0].cache, use_cache=True)
             batch[0].cache = out.cache
             self._choose(batch[0], out.last_hidden_state[0, -1])
             return
-        cache, mask, positions = _padded_cache(batch)
+        if self._batch is None or self._batch.rows != batch:
+            self._unbatch()
+            self._batch = _BatchCache.pack(batch)
+        state = self._batch
         out = self.lm.model(
             inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
+            attention_mask=state.grow_mask(),
+            position_ids=state.positions(),
+            cache=state.cache,
             use_cache=True,
         )
+        state.cache = out.cache
         hidden = out.last_hidden_state[:, -1]
         logits = self.lm.lm_head(hidden).float()  # one matmul: the vocab weight is read once
         for row, seq in enumerate(batch):
-            for layer, padded in enumerate(out.cache.layers):
-                seq.cache.update(
-                    padded.keys[row : row + 1, :, -1:], padded.values[row : row + 1, :, -1:], layer
-                )
             self._choose(seq, hidden[row], logits[row])
+
+    def _unbatch(self) -> None:
+        """Hand each sequence of the batch its own cache back (the batch is changing)."""
+        if self._batch is not None:
+            self._batch.unpack()
+            self._batch = None
 
     def _drop_cancelled(self) -> None:
         waiting = []
@@ -429,6 +439,8 @@ class ContinuousBatcher:
         self._active = kept
 
     def _retire(self, seq: _Active) -> None:
+        if self._batch is not None and seq in self._batch.rows:
+            self._unbatch()
         request = seq.request
         self.kv.put(
             request.session_id,
@@ -443,32 +455,100 @@ class ContinuousBatcher:
                 log.exception("could not report a failure to a client")
         self._active = []
         self._prefilling = []
+        self._batch = None
 
 
 def _average(current: float, sample: float, weight: float = 0.2) -> float:
     return sample if not current else (1 - weight) * current + weight * sample
 
 
-def _padded_cache(batch: list[_Active]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-    """One cache for the batch: each sequence's KV left-padded to the longest, with the
-    attention mask that hides the padding and each sequence's own next position."""
-    lengths = [s.cache.get_seq_length() for s in batch]
-    longest = max(lengths)
-    layers = []
-    for layer in range(len(batch[0].cache.layers)):
-        keys, values = [], []
-        for seq, length in zip(batch, lengths, strict=True):
-            k = seq.cache.layers[layer].keys
-            v = seq.cache.layers[layer].values
-            pad = longest - length
-            if pad:
-                k = torch.nn.functional.pad(k, (0, 0, pad, 0))
-                v = torch.nn.functional.pad(v, (0, 0, pad, 0))
-            keys.append(k)
-            values.append(v)
-        layers.append((torch.cat(keys), torch.cat(values)))
-    mask = torch.zeros(len(batch), longest + 1, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, longest - length :] = 1
-    positions = torch.tensor([[length] for length in lengths])
-    return DynamicCache(ddp_cache_data=layers), mask, positions
+@dataclass
+class _BatchCache:
+    """The decode batch's KV cache, kept from step to step while the batch is unchanged: each
+    sequence's KV left-padded to the longest once, then every step appends one column for all
+    rows, instead of re-padding and copying every sequence's whole cache each step."""
+
+    rows: list[_Active]
+    cache: DynamicCache
+    pads: list[int]  # left padding of each row
+    mask: torch.Tensor  # (rows, cached length): 1 where a row has a real token
+    lengths: list[int]  # each row's own cached length
+
+    @classmethod
+    def pack(cls, batch: list[_Active]) -> _BatchCache:
+        lengths = [s.cache.get_seq_length() for s in batch]
+        longest = max(lengths)
+        pads = [longest - length for length in lengths]
+        layers = []
+        for layer in range(len(batch[0].cache.layers)):
+            keys, values = [], []
+            for seq, pad in zip(batch, pads, strict=True):
+                k, v = seq.cache.layers[layer].keys, seq.cache.layers[layer].values
+                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
+                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
+            layers.append((torch.cat(keys), torch.cat(values)))
+        mask = torch.ones(len(batch), longest, dtype=torch.long)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0
+        return cls(list(batch), growing_cache(layers), pads, mask, lengths)
+
+    def grow_mask(self) -> torch.Tensor:
+        """The mask for one more token per row (and remember it)."""
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], 1)
+        return self.mask
+
+    def positions(self) -> torch.Tensor:
+        """Each row's own next position; counts the token this step adds."""
+        positions = torch.tensor([[length] for length in self.lengths])
+        self.lengths = [length + 1 for length in self.lengths]
+        return positions
+
+    def unpack(self) -> None:
+        """Copy each row's real KV back into its sequence's own cache."""
+        for row, (seq, pad) in enumerate(zip(self.rows, self.pads, strict=True)):
+            layers = [
+                (
+                    layer.keys[row : row + 1, :, pad:].clone(),
+                    layer.values[row : row + 1, :, pad:].clone(),
+                )
+                for layer in self.cache.layers
+            ]
+            seq.cache = growing_cache(layers)
+
+
+class _GrowingLayer(DynamicLayer):
+    """A KV layer whose storage doubles when full: a decode step writes its token in place
+    instead of copying the whole cache (transformers' DynamicLayer concatenates every step,
+    which costs batch x length per step per layer)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self._key_store, self._value_store = keys, values
+        self.device, self.is_initialized = keys.device, True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if length + new > self._key_store.shape[-2]:
+            self._reserve(max(64, 2 * (length + new)))
+        self._key_store[..., length : length + new, :] = key_states
+        self._value_store[..., length : length + new, :] = value_states
+        self.keys = self._key_store[..., : length + new, :]
+        self.values = self._value_store[..., : length + new, :]
+        return self.keys, self.values
+
+    def _reserve(self, capacity: int) -> None:
+        length = self.get_seq_length()
+        for name in ("key", "value"):
+            current = getattr(self, f"{name}s")
+            store = current.new_empty((*current.shape[:-2], capacity, current.shape[-1]))
+            store[..., :length, :] = current
+            setattr(self, f"_{name}_store", store)
+
+
+def growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [_GrowingLayer(k, v) for k, v in layers]
+    return cache

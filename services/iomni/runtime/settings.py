@@ -82,6 +82,11 @@ class Settings:
         None, "require client certificates signed by this CA (mTLS)", processes=("gateway",)
     )
     reflection: bool = setting(True, "serve gRPC reflection", processes=("gateway",))
+    stream_idle_timeout_s: float = setting(
+        300.0,
+        "end a Converse stream that sends nothing for this long while no turn runs",
+        processes=("gateway",),
+    )
     events_bootstrap: str = setting(
         "", "Kafka bootstrap: also publish every turn's events to the log", processes=("gateway",)
     )

@@ -42,6 +42,10 @@ class SessionKeys:
     def record(self, turn_id: str) -> str:
         return f"{self._base}:turn:{turn_id}"
 
+    def attempts(self, turn_id: str) -> str:
+        """How many times a turn worker started this turn (Kafka event attempts)."""
+        return f"{self._base}:attempts:{turn_id}"
+
     @property
     def all(self) -> list[str]:
         # Keep in step with the KEYS order in scripts.py.

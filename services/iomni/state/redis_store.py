@@ -162,7 +162,11 @@ class DialogueState:
                         raise _not_found(session_id)
                     turn_ids = await pipe.zrange(keys.turns, 0, -1)
                     pipe.multi()
-                    pipe.delete(*keys.all, *(keys.record(text(t)) for t in turn_ids))
+                    pipe.delete(
+                        *keys.all,
+                        *(keys.record(text(t)) for t in turn_ids),
+                        *(keys.attempts(text(t)) for t in turn_ids),
+                    )
                     await pipe.execute()
                     return True
                 except WatchError:
@@ -327,6 +331,17 @@ class DialogueState:
         """The turn's events (its `done` included) are acknowledged by Kafka: a redelivered
         request must not publish them again."""
         await self.redis.hset(self._keys(session_id).record(turn_id), "published", "1")
+
+    @guarded
+    async def next_attempt(self, session_id: str, turn_id: str) -> int:
+        """1 the first time a worker starts this turn, then 2, 3, ... (events carry it, so a
+        consumer can drop what a worker that died mid-turn published)."""
+        key = self._keys(session_id).attempts(check_id("turn id", turn_id))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, self.turn_record_ttl_s)
+            attempt, _ = await pipe.execute()
+        return int(attempt)
 
     @guarded
     async def was_published(self, session_id: str, turn_id: str) -> bool:

@@ -50,15 +50,22 @@ class TurnFollower:
         self.consumer.seek_to_end(*self.assigned)
         for tp in self.assigned:
             self.consumer.position(tp)
+        self.restarted = False  # the last event began a newer attempt of the turn
 
     def events(self, turn_id: str, timeout_s: float = 120.0) -> Iterator[events_pb2.TurnEvent]:
+        """The turn's events as they come. Events of a superseded attempt (a worker that died
+        mid-turn) are dropped; when a newer attempt starts, its first event comes with
+        `restarted(event)` true: what was shown of the earlier attempt should be discarded."""
         deadline = time.monotonic() + timeout_s
+        attempt = 0
         while time.monotonic() < deadline:
             for records in self.consumer.poll(timeout_ms=200).values():
                 for record in records:
                     event = events_pb2.TurnEvent.FromString(record.value)
-                    if event.turn_id != turn_id:
+                    if event.turn_id != turn_id or event.attempt < attempt:
                         continue
+                    self.restarted = bool(attempt) and event.attempt > attempt
+                    attempt = event.attempt
                     yield event
                     if event.WhichOneof("payload") in ("done", "failed"):
                         return

@@ -36,12 +36,14 @@ class TurnPublisher:
         turn_id: str,
         source: str,
         on_event: Callable[[events_pb2.TurnEvent], None] | None = None,
+        attempt: int = 1,
     ) -> None:
         self.producer = producer
         self.topic = topic
         self.session_id = session_id
         self.turn_id = turn_id
         self.source = source
+        self.attempt = attempt
         self.sequence = 0
         self.futures: list = []
         self.on_event = on_event or (lambda event: None)
@@ -56,6 +58,7 @@ class TurnPublisher:
             turn_id=self.turn_id,
             sequence=self.sequence,
             source=self.source,
+            attempt=self.attempt,
         )
         getattr(event, kind).CopyFrom(getattr(response, kind))
         # send() can block on metadata or a full buffer: never on the event loop. Awaiting it
@@ -69,6 +72,7 @@ class TurnPublisher:
             turn_id=self.turn_id,
             sequence=self.sequence,
             source=self.source,
+            attempt=self.attempt,
             failed=events_pb2.TurnFailed(code=code.grpc_status, message=message, reason=code.name),
         )
         self._send(event)

@@ -204,6 +204,8 @@ class TurnWorker:
             if await self._already_published(request):
                 self.metrics.requests.labels("duplicate").inc()
                 return
+            # A redelivered request whose earlier attempt died mid-turn: this is the next one.
+            publisher.attempt = await self.state.next_attempt(request.session_id, request.turn_id)
             async with self._slots:
                 await self._run(request, publisher)
             await publisher.flush()

@@ -119,6 +119,7 @@ class _Session:
     affinity: str | None = None
     published: set[str] = field(default_factory=set)
     reply_index: dict[str, int] = field(default_factory=dict)  # turn id -> its reply's index
+    attempts: dict[str, int] = field(default_factory=dict)
 
 
 class MemoryDialogueStore:
@@ -272,6 +273,13 @@ class MemoryDialogueStore:
         session = self._sessions.get(session_id)
         if session is not None:
             session.published.add(turn_id)
+
+    async def next_attempt(self, session_id: str, turn_id: str) -> int:
+        session = self._sessions.get(session_id)
+        if session is None:
+            return 1
+        session.attempts[turn_id] = session.attempts.get(turn_id, 0) + 1
+        return session.attempts[turn_id]
 
     async def was_published(self, session_id: str, turn_id: str) -> bool:
         session = self._sessions.get(session_id)

@@ -64,17 +64,25 @@ def submit(
 
 
 @torch.inference_mode()
-def reference(
+def reference_steps(
     tiny: LoadedCheckpoint, ids: list[int], n: int = 8, media: dict | None = None
-) -> list[int]:
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the hidden state each was chosen from, one sequence alone."""
     lm = tiny.model.language_model
     step, cache = forward(lm, tiny.model.inputs_embeds(torch.tensor(ids), media or {}), None)
-    tokens = []
+    tokens, hidden = [], []
     for _ in range(n):
         token = int(torch.argmax(step.logits))
         tokens.append(token)
+        hidden.append(step.hidden.float())
         step, cache = forward(lm, embed_token(lm, token), cache)
-    return tokens
+    return tokens, hidden
+
+
+def reference(
+    tiny: LoadedCheckpoint, ids: list[int], n: int = 8, media: dict | None = None
+) -> list[int]:
+    return reference_steps(tiny, ids, n, media)[0]
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -105,6 +113,29 @@ def test_concurrent_sequences_share_steps_and_match_alone(
         assert out.tokens == reference(tiny, ids, 12)
     assert max(batcher.metrics.step_sequences) >= 2
     assert max(e.batch_size for out in outs for e in out.events) >= 2
+
+
+def test_sequences_leaving_and_joining_the_batch_keep_their_hidden_states(
+    tiny: LoadedCheckpoint, batcher: ContinuousBatcher
+) -> None:
+    """Different prompt lengths (padding), replies of different lengths (the batch shrinks
+    while others go on) and late joiners: every hidden state equals decoding alone."""
+    plan = [(3, 0, 20), (31, 1, 6), (12, 2, 14), (50, 3, 3)]
+    outs = []
+    for n, seed, reply in plan:
+        outs.append(
+            submit(batcher, prompt(n, seed), SamplingParams(temperature=0.0, max_new_tokens=reply))
+        )
+    for out in outs:
+        assert out.done.wait(60)
+    late = submit(batcher, prompt(7, 9), SamplingParams(temperature=0.0, max_new_tokens=5))
+    assert late.done.wait(60)
+    for (n, seed, reply), out in zip([*plan, (7, 9, 5)], [*outs, late], strict=True):
+        tokens, hidden = reference_steps(tiny, prompt(n, seed), reply)
+        assert out.tokens == tokens
+        got = torch.stack([e.hidden for e in out.events if e.token_id >= 0])
+        torch.testing.assert_close(got, torch.stack(hidden), atol=1e-4, rtol=1e-4)
+    assert max(batcher.metrics.step_sequences) >= 3
 
 
 def test_cancel_stops_within_one_step(batcher: ContinuousBatcher) -> None:
@@ -163,9 +194,7 @@ def test_changed_media_is_not_reused(tiny: LoadedCheckpoint, batcher: Continuous
 @pytest.fixture
 def chunked(tiny: LoadedCheckpoint) -> Iterator[ContinuousBatcher]:
     """Prefill in chunks of 7 tokens whenever something is decoding."""
-    b = ContinuousBatcher(
-        tiny.model.language_model, max_batch=8, idle_wait_s=0.01, prefill_chunk=7
-    )
+    b = ContinuousBatcher(tiny.model.language_model, max_batch=8, idle_wait_s=0.01, prefill_chunk=7)
     b.start()
     yield b
     b.stop()

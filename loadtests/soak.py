@@ -1,0 +1,332 @@
+"""`make soak DURATION=30m`: the real stack running turns back to back for a long time.
+
+Redis, Triton and a gateway (tiny checkpoint) as real processes; SESSIONS clients each hold a
+conversation of TURNS_PER_SESSION spoken turns, delete it and start another (so dialogue state
+reaches a steady size instead of growing by design). Every minute it samples: errors, time to
+first audio p50/p95, the RSS and open file descriptors of every process (python-backend stubs
+included), Redis memory and key count.
+
+Passing: no errors, and no process whose memory trends upward: the least-squares slope of its
+RSS over the last two thirds of the run (the first third is warm-up: caches fill, allocators
+settle) must stay under MAX_SLOPE_MB_PER_MIN, and Redis memory's under
+MAX_REDIS_SLOPE_MB_PER_MIN. Writes docs/benchmarks/soak.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+
+from iomni.client import AsyncDialogueClient, chat_request
+from iomni.gateway.auth import write_dev_tenant
+from iomni.model.generate import make_checkpoint
+from loadtests.chaos import Proc
+
+KEY = "soak-key"
+SESSIONS = 4
+TURNS_PER_SESSION = 10
+MAX_SLOPE_MB_PER_MIN = 2.0
+MAX_REDIS_SLOPE_MB_PER_MIN = 0.5
+PORTS = {"redis": 19579, "triton": 19500, "gateway": 19551}
+
+
+def duration_s(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", text.strip())
+    if match is None:
+        raise SystemExit(f"DURATION must look like 30m, 600s or 1h, not {text!r}")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return value * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def processes(root_pids: list[int]) -> dict[int, str]:
+    """Every process under the given ones (children, grandchildren), pid -> name."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], names[pid] = int(fields[1]), name
+    found = {}
+    for pid in names:
+        cursor, chain = pid, 0
+        while cursor in parents and chain < 10:
+            if cursor in root_pids:
+                found[pid] = names[pid]
+                break
+            cursor, chain = parents[cursor], chain + 1
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+class Soak:
+    def __init__(self) -> None:
+        self.ttfa: list[float] = []
+        self.errors: list[str] = []
+        self.turns = 0
+        self.stop = asyncio.Event()
+
+    async def client(self, index: int) -> None:
+        async with AsyncDialogueClient(f"127.0.0.1:{PORTS['gateway']}", KEY) as client:
+            while not self.stop.is_set():
+                session = ""
+                for turn in range(TURNS_PER_SESSION):
+                    if self.stop.is_set():
+                        break
+                    request = chat_request(
+                        session, uuid.uuid4().hex, text=f"session turn {turn} from {index}",
+                        speech=True, temperature=0.0, max_new_tokens=12,
+                    )  # fmt: skip
+                    started, first = time.perf_counter(), None
+                    try:
+                        async for response in client.chat_stream(request, timeout=60):
+                            kind = response.WhichOneof("payload")
+                            if kind == "audio" and first is None:
+                                first = time.perf_counter() - started
+                            elif kind == "done":
+                                session = response.session_id
+                        self.turns += 1
+                        if first is not None:
+                            self.ttfa.append(first * 1000)
+                    except grpc.RpcError as exc:
+                        self.errors.append(f"{exc.code().name}: {exc.details()}")
+                if session:
+                    try:
+                        await client.delete_session(session)
+                    except grpc.RpcError as exc:
+                        self.errors.append(f"{exc.code().name}: {exc.details()}")
+
+
+async def sample(soak: Soak, procs: dict[str, Proc], since: float) -> dict:
+    roots = [p.process.pid for p in procs.values() if p.process is not None]
+    tree = processes(roots)
+    by_name: dict[str, float] = {}
+    fds: dict[str, int] = {}
+    for pid, name in tree.items():
+        key = f"{name}[{pid}]"
+        by_name[key] = round(rss_mb(pid), 1)
+        fds[key] = open_fds(pid)
+    client = aioredis.Redis(port=PORTS["redis"])
+    try:
+        info = await client.info("memory")
+        keys = await client.dbsize()
+    finally:
+        await client.aclose()
+    ttfa, soak.ttfa = soak.ttfa, []
+    errors, soak.errors = soak.errors, []
+    return {
+        "minute": round((time.monotonic() - since) / 60, 2),
+        "turns": soak.turns,
+        "errors": errors,
+        "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None,
+        "ttfa_p95_ms": sorted(ttfa)[int(0.95 * (len(ttfa) - 1))] if ttfa else None,
+        "rss_mb": by_name,
+        "open_fds": fds,
+        "redis_used_mb": round(info["used_memory"] / 2**20, 2),
+        "redis_keys": keys,
+    }
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope (units per minute)."""
+    if len(points) < 2:
+        return 0.0
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
+
+
+def verdict(samples: list[dict]) -> dict:
+    settled = samples[len(samples) // 3 :]
+    slopes = {}
+    for name in settled[-1]["rss_mb"]:
+        points = [(s["minute"], s["rss_mb"][name]) for s in settled if name in s["rss_mb"]]
+        slopes[name] = round(slope(points), 3)
+    redis_slope = slope([(s["minute"], s["redis_used_mb"]) for s in settled])
+    errors = sum(len(s["errors"]) for s in samples)
+    growing = {n: v for n, v in slopes.items() if v > MAX_SLOPE_MB_PER_MIN}
+    return {
+        "errors": errors,
+        "rss_slope_mb_per_min": slopes,
+        "redis_slope_mb_per_min": round(redis_slope, 3),
+        "growing": growing,
+        "passed": errors == 0 and not growing and redis_slope <= MAX_REDIS_SLOPE_MB_PER_MIN,
+    }
+
+
+def plot(samples: list[dict], path: Path) -> None:
+    """RSS of the largest processes and Redis memory over time, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 900, 420, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    names = sorted(samples[-1]["rss_mb"], key=lambda n: -samples[-1]["rss_mb"][n])[:6]
+    series = {n: [(s["minute"], s["rss_mb"].get(n)) for s in samples] for n in names}
+    series["redis used memory"] = [(s["minute"], s["redis_used_mb"]) for s in samples]
+    top = max(v for pts in series.values() for _, v in pts if v) * 1.1
+    end = max(samples[-1]["minute"], 1)
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e"]
+    draw.rectangle((margin, margin, width - margin, height - margin), outline="black")
+    for index, (name, points) in enumerate(series.items()):
+        xy = [
+            (
+                margin + (m / end) * (width - 2 * margin),
+                height - margin - (v / top) * (height - 2 * margin),
+            )
+            for m, v in points
+            if v is not None
+        ]
+        if len(xy) > 1:
+            draw.line(xy, fill=colours[index % len(colours)], width=2)
+        draw.text((margin + 5, margin + 5 + 14 * index), name, fill=colours[index % len(colours)])
+    draw.text((margin, height - margin + 8), f"0 .. {end:.0f} min", fill="black")
+    draw.text((5, margin - 20), f"MB (top {top:.0f})", fill="black")
+    image.save(path)
+
+
+async def run(procs: dict[str, Proc], seconds: float) -> list[dict]:
+    soak = Soak()
+    clients = [asyncio.create_task(soak.client(i)) for i in range(SESSIONS)]
+    since = time.monotonic()
+    samples = []
+    while time.monotonic() - since < seconds:
+        await asyncio.sleep(min(60, seconds - (time.monotonic() - since)))
+        samples.append(await sample(soak, procs, since))
+        last = samples[-1]
+        print(
+            f"minute {last['minute']:5.1f}: {last['turns']} turns, {len(last['errors'])} errors, "
+            f"TTFA p50 {last['ttfa_p50_ms']} ms, redis {last['redis_used_mb']} MB",
+            flush=True,
+        )
+    soak.stop.set()
+    await asyncio.gather(*clients, return_exceptions=True)
+    return samples
+
+
+def write(samples: list[dict], result: dict, seconds: float, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps({"verdict": result, "samples": samples}, indent=2))
+    plot(samples, out / "soak.png")
+    ttfa = [s["ttfa_p50_ms"] for s in samples if s["ttfa_p50_ms"]]
+    lines = [
+        f"# Soak: {seconds / 60:.0f} minutes of turns back to back (CPU, `tiny`, one run)",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores: Redis, Triton and "
+        f"a gateway as real processes; {SESSIONS} clients, each a conversation of "
+        f"{TURNS_PER_SESSION} spoken turns then deleted and begun again. Regenerate with "
+        "`make soak DURATION=…`.",
+        "",
+        f"**{'PASSED' if result['passed'] else 'FAILED'}**: {result['errors']} errors; "
+        f"{samples[-1]['turns']} turns; TTFA p50 per minute from {min(ttfa):.0f} to "
+        f"{max(ttfa):.0f} ms. Memory trend (least-squares slope over the last two thirds, limit "
+        f"{MAX_SLOPE_MB_PER_MIN} MB/min per process, {MAX_REDIS_SLOPE_MB_PER_MIN} MB/min for "
+        f"Redis): Redis {result['redis_slope_mb_per_min']} MB/min.",
+        "",
+        "| process | RSS first / last sample (MB) | slope (MB/min) | open fds first / last |",
+        "|---|---|---|---|",
+    ]
+    first, last = samples[0], samples[-1]
+    for name, value in sorted(result["rss_slope_mb_per_min"].items(), key=lambda kv: -kv[1]):
+        lines.append(
+            f"| {name} | {first['rss_mb'].get(name, '-')} / {last['rss_mb'].get(name)} | {value} | "
+            f"{first['open_fds'].get(name, '-')} / {last['open_fds'].get(name)} |"
+        )
+    lines += [
+        "",
+        f"Redis: {first['redis_used_mb']} → {last['redis_used_mb']} MB, keys {first['redis_keys']}"
+        f" → {last['redis_keys']}.",
+        "",
+        "![memory over the run](soak.png)",
+    ]
+    (out / "soak.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", default=os.environ.get("DURATION", "30m"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
+    args = parser.parse_args()
+    seconds = duration_s(args.duration)
+    checkpoint = args.checkpoints / "tiny"
+    if not (checkpoint / "config.json").exists():
+        make_checkpoint("tiny", checkpoint)
+    work = Path(tempfile.mkdtemp(prefix="iomni-soak-"))
+    write_dev_tenant(work / "tenants.json", "soak", KEY)
+    iomni = [sys.executable, "-m", "iomni.cli"]
+    procs = {
+        "redis": Proc(
+            "redis",
+            ["redis-server", "--port", str(PORTS["redis"]), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", str(work)],
+            work / "redis.log", "Ready to accept connections",
+        ),
+        "triton": Proc(
+            "triton",
+            [*iomni, "triton", "serve", "--model", str(checkpoint), "--work", str(work / "triton"),
+             "--http-port", str(PORTS["triton"]), "--grpc-port", str(PORTS["triton"] + 1),
+             "--metrics-port", str(PORTS["triton"] + 2)],
+            work / "triton.log", "triton ready",
+        ),
+        "gateway": Proc(
+            "gateway",
+            [*iomni, "gateway", "--model", str(checkpoint), "--tenants", str(work / "tenants.json"),
+             "--triton", f"127.0.0.1:{PORTS['triton'] + 1}", "--redis",
+             f"redis://127.0.0.1:{PORTS['redis']}/0", "--port", str(PORTS["gateway"]),
+             "--metrics-port", str(PORTS["gateway"] + 1), "--realtime-port",
+             str(PORTS["gateway"] + 2)],
+            work / "gateway.log", "gateway ready",
+        ),
+    }  # fmt: skip
+    try:
+        for proc in procs.values():
+            proc.start()
+        samples = asyncio.run(run(procs, seconds))
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
+    result = verdict(samples)
+    write(samples, result, seconds, args.out)
+    print(f"logs: {work}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
