@@ -51,21 +51,22 @@ class TurnFollower:
         for tp in self.assigned:
             self.consumer.position(tp)
         self.restarted = False  # the last event began a newer attempt of the turn
+        self._attempts: dict[str, int] = {}  # turn id -> newest attempt seen, across calls
 
     def events(self, turn_id: str, timeout_s: float = 120.0) -> Iterator[events_pb2.TurnEvent]:
         """The turn's events as they come. Events of a superseded attempt (a worker that died
         mid-turn) are dropped; when a newer attempt starts, its first event comes with
-        `restarted(event)` true: what was shown of the earlier attempt should be discarded."""
+        `self.restarted` true: what was shown of the earlier attempt should be discarded."""
         deadline = time.monotonic() + timeout_s
-        attempt = 0
         while time.monotonic() < deadline:
             for records in self.consumer.poll(timeout_ms=200).values():
                 for record in records:
                     event = events_pb2.TurnEvent.FromString(record.value)
+                    attempt = self._attempts.get(turn_id, 0)
                     if event.turn_id != turn_id or event.attempt < attempt:
                         continue
                     self.restarted = bool(attempt) and event.attempt > attempt
-                    attempt = event.attempt
+                    self._attempts[turn_id] = event.attempt
                     yield event
                     if event.WhichOneof("payload") in ("done", "failed"):
                         return
