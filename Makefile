@@ -14,13 +14,16 @@ CKPT_DIR    ?= .cache/checkpoints
 PROTOS      := $(wildcard protos/iomni/v1/*.proto)
 PROTO_OUT   := services/iomni/v1/.generated
 
-.PHONY: help setup system-packages demo test lint bench checkpoints triton engines up down clean
+.PHONY: help setup system-packages demo test lint bench chaos fuzz soak checkpoints triton engines up down clean
 
 help:
 	@echo "make demo   - set everything up and run a 3-turn audio-visual conversation"
 	@echo "make test   - run the whole test suite"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks, written to docs/benchmarks/"
+	@echo "make chaos  - kill/pause each process under load; figures in docs/benchmarks/chaos.md"
+	@echo "make fuzz   - 20000 malformed gRPC requests and Realtime events (FUZZ_EXAMPLES=...)"
+	@echo "make soak   - steady load for DURATION (default 30m); curves in docs/benchmarks/soak.md"
 	@echo "make triton - the four models on a local tritonserver (CPU profile)"
 	@echo "make engines - ONNX exports + GPU repository (TensorRT build needs NVIDIA's container)"
 
@@ -100,6 +103,18 @@ bench: setup
 	$(PY) -m loadtests.bench_gateway --out docs/benchmarks
 	$(PY) -m loadtests.bench_streams --out docs/benchmarks
 	$(PY) -m loadtests.bench_live --out docs/benchmarks
+
+# Reliability (docs/reliability.md): bounded, re-runnable, never part of `make test`.
+FUZZ_EXAMPLES ?= 20000
+DURATION      ?= 30m
+chaos: setup checkpoints
+	$(PY) -m loadtests.chaos --out docs/benchmarks
+
+fuzz: setup checkpoints
+	IOMNI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
+
+soak: setup checkpoints
+	$(PY) -m loadtests.soak --duration $(DURATION) --out docs/benchmarks
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -10,7 +10,7 @@ a stopped one continued), and the clients' view is recorded: errors by status, t
 succeed again. At the end the state is audited in Redis: turns lost, turns stored twice,
 half-written histories, leases still held, and whether every retried turn id ran exactly once.
 
-Writes docs/benchmarks/chaos.{json,md}; docs/reliability.md quotes it. About 12 minutes.
+Writes docs/benchmarks/chaos.{json,md}; docs/reliability.md quotes it. About 14 minutes.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from iomni.v1 import dialogue_pb2 as pb
 KEY = "chaos-key"
 PORTS = {"redis": 19379, "kafka": 19092, "triton": 19000, "gw1": 19051, "gw2": 19061}
 LEASE_TTL_MS = 3000
+KINDS = ("chat", "kafka", "barge_in")
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.ABORTED,
@@ -61,11 +62,13 @@ class Proc:
     process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 300) -> None:
+        # Only a ready line written by this start counts (a restart appends to the same log).
+        offset = self.log.stat().st_size if self.log.exists() else 0
         self.process = subprocess.Popen(
             self.command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout_s
-        while self.ready and self.ready not in self.log.read_text(errors="replace"):
+        while self.ready and self.ready not in self.log.read_text(errors="replace")[offset:]:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"{self.name} did not start; see {self.log}")
             time.sleep(0.2)
@@ -139,6 +142,11 @@ def stack(work: Path, checkpoint: Path) -> dict[str, Proc]:
     return procs
 
 
+def stop_on_sigterm() -> None:
+    """`kill` (or a CI timeout) ends the run through its `finally`, which stops the stack."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def tritonserver_pid(work: Path) -> int:
     return int((work / "triton" / "tritonserver.pid").read_text())
 
@@ -158,6 +166,12 @@ class Record:
     errors: list[tuple[float, str]] = field(default_factory=list)
     finished: float | None = None  # when a `done` came (first run or replay)
     replayed: bool = False
+    ended: float | None = None  # when the client stopped working on it (done or gave up)
+    accepted: bool = False  # a Kafka turn the broker acknowledged
+    stored: int = 0  # times its user text is in the session's history (set by the audit)
+
+    def running_at(self, t: float) -> bool:
+        return self.started <= t and (self.ended is None or self.ended >= t)
 
 
 class Load:
@@ -200,6 +214,7 @@ class Load:
                             break
                         choice = 1 - choice  # the other gateway
                         await asyncio.sleep(0.5)
+                record.ended = time.monotonic()
                 await asyncio.sleep(random.uniform(0.2, 0.8))
         finally:
             for client in clients:
@@ -230,14 +245,18 @@ class Load:
                 self.records.append(record)
                 try:
                     async for response in client.converse(requests(), timeout=60):
+                        record.session = record.session or response.session_id
                         kind = response.WhichOneof("payload")
                         if kind == "audio":
                             queue.put_nowait(pb.ConverseRequest(cancel=pb.Cancel()))
                         elif kind == "done":
                             record.finished = time.monotonic()
-                            queue.put_nowait(None)
+                            queue.put_nowait(None)  # end the request stream: the call ends
                 except grpc.RpcError as exc:
                     record.errors.append((time.monotonic(), exc.code().name))
+                finally:
+                    queue.put_nowait(None)  # the request stream ends with the call
+                    record.ended = time.monotonic()
 
     async def kafka_client(self) -> None:
         from iomni.streams.client import TurnFollower, turn_request
@@ -258,6 +277,8 @@ class Load:
                 await asyncio.to_thread(self._kafka_turn, settings, request, record, TurnFollower)
             except Exception as exc:  # a broker that is down: the turn may be lost
                 record.errors.append((time.monotonic(), type(exc).__name__))
+                print(f"  kafka client: {type(exc).__name__}: {exc}", flush=True)
+            record.ended = time.monotonic()
 
     @staticmethod
     def _kafka_turn(settings, request, record: Record, follower_type) -> None:  # type: ignore[no-untyped-def]
@@ -266,6 +287,7 @@ class Load:
         follower = follower_type(settings)
         try:
             submit(settings, request)
+            record.accepted = True
             for event in follower.events(request.turn_id, 120):
                 if event.WhichOneof("payload") == "done":
                     record.finished = time.monotonic()
@@ -301,6 +323,7 @@ FAULTS = [
     Fault("gateway 1 SIGKILL", "gw1", "kill"),
     Fault("gateway 1 SIGSTOP/SIGCONT", "gw1", "stop"),
     Fault("gateway 2 SIGKILL", "gw2", "kill"),
+    Fault("gateway 2 SIGSTOP/SIGCONT", "gw2", "stop"),
     Fault("worker 1 SIGKILL", "worker1", "kill"),
     Fault("worker 1 SIGSTOP/SIGCONT", "worker1", "stop"),
     Fault("redis-server SIGKILL (restart with its AOF)", "redis", "kill"),
@@ -342,14 +365,61 @@ async def inject(fault: Fault, procs: dict[str, Proc], work: Path) -> float:
     return time.monotonic()
 
 
-def window(load: Load, start: float, end: float) -> dict:
+def recovered_after(load: Load, start: float) -> dict[str, float | None]:
+    """Per kind of turn: seconds from the fault until the first turn that started after it
+    finished (None: none has yet)."""
+    recovered: dict[str, float | None] = {}
+    for kind in sorted({r.kind for r in load.records}):
+        after = [r.finished for r in load.records if r.kind == kind and r.started >= start]
+        finished = [t for t in after if t]
+        recovered[kind] = min(finished) - start if finished else None
+    return recovered
+
+
+async def observe(load: Load, start: float, quiet_s: float, limit_s: float = 120) -> dict:
+    """Watch at least `quiet_s`, longer (up to `limit_s`) until every kind of turn has
+    succeeded again."""
+    await asyncio.sleep(quiet_s)
+    while None in recovered_after(load, start).values() and time.monotonic() - start < limit_s:
+        await asyncio.sleep(1)
+    end = time.monotonic()
     errors = collections.Counter(
         code for r in load.records for t, code in r.errors if start <= t <= end
     )
-    # Turns succeed again: the first turn that started after the fault began and finished.
-    after = [r.finished for r in load.records if r.started >= start and r.finished]
-    recovered = min(after) - start if after else None
-    return {"errors": dict(errors), "recovered_after_s": recovered}
+    by_kind = recovered_after(load, start)
+    slowest = None if None in by_kind.values() else max(by_kind.values())  # type: ignore[type-var]
+    return {"errors": dict(errors), "recovered_after_s": slowest, "recovered_by_kind_s": by_kind}
+
+
+def record_lost(record: Record) -> bool:
+    """A turn the platform confirmed (a `done`, or a Kafka ack) whose message is not stored."""
+    return (bool(record.finished) or record.accepted) and record.stored == 0
+
+
+async def stuck_leases(load: Load) -> int:
+    """Leases held, unchanged, across more than a lease TTL by a session none of whose turns
+    is running: a holder that died and a lease that did not lapse."""
+    client = aioredis.Redis(port=PORTS["redis"])
+
+    async def held() -> dict[bytes, bytes | None]:
+        keys = [k async for k in client.scan_iter(f"{PREFIX}session:*:lease")]
+        return {k: await client.dump(k) for k in keys}
+
+    def idle(key: bytes, t: float) -> bool:
+        session = key.decode().split("{", 1)[1].split("}", 1)[0]
+        return not any(r.session == session and r.running_at(t) for r in load.records)
+
+    try:
+        first_at, first = time.monotonic(), await held()
+        await asyncio.sleep(LEASE_TTL_MS / 1000 + 1)
+        second_at, second = time.monotonic(), await held()
+        return sum(
+            1
+            for key, value in second.items()
+            if first.get(key) == value and idle(key, first_at) and idle(key, second_at)
+        )
+    finally:
+        await client.aclose()
 
 
 async def audit(load: Load) -> dict:
@@ -369,9 +439,9 @@ async def audit(load: Load) -> dict:
                 stored.update(texts)
         for record in load.records:
             if record.kind in ("chat", "kafka"):
-                count = stored.get(record.text, 0)
-                duplicated += count > 1
-                lost += bool(record.finished) and count == 0
+                record.stored = stored.get(record.text, 0)
+                duplicated += record.stored > 1
+                lost += record_lost(record)
         retried = [r for r in load.records if r.kind == "chat" and r.errors and r.finished]
         retried_once = sum(stored.get(r.text, 0) == 1 for r in retried)
         return {
@@ -395,8 +465,9 @@ async def run(procs: dict[str, Proc], work: Path, quiet_s: float) -> dict:
         began = time.monotonic()
         print(f"fault: {fault.name}", flush=True)
         undone = await inject(fault, procs, work)
-        await asyncio.sleep(quiet_s)
-        entry = {"fault": fault.name, **window(load, began, time.monotonic())}
+        entry = {"fault": fault.name, **await observe(load, began, quiet_s)}
+        entry["window"] = (began, time.monotonic())
+        entry["leases_stuck"] = await stuck_leases(load)
         entry["fault_held_s"] = round(undone - began, 1)
         results.append(entry)
         print(f"  {entry}", flush=True)
@@ -405,9 +476,18 @@ async def run(procs: dict[str, Proc], work: Path, quiet_s: float) -> dict:
     await runner
     totals = collections.Counter(r.kind for r in load.records)
     done = collections.Counter(r.kind for r in load.records if r.finished)
+    final = await audit(load)
+    for entry in results:  # the audit knows what was stored; attribute turns to their fault
+        began, end = entry.pop("window")
+        during = [r for r in load.records if began <= r.started <= end and r.kind != "barge_in"]
+        entry["turns_lost"] = sum(record_lost(r) for r in during)
+        entry["turns_duplicated"] = sum(r.stored > 1 for r in during)
+        retried = [r for r in during if r.kind == "chat" and r.errors and r.finished]
+        entry["retried_turns"] = len(retried)
+        entry["retried_stored_once"] = sum(r.stored == 1 for r in retried)
     return {
         "faults": results,
-        "audit": await audit(load),
+        "audit": final,
         "turns": {k: {"started": totals[k], "finished": done[k]} for k in totals},
     }
 
@@ -423,14 +503,26 @@ def write(results: dict, out: Path) -> None:
         "(retrying an unfinished turn with the same turn id, on the other gateway when one is "
         "down), Kafka turns, a barge-in every few seconds. Regenerate with `make chaos`.",
         "",
-        "| fault | client errors (status: count) | turns succeed again after (s) |",
-        "|---|---|---|",
+        "Recovery: seconds from the fault until a turn started after it finishes, for each kind "
+        "(chat / kafka / barge-in; '-' = none within 120 s). Lost: confirmed (done or Kafka "
+        "ack) but not stored. Retried: Chat turns that saw an error and were retried with the "
+        "same turn id, and how many of those are stored exactly once.",
+        "",
+        "| fault | held (s) | client errors (status: count) | recovered after (s) | lost | "
+        "duplicated | stuck leases | retried: stored once |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for entry in results["faults"]:
-        errors = ", ".join(f"{k}: {v}" for k, v in sorted(entry["errors"].items())) or "none"
-        recovered = entry["recovered_after_s"]
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    for e in results["faults"]:
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(e["errors"].items())) or "none"
+        recovered = " / ".join(seconds(e["recovered_by_kind_s"].get(k)) for k in KINDS)
         lines.append(
-            f"| {entry['fault']} | {errors} | {'-' if recovered is None else f'{recovered:.1f}'} |"
+            f"| {e['fault']} | {e['fault_held_s']} | {errors} | {recovered} | {e['turns_lost']} "
+            f"| {e['turns_duplicated']} | {e['leases_stuck']} "
+            f"| {e['retried_stored_once']}/{e['retried_turns']} |"
         )
     audit = results["audit"]
     lines += [
@@ -458,6 +550,7 @@ def main() -> None:
         make_checkpoint("tiny", checkpoint)
     work = Path(tempfile.mkdtemp(prefix="iomni-chaos-"))
     procs = stack(work, checkpoint)
+    stop_on_sigterm()
     try:
         for proc in procs.values():
             proc.start()

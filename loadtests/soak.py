@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from iomni.client import AsyncDialogueClient, chat_request
 from iomni.gateway.auth import write_dev_tenant
 from iomni.model.generate import make_checkpoint
-from loadtests.chaos import Proc
+from loadtests.chaos import Proc, stop_on_sigterm
 
 KEY = "soak-key"
 SESSIONS = 4
@@ -315,6 +315,7 @@ def main() -> int:
             work / "gateway.log", "gateway ready",
         ),
     }  # fmt: skip
+    stop_on_sigterm()
     try:
         for proc in procs.values():
             proc.start()

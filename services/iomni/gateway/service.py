@@ -139,7 +139,7 @@ class DialogueService(pb_grpc.DialogueServicer):
 
         return emit
 
-    async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.ConverseResponse]:  # type: ignore[no-untyped-def]
+    async def Chat(self, request: pb.ChatRequest, context) -> None:  # type: ignore[no-untyped-def]
         tenant = await self._tenant(context)
         self.metrics.active_streams.inc()
         queue: Responses = asyncio.Queue()
@@ -160,8 +160,7 @@ class DialogueService(pb_grpc.DialogueServicer):
                 wire.speech_options(request.output),
             )
             task = asyncio.create_task(self._chat_turn(turn, queue))
-            async for response in _drain(queue, task):
-                yield response
+            await self._send(context, _drain(queue, task))
         except Exception as exc:
             await abort(context, as_project_error(exc, "the turn"))
         finally:
@@ -178,18 +177,30 @@ class DialogueService(pb_grpc.DialogueServicer):
         finally:
             await queue.put(None)
 
-    async def Converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:  # type: ignore[no-untyped-def]
+    async def Converse(self, request_iterator, context) -> None:  # type: ignore[no-untyped-def]
         tenant = await self._tenant(context)
         self.metrics.active_streams.inc()
         conversation = _Conversation(self, tenant)
         try:
-            async for response in conversation.run(request_iterator):
-                yield response
+            await self._send(context, conversation.run(request_iterator))
         except Exception as exc:
             await abort(context, as_project_error(exc, "the stream"))
         finally:
             await conversation.close()
             self.metrics.active_streams.dec()
+
+    async def _send(self, context, responses: AsyncIterator[pb.ConverseResponse]) -> None:  # type: ignore[no-untyped-def]
+        """Write the responses as they come. A client that stops reading holds the write; after
+        `idle_timeout_s` the stream is closed rather than kept with its replies in memory."""
+        async with contextlib.aclosing(responses) as stream:
+            async for response in stream:
+                try:
+                    await asyncio.wait_for(context.write(response), self.idle_timeout_s)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the client read nothing for {self.idle_timeout_s:.0f} s; the stream "
+                        "was closed (read responses as they come)"
+                    ) from None
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:  # type: ignore[no-untyped-def]
         tenant = await self._tenant(context)
@@ -241,10 +252,12 @@ class _Conversation:
         self.idle_since = time.monotonic()
         watchdog = asyncio.create_task(self._watch_idle())
         self.tasks.append(watchdog)
-        try:
-            first = await iterator.__anext__()
+        try:  # the watchdog cannot wake a stream that never sent anything: bound it here
+            first = await asyncio.wait_for(iterator.__anext__(), self.service.idle_timeout_s)
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            raise self._idle_error() from None
         if first.WhichOneof("payload") != "config":
             raise InvalidInput("the first Converse message must be `config`")
         self.config = first.config
@@ -289,12 +302,7 @@ class _Conversation:
             if self.busy():
                 self.idle_since = time.monotonic()
             elif time.monotonic() - self.idle_since > limit:
-                self._fail(
-                    DeadlineExceeded(
-                        f"no message on this stream for {limit:.0f} s; it was closed "
-                        "(open a new one to go on; the session is kept)"
-                    )
-                )
+                self._fail(self._idle_error())
                 if self.live is not None:
                     self.live.fail(self.error)  # type: ignore[arg-type]
                 return
@@ -346,6 +354,12 @@ class _Conversation:
             self._fail(as_project_error(exc, "the turn"))
         finally:
             await self.queue.put(None)
+
+    def _idle_error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"no message on this stream for {self.service.idle_timeout_s:.0f} s; it was closed "
+            "(open a new one to go on; the session is kept)"
+        )
 
     def _fail(self, exc: IomniError) -> None:
         if self.error is None:

@@ -60,6 +60,7 @@ class LiveSettings:
     max_frames: int = 4  # recent camera frames attached to a turn
     max_speedup: float = 4.0  # sustained audio faster than this times real time is dropped
     burst_s: float = 5.0  # audio a client may send ahead of real time before that applies
+    max_frame_fps: float = 4.0  # sustained camera frames per second; faster ones are dropped
     auto_respond: bool = True  # a committed turn is answered at once (else: `respond()`)
     vad: bool = True  # False: no turn detection; audio waits for `commit()` (manual turns)
 
@@ -181,6 +182,7 @@ class LiveSession:
         self._rate = 0
         self._started = time.monotonic()
         self._received_s = 0.0
+        self._frames_taken = 0
         self._tasks: set[asyncio.Task] = set()
 
     def reconfigure(
@@ -265,6 +267,17 @@ class LiveSession:
         """A camera frame: decoded and encoded now (overlapping speech), kept for the turn."""
         if self.settings.max_frames == 0:
             return
+        # Every frame costs a vision encode: a client that floods frames must not take the
+        # encoder from everyone else (a burst of max_frames is fine).
+        elapsed = time.monotonic() - self._started
+        if self._frames_taken >= self.settings.max_frame_fps * elapsed + self.settings.max_frames:
+            await self._warn(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"camera frames arrive faster than {self.settings.max_frame_fps:g} per second; "
+                "this one was dropped (send 1-2 frames per second)",
+            )
+            return
+        self._frames_taken += 1
         part = MediaPart.from_bytes("frame", data)
         try:
             await self.runner.engine.prepare_media(part)

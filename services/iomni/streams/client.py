@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from iomni.streams.topics import StreamSettings
+from iomni.streams.topics import StreamSettings, ensure_topics
 from iomni.v1 import events_pb2
 
 
@@ -43,7 +43,17 @@ class TurnFollower:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
-        partitions = self.consumer.partitions_for_topic(settings.events_topic) or set()
+        partitions = self.consumer.partitions_for_topic(settings.events_topic)
+        if not partitions:  # a new (or restarted, memory-backed) broker: create, then look again
+            ensure_topics(settings)
+            self.consumer.topics()  # refreshes the metadata
+            partitions = self.consumer.partitions_for_topic(settings.events_topic)
+        if not partitions:
+            self.consumer.close()
+            raise ConnectionError(
+                f"Kafka at {settings.bootstrap} has no topic {settings.events_topic!r}; "
+                "is the broker up, and are topics created (create_topics)?"
+            )
         self.assigned = [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]
         self.consumer.assign(self.assigned)
         # The turn id filters events, so starting a little early is harmless.

@@ -3,25 +3,56 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from iomni.errors import ErrorCode
 from iomni.v1 import dialogue_pb2 as pb
 from iomni.v1 import events_pb2
 
+log = logging.getLogger(__name__)
 
-def make_producer(bootstrap: str, client_id: str) -> KafkaProducer:
-    return KafkaProducer(
-        bootstrap_servers=bootstrap,
-        client_id=client_id,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=2,
-        max_request_size=16 << 20,
-        max_block_ms=5000,  # a broker outage fails sends in seconds, not a minute
-    )
+
+class EventProducer:
+    """An idempotent KafkaProducer that can be replaced. A broker that restarted without its
+    data (or a lost producer id) leaves an idempotent producer failing every send for good;
+    `renew()` starts a fresh one, which a failed flush does."""
+
+    def __init__(self, bootstrap: str, client_id: str) -> None:
+        self.bootstrap, self.client_id = bootstrap, client_id
+        self.producer = self._new()
+
+    def _new(self) -> KafkaProducer:
+        return KafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_request_size=16 << 20,
+            max_block_ms=5000,  # a broker outage fails sends in seconds, not a minute
+        )
+
+    def send(self, topic: str, key: bytes, value: bytes):  # type: ignore[no-untyped-def]
+        return self.producer.send(topic, key=key, value=value)
+
+    def renew(self) -> None:
+        old, self.producer = self.producer, self._new()
+        log.warning("Kafka producer %s replaced after a failed flush", self.client_id)
+        old.close(timeout=0)
+
+    def flush(self, timeout_s: float) -> None:
+        self.producer.flush(timeout_s)
+
+    def close(self, timeout_s: float) -> None:
+        self.producer.close(timeout_s)
+
+
+def make_producer(bootstrap: str, client_id: str) -> EventProducer:
+    return EventProducer(bootstrap, client_id)
 
 
 class TurnPublisher:
@@ -30,7 +61,7 @@ class TurnPublisher:
 
     def __init__(
         self,
-        producer: KafkaProducer,
+        producer: EventProducer,
         topic: str,
         session_id: str,
         turn_id: str,
@@ -81,12 +112,14 @@ class TurnPublisher:
         self.sequence += 1
         self.on_event(event)
         self.futures.append(
-            self.producer.send(
-                self.topic, key=self.session_id.encode(), value=event.SerializeToString()
-            )
+            self.producer.send(self.topic, self.session_id.encode(), event.SerializeToString())
         )
 
     async def flush(self, timeout_s: float = 30.0) -> None:
         """Every event of the turn acknowledged by the broker (raises on failure)."""
         futures, self.futures = self.futures, []
-        await asyncio.to_thread(lambda: [f.get(timeout=timeout_s) for f in futures])
+        try:
+            await asyncio.to_thread(lambda: [f.get(timeout=timeout_s) for f in futures])
+        except KafkaError:
+            await asyncio.to_thread(self.producer.renew)
+            raise

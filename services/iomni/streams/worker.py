@@ -138,8 +138,11 @@ class TurnWorker:
                 await self._consumer_call(
                     self.consumer.commit, {tp: OffsetAndMetadata(record.offset + 1, "", -1)}
                 )
-            except Exception:
-                log.exception("record %s@%d not handled; retrying it", tp, record.offset)
+            except Exception as exc:
+                if isinstance(exc, Unavailable):  # a dependency is down: expected, no traceback
+                    log.warning("record %s@%d not handled (%s); retrying", tp, record.offset, exc)
+                else:
+                    log.exception("record %s@%d not handled; retrying it", tp, record.offset)
                 await self._rewind(tp, partition, record.offset)
                 return
             finally:

@@ -229,3 +229,27 @@ async def test_bad_input_gets_a_warning_and_the_session_goes_on(runtime: Runtime
     await stream(session, np.concatenate([spoken("Are you there?"), silence(1.0)]), speed=1.0)
     await events.wait_for(TurnFinished)
     await session.close()
+
+
+async def test_a_flood_of_camera_frames_is_cut_to_the_frame_rate(runtime: Runtime) -> None:
+    """Each frame costs a vision encode: 40 frames at once take a burst of max_frames, the
+    rest are dropped with a warning instead of occupying the encoder."""
+    session, events = await live(runtime, max_frames=4, max_frame_fps=2.0)
+    parts = runtime.parts
+    calls = 0
+    encode = parts.encode_images
+
+    async def counting(pixels):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return await encode(pixels)
+
+    parts.encode_images = counting  # type: ignore[method-assign]
+    started = time.monotonic()
+    for seed in range(40):  # distinct frames: no cache hits
+        await session.push_frame(png_bytes(64, 48, seed=seed))
+    allowed = 4 + 2.0 * (time.monotonic() - started) + 1
+    assert 4 <= calls <= allowed, (calls, allowed)
+    warnings = [e for _, e in events.of(LiveWarning) if e.code is ErrorCode.RESOURCE_EXHAUSTED]  # type: ignore[attr-defined]
+    assert len(warnings) == 40 - calls and "per second" in warnings[0].message  # type: ignore[attr-defined]
+    await session.close()
