@@ -10,7 +10,6 @@ Writes docs/benchmarks/engine.{md,json}. Never asserted in tests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,9 +21,9 @@ import torch
 
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
-from iomni.model.generate import make_checkpoint
 from iomni.model.sampling import SamplingParams
 from iomni.model.speech.stream import SpeechSession
+from loadtests import harness
 
 RUNNING = 4  # streams decoding throughout
 JOINING = 3  # long prompts that join while they run
@@ -204,17 +203,8 @@ def write(results: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
-    args = parser.parse_args()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    path = args.checkpoints / "small"
-    if not (path / "config.json").exists():
-        make_checkpoint("small", path)
-    write(measure(load_checkpoint(path)), args.out)
+    args = harness.parser(__doc__).parse_args()
+    write(measure(load_checkpoint(harness.checkpoint(args))), args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Writes docs/benchmarks/gateway.{md,json}. Never asserted in tests.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -28,18 +27,18 @@ from pathlib import Path
 
 import grpc
 
+from iomni.auth import write_dev_tenant
 from iomni.client import AsyncDialogueClient, chat_request
 from iomni.engine.events import AudioChunk
 from iomni.engine.parts import InProcessParts, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
-from iomni.gateway.auth import write_dev_tenant
 from iomni.model.checkpoint import load_checkpoint
 from iomni.model.conversation import Message, TextPart
-from iomni.model.generate import make_checkpoint
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
 from iomni.triton.server import TritonPorts, TritonServer
 from iomni.v1 import dialogue_pb2 as pb
+from loadtests import harness
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 KEY = "bench-key"
@@ -407,31 +406,10 @@ def _profile_row(label: str, profile: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
-    args = parser.parse_args()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    checkpoint = args.checkpoints / "small"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint("small", checkpoint)
+    args = harness.parser(__doc__).parse_args()
+    checkpoint = harness.checkpoint(args)
     work = Path(tempfile.mkdtemp(prefix="iomni-bench-"))
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "18479",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = harness.start_redis(18479)
     triton = TritonServer(REPOSITORY, checkpoint, work / "triton", TritonPorts(18400, 18401, 18402))
     gateway = None
     try:

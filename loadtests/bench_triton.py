@@ -10,7 +10,6 @@ Writes docs/benchmarks/triton.{md,json}. Never asserted in tests.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -27,12 +26,12 @@ from iomni.engine.parts import GenerationRequest, InProcessParts, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.model.checkpoint import fingerprint, load_checkpoint
 from iomni.model.conversation import MediaPart, Message, TextPart
-from iomni.model.generate import make_checkpoint
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
 from iomni.triton.client import TritonParts
 from iomni.triton.server import TritonPorts, TritonServer
 from iomni.triton.tensors import AUDIO_EMBEDS, IMAGE_EMBEDS
+from loadtests import harness
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -139,17 +138,10 @@ def write(results: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
+    parser = harness.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    checkpoint = args.checkpoints / "small"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint("small", checkpoint)
+    checkpoint = harness.checkpoint(args)
     server = TritonServer(
         REPOSITORY, checkpoint, Path(".cache/triton-bench"), TritonPorts(18300, 18301, 18302)
     )

@@ -15,9 +15,9 @@ Writes docs/benchmarks/chaos.{json,md}; docs/reliability.md quotes it. About 14 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
+import ctypes
 import json
 import os
 import random
@@ -33,16 +33,16 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 
+from iomni.auth import write_dev_tenant
 from iomni.client import AsyncDialogueClient, chat_request
-from iomni.gateway.auth import write_dev_tenant
-from iomni.model.generate import make_checkpoint
 from iomni.state.keys import PREFIX
 from iomni.v1 import dialogue_pb2 as pb
+from loadtests import harness
 
 KEY = "chaos-key"
 PORTS = {"redis": 19379, "kafka": 19092, "triton": 19000, "gw1": 19051, "gw2": 19061}
 LEASE_TTL_MS = 3000
-KINDS = ("chat", "kafka", "barge_in")
+KINDS = ("chat", "realtime", "kafka", "barge_in")
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.ABORTED,
@@ -65,7 +65,10 @@ class Proc:
         # Only a ready line written by this start counts (a restart appends to the same log).
         offset = self.log.stat().st_size if self.log.exists() else 0
         self.process = subprocess.Popen(
-            self.command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+            self.command,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,  # a killed suite leaves no stack behind
         )
         deadline = time.monotonic() + timeout_s
         while self.ready and self.ready not in self.log.read_text(errors="replace")[offset:]:
@@ -102,8 +105,9 @@ def stack(work: Path, checkpoint: Path) -> dict[str, Proc]:
     procs = {
         "redis": Proc(
             "redis",
-            ["redis-server", "--port", str(PORTS["redis"]), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(work)],
+            harness.redis_command(
+                PORTS["redis"], "--appendonly", "yes", "--appendfsync", "always", "--dir", str(work)
+            ),
             work / "redis.log", "Ready to accept connections",
         ),
         "kafka": Proc(
@@ -140,6 +144,11 @@ def stack(work: Path, checkpoint: Path) -> dict[str, Proc]:
             work / f"{name}.log", "worker ready",
         )  # fmt: skip
     return procs
+
+
+def die_with_parent() -> None:
+    """In the child before exec: the kernel SIGKILLs it when the suite dies."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def stop_on_sigterm() -> None:
@@ -258,6 +267,52 @@ class Load:
                     queue.put_nowait(None)  # the request stream ends with the call
                     record.ended = time.monotonic()
 
+    async def realtime_client(self) -> None:
+        """Text turns over the Realtime WebSocket, alternating gateways; a connection that is
+        refused or dies is retried on the other one (the dialogue resumes by session id)."""
+        import websockets
+
+        ports = [PORTS["gw1"] + 2, PORTS["gw2"] + 2]
+        headers = {"Authorization": f"Bearer {KEY}"}
+        session, turn = "", 0
+        while not self.stop.is_set():
+            turn += 1
+            record = Record("realtime", session, "", f"realtime turn {turn} {uuid.uuid4().hex[:6]}",
+                            time.monotonic())  # fmt: skip
+            self.records.append(record)
+            query = f"model=chaos&session_id={session}" if session else "model=chaos"
+            url = f"ws://127.0.0.1:{ports[turn % 2]}/v1/realtime?{query}"
+            try:
+                async with (
+                    asyncio.timeout(60),
+                    websockets.connect(url, additional_headers=headers) as ws,
+                ):
+                    while (event := json.loads(await ws.recv()))["type"] != "conversation.created":
+                        pass
+                    session = record.session = event["conversation"]["id"]  # ours, to resume
+                    for event in (
+                        {"type": "session.update", "session": {"type": "realtime",
+                         "output_modalities": ["text"], "max_output_tokens": 8,
+                         "audio": {"input": {"turn_detection": None}}}},
+                        {"type": "conversation.item.create", "item": {"type": "message",
+                         "role": "user", "content": [{"type": "input_text", "text": record.text}]}},
+                        {"type": "response.create"},
+                    ):  # fmt: skip
+                        await ws.send(json.dumps(event))
+                    async for message in ws:
+                        event = json.loads(message)
+                        if event["type"] == "error":
+                            record.errors.append((time.monotonic(), f"ws {event['error']['type']}"))
+                        elif event["type"] == "response.done":
+                            if event["response"]["status"] == "completed":
+                                record.finished = time.monotonic()
+                            break
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                code = getattr(getattr(exc, "response", None), "status_code", None)
+                record.errors.append((time.monotonic(), f"ws {code or type(exc).__name__}"))
+            record.ended = time.monotonic()
+            await asyncio.sleep(random.uniform(0.5, 1.0))
+
     async def kafka_client(self) -> None:
         from iomni.streams.client import TurnFollower, turn_request
         from iomni.streams.topics import StreamSettings
@@ -300,6 +355,7 @@ class Load:
         tasks = [asyncio.create_task(self.chat_client(i)) for i in range(3)]
         tasks += [
             asyncio.create_task(self.barge_in_client()),
+            asyncio.create_task(self.realtime_client()),
             asyncio.create_task(self.kafka_client()),
         ]
         await self.stop.wait()
@@ -438,7 +494,7 @@ async def audit(load: Load) -> dict:
                 texts = [p.get("text", "") for p in message["parts"] if p["type"] == "text"]
                 stored.update(texts)
         for record in load.records:
-            if record.kind in ("chat", "kafka"):
+            if record.kind in ("chat", "kafka", "realtime"):
                 record.stored = stored.get(record.text, 0)
                 duplicated += record.stored > 1
                 lost += record_lost(record)
@@ -501,12 +557,13 @@ def write(results: dict, out: Path) -> None:
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores: Redis (AOF), the "
         "tansu broker, Triton, two gateways and two workers as real processes; 3 Chat clients "
         "(retrying an unfinished turn with the same turn id, on the other gateway when one is "
-        "down), Kafka turns, a barge-in every few seconds. Regenerate with `make chaos`.",
+        "down), a Realtime WebSocket client (text turns, alternating gateways), Kafka turns, a "
+        "barge-in every few seconds. Regenerate with `make chaos`.",
         "",
         "Recovery: seconds from the fault until a turn started after it finishes, for each kind "
-        "(chat / kafka / barge-in; '-' = none within 120 s). Lost: confirmed (done or Kafka "
-        "ack) but not stored. Retried: Chat turns that saw an error and were retried with the "
-        "same turn id, and how many of those are stored exactly once.",
+        "(chat / realtime / kafka / barge-in; '-' = none within 120 s). Lost: confirmed (done or "
+        "Kafka ack) but not stored. Retried: Chat turns that saw an error and were retried with "
+        "the same turn id, and how many of those are stored exactly once.",
         "",
         "| fault | held (s) | client errors (status: count) | recovered after (s) | lost | "
         "duplicated | stuck leases | retried: stored once |",
@@ -540,14 +597,10 @@ def write(results: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
+    parser = harness.parser(__doc__)
     parser.add_argument("--quiet", type=float, default=25.0, help="seconds observed after a fault")
     args = parser.parse_args()
-    checkpoint = args.checkpoints / "tiny"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint("tiny", checkpoint)
+    checkpoint = harness.checkpoint(args, "tiny")
     work = Path(tempfile.mkdtemp(prefix="iomni-chaos-"))
     procs = stack(work, checkpoint)
     stop_on_sigterm()

@@ -14,7 +14,6 @@ MAX_REDIS_SLOPE_MB_PER_MIN. Writes docs/benchmarks/soak.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -29,9 +28,9 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 
+from iomni.auth import write_dev_tenant
 from iomni.client import AsyncDialogueClient, chat_request
-from iomni.gateway.auth import write_dev_tenant
-from iomni.model.generate import make_checkpoint
+from loadtests import harness
 from loadtests.chaos import Proc, stop_on_sigterm
 
 KEY = "soak-key"
@@ -39,6 +38,7 @@ SESSIONS = 4
 TURNS_PER_SESSION = 10
 MAX_SLOPE_MB_PER_MIN = 2.0
 MAX_REDIS_SLOPE_MB_PER_MIN = 0.5
+MAX_FD_GROWTH = 16  # open descriptors at the end beyond the most seen once warmed up
 PORTS = {"redis": 19579, "triton": 19500, "gateway": 19551}
 
 
@@ -180,12 +180,24 @@ def verdict(samples: list[dict]) -> dict:
     redis_slope = slope([(s["minute"], s["redis_used_mb"]) for s in settled])
     errors = sum(len(s["errors"]) for s in samples)
     growing = {n: v for n, v in slopes.items() if v > MAX_SLOPE_MB_PER_MIN}
+    # Descriptors: a leak adds some every turn, so the count at the end would be far above
+    # the most seen while warmed up; a few come and go with connections.
+    fd_growth = {
+        name: settled[-1]["open_fds"][name] - max(s["open_fds"].get(name, 0) for s in settled[:2])
+        for name in settled[-1]["open_fds"]
+    }
+    leaking = {n: v for n, v in fd_growth.items() if v > MAX_FD_GROWTH}
     return {
         "errors": errors,
         "rss_slope_mb_per_min": slopes,
         "redis_slope_mb_per_min": round(redis_slope, 3),
         "growing": growing,
-        "passed": errors == 0 and not growing and redis_slope <= MAX_REDIS_SLOPE_MB_PER_MIN,
+        "fd_growth": fd_growth,
+        "fds_leaking": leaking,
+        "passed": errors == 0
+        and not growing
+        and not leaking
+        and redis_slope <= MAX_REDIS_SLOPE_MB_PER_MIN,
     }
 
 
@@ -256,7 +268,9 @@ def write(samples: list[dict], result: dict, seconds: float, out: Path) -> None:
         f"{samples[-1]['turns']} turns; TTFA p50 per minute from {min(ttfa):.0f} to "
         f"{max(ttfa):.0f} ms. Memory trend (least-squares slope over the last two thirds, limit "
         f"{MAX_SLOPE_MB_PER_MIN} MB/min per process, {MAX_REDIS_SLOPE_MB_PER_MIN} MB/min for "
-        f"Redis): Redis {result['redis_slope_mb_per_min']} MB/min.",
+        f"Redis): Redis {result['redis_slope_mb_per_min']} MB/min. Open descriptors may end at "
+        f"most {MAX_FD_GROWTH} above the most seen once warmed up; growth beyond: "
+        f"{result['fds_leaking'] or 'none'}.",
         "",
         "| process | RSS first / last sample (MB) | slope (MB/min) | open fds first / last |",
         "|---|---|---|---|",
@@ -279,23 +293,18 @@ def write(samples: list[dict], result: dict, seconds: float, out: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = harness.parser(__doc__)
     parser.add_argument("--duration", default=os.environ.get("DURATION", "30m"))
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
     args = parser.parse_args()
     seconds = duration_s(args.duration)
-    checkpoint = args.checkpoints / "tiny"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint("tiny", checkpoint)
+    checkpoint = harness.checkpoint(args, "tiny")
     work = Path(tempfile.mkdtemp(prefix="iomni-soak-"))
     write_dev_tenant(work / "tenants.json", "soak", KEY)
     iomni = [sys.executable, "-m", "iomni.cli"]
     procs = {
         "redis": Proc(
             "redis",
-            ["redis-server", "--port", str(PORTS["redis"]), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--dir", str(work)],
+            harness.redis_command(PORTS["redis"], "--appendonly", "yes", "--dir", str(work)),
             work / "redis.log", "Ready to accept connections",
         ),
         "triton": Proc(

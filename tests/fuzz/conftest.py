@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from iomni.gateway.auth import Tenants, key_hash
+from iomni.auth import Tenants, key_hash
 from iomni.gateway.registration import add_dialogue_service
 from iomni.gateway.service import DialogueService
 from iomni.realtime.server import RealtimeServer

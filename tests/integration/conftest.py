@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from iomni.gateway.auth import key_hash
+from iomni.auth import key_hash
 from iomni.streams.topics import StreamSettings, ensure_topics
 from iomni.triton.server import TritonPorts, TritonServer
 from tests.integration.prom import Scrape

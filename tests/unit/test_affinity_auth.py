@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from iomni.gateway.auth import Tenants, Unauthenticated, key_hash
+from iomni.auth import Tenants, Unauthenticated, key_hash
 from iomni.runtime.affinity import AffinityRouter, rendezvous
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from iomni.gateway.auth import write_dev_tenant
+from iomni.auth import write_dev_tenant
 
 RUN = Path(".run")
 SERVICES = ("redis", "kafka", "triton", "gateway", "worker")  # start order; stopped in reverse

@@ -6,20 +6,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from iomni import wire
 from iomni.engine.events import AudioChunk, TextDelta
 from iomni.errors import ErrorCode, InvalidInput, IomniError
+from iomni.gateway.status import as_project_error
 from iomni.live.session import LiveEvent, LiveSession, LiveSettings, LiveWarning
 from iomni.model.sampling import SamplingParams
 from iomni.parts import SpeechOptions
-from iomni.turns.runner import TurnFinished, TurnOutput
+from iomni.turns.runner import TurnFinished, TurnOutput, TurnRunner
 from iomni.v1 import dialogue_pb2 as pb
 
 if TYPE_CHECKING:
-    from iomni.gateway.service import DialogueService
+    from iomni.live.observer import LiveObserver
 
 EVENT_LOG_TURNS = 8  # publishers kept for turns still streaming
 
@@ -27,25 +28,27 @@ EVENT_LOG_TURNS = 8  # publishers kept for turns still streaming
 class LiveConversation:
     def __init__(
         self,
-        service: DialogueService,
+        runner: TurnRunner,
+        observer: LiveObserver,
+        event_log: Callable[[str, str], Any] | None,
         tenant: str,
         session_id: str,
         params: SamplingParams,
         speech: SpeechOptions | None,
         settings: LiveSettings,
     ) -> None:
-        self.service = service
+        self.event_log = event_log  # (session_id, turn_id) -> a publisher, as manual turns use
         self.session_id = session_id
         self.queue: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue()
         self.live = LiveSession(
-            service.runner,
+            runner,
             tenant,
             session_id,
             params,
             speech,
             settings,
             self._emit,
-            service.metrics,
+            observer,
         )
         self.error: IomniError | None = None
         self._logs: OrderedDict[str, Any] = OrderedDict()
@@ -64,8 +67,6 @@ class LiveConversation:
             raise self.error
 
     async def _read(self, requests: AsyncIterator[pb.ConverseRequest]) -> None:
-        from iomni.gateway.service import as_project_error
-
         try:
             async for request in requests:
                 await self._handle(request)
@@ -108,7 +109,7 @@ class LiveConversation:
 
     async def _log(self, turn_id: str, response: pb.ConverseResponse, finished: bool) -> None:
         """The turn's outputs also go to the Kafka event log, as manual turns' do."""
-        factory = self.service.event_log
+        factory = self.event_log
         if factory is None:
             return
         publisher = self._logs.get(turn_id)

@@ -17,8 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from iomni.auth import Tenants
 from iomni.errors import InvalidInput, IomniError
-from iomni.gateway.auth import Tenants
 from iomni.gateway.registration import add_dialogue_service
 from iomni.gateway.service import DialogueService
 from iomni.realtime.connection import Limits

@@ -15,10 +15,11 @@ import numpy as np
 import soundfile as sf
 
 from iomni import wire
-from iomni.errors import DeadlineExceeded, ErrorCode, Internal, InvalidInput, IomniError
-from iomni.gateway.auth import Tenants
+from iomni.auth import Tenants
+from iomni.errors import DeadlineExceeded, InvalidInput, IomniError
 from iomni.gateway.live import LiveConversation
 from iomni.gateway.registration import check
+from iomni.gateway.status import abort, as_project_error
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.telemetry.metrics import GatewayMetrics
 from iomni.turns.runner import RunningTurn, TurnInput, TurnOutput, TurnRunner
@@ -269,9 +270,11 @@ class _Conversation:
             session_id=self.session_id, started=pb.SessionStarted(resumed=resumed, turns=turns)
         )
         if live is not None:
+            service = self.service
             self.live = LiveConversation(
-                self.service, self.tenant, self.session_id, self.params, self.speech, live
-            )
+                service.runner, service.metrics, service.event_log,
+                self.tenant, self.session_id, self.params, self.speech, live,
+            )  # fmt: skip
             async for response in self.live.run(iterator):
                 yield response
             return
@@ -391,20 +394,3 @@ async def _drain(queue: Responses, task: asyncio.Task) -> AsyncIterator[pb.Conve
             break
         yield response
     await task  # re-raises the turn's error, if any
-
-
-def as_project_error(exc: Exception, what: str) -> IomniError:
-    """Project errors pass through; anything else is logged and becomes a generic INTERNAL.
-    grpc's own abort (and task cancellation, a BaseException) are re-raised untouched."""
-    if isinstance(exc, grpc.aio.AbortError):
-        raise exc
-    if isinstance(exc, IomniError):
-        return exc
-    log.exception("%s failed", what)
-    return Internal(f"{what} failed: {type(exc).__name__}")
-
-
-async def abort(context: grpc.aio.ServicerContext, exc: IomniError) -> None:
-    if exc.code is ErrorCode.INTERNAL:
-        log.error("internal error: %s", exc.detail)
-    await context.abort(grpc.StatusCode[exc.code.grpc_status], exc.detail)

@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from iomni.auth import Tenants
 from iomni.errors import ErrorCode, IomniError
-from iomni.gateway.auth import Tenants
 from iomni.realtime.connection import HANDLED, NOT_SUPPORTED, Limits, RealtimeConnection
 from iomni.realtime.events import EXTENSION_FRAME
 from iomni.turns.runner import TurnRunner

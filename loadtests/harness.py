@@ -1,0 +1,38 @@
+"""What every benchmark and suite in loadtests/ starts with: its command line, the generated
+checkpoint it runs on, a throwaway Redis."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+from iomni.model.generate import make_checkpoint
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """--out (where results are written) and --checkpoints (where generated ones live)."""
+    parsed = argparse.ArgumentParser(description=description)
+    parsed.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parsed.add_argument("--checkpoints", type=Path, default=Path(".cache/checkpoints"))
+    return parsed
+
+
+def checkpoint(args: argparse.Namespace, size: str = "small") -> Path:
+    """The generated checkpoint of this size, made if missing; transformers kept quiet."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    path = args.checkpoints / size
+    if not (path / "config.json").exists():
+        make_checkpoint(size, path)
+    return path
+
+
+def redis_command(port: int, *options: str) -> list[str]:
+    """redis-server on loopback without snapshots (options add to or override that)."""
+    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", *options]
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    return subprocess.Popen(redis_command(port, "--appendonly", "no"), stdout=subprocess.DEVNULL)
