@@ -301,10 +301,15 @@ class Load:
                         await ws.send(json.dumps(event))
                     async for message in ws:
                         event = json.loads(message)
-                        if event["type"] == "error":
-                            record.errors.append((time.monotonic(), f"ws {event['error']['type']}"))
+                        if event["type"] == "error":  # the response will not come: retry
+                            error = event["error"]
+                            record.errors.append(
+                                (time.monotonic(), f"ws {error['type']}: {error.get('code')}")
+                            )
+                            break
                         elif event["type"] == "response.done":
-                            if event["response"]["status"] == "completed":
+                            # incomplete: it reached max_output_tokens, as asked
+                            if event["response"]["status"] in ("completed", "incomplete"):
                                 record.finished = time.monotonic()
                             break
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
