@@ -111,7 +111,9 @@ chaos: setup checkpoints
 	$(PY) -m loadtests.chaos --out docs/benchmarks
 
 fuzz: setup checkpoints
-	IOMNI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
+	rm -f docs/benchmarks/fuzz.json
+	IOMNI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) IOMNI_FUZZ_REPORT=docs/benchmarks/fuzz.json \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
 
 soak: setup checkpoints
 	$(PY) -m loadtests.soak --duration $(DURATION) --out docs/benchmarks

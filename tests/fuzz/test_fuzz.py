@@ -13,6 +13,7 @@ import os
 import resource
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -264,6 +265,17 @@ def test_the_gateway_is_whole_after_the_fuzz(
     responses = list(chat(request, metadata=AUTH, timeout=60))
     assert responses[-1].HasField("done")
     print("fuzz statuses:", dict(SEEN))
+    _report("grpc", {"cases": sum(SEEN.values()), "statuses": dict(SEEN)})
+
+
+def _report(part: str, figures: dict) -> None:
+    """`make fuzz` keeps its counts (IOMNI_FUZZ_REPORT names the JSON file)."""
+    path = os.environ.get("IOMNI_FUZZ_REPORT")
+    if not path:
+        return
+    report = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    report[part] = figures
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 REALTIME_TYPES = [
@@ -322,6 +334,13 @@ def realtime_event(draw) -> str:  # type: ignore[no-untyped-def]
     return json.dumps(event)
 
 
+@pytest.fixture(scope="module")
+def realtime_seen() -> Iterator[collections.Counter]:
+    seen: collections.Counter = collections.Counter()
+    yield seen
+    _report("realtime", dict(seen))
+
+
 @settings(
     max_examples=max(200, EXAMPLES // 10),
     deadline=None,
@@ -331,7 +350,7 @@ def realtime_event(draw) -> str:  # type: ignore[no-untyped-def]
 )
 @given(events=st.lists(realtime_event(), min_size=1, max_size=6))
 def test_random_realtime_events_get_errors_not_a_dead_socket(
-    fuzz_gateway: FuzzGateway, events: list[str]
+    fuzz_gateway: FuzzGateway, realtime_seen: collections.Counter, events: list[str]
 ) -> None:
     from websockets.sync.client import connect
 
@@ -341,11 +360,14 @@ def test_random_realtime_events_get_errors_not_a_dead_socket(
         for event in events:
             ws.send(event)
         ws.send(json.dumps({"type": "made.up.last"}))
+        realtime_seen["sequences"] += 1
+        realtime_seen["events"] += len(events)
         # Every event is answered or ignored; the last unknown one gets its error: the socket
         # survived everything before it.
         while True:
             message = json.loads(ws.recv(30))
             if message["type"] == "error":
+                realtime_seen[f"error {message['error']['type']}"] += 1
                 assert message["error"]["type"] in ("invalid_request_error", "server_error")
                 assert (
                     message["error"]["type"] != "server_error"
@@ -353,3 +375,27 @@ def test_random_realtime_events_get_errors_not_a_dead_socket(
                 ), message
                 if "made.up.last" in message["error"]["message"]:
                     break
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.ConverseRequest(frame=pb.CameraFrame()),
+        pb.ConverseRequest(playback=pb.PlaybackPosition()),
+    ],
+    ids=["frame", "playback"],
+)
+def test_live_only_messages_in_a_manual_stream_are_invalid_argument(
+    channel: grpc.Channel, message: pb.ConverseRequest
+) -> None:
+    """Found by `make fuzz`: a camera frame in a manual-mode stream ended it with INTERNAL."""
+    converse = channel.stream_stream(
+        "/iomni.v1.Dialogue/Converse",
+        request_serializer=pb.ConverseRequest.SerializeToString,
+        response_deserializer=pb.ConverseResponse.FromString,
+    )
+    config = pb.ConverseRequest(config=pb.SessionConfig(turn_detection=pb.TurnDetection()))
+    with pytest.raises(grpc.RpcError) as raised:
+        list(converse(iter([config, message]), metadata=AUTH, timeout=DEADLINE_S))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "live mode" in (raised.value.details() or "")

@@ -40,6 +40,9 @@ def pcm16_to_wav(data: bytes, rate: int) -> bytes:
     return buffer.getvalue()
 
 
+LIVE_ONLY = ("frame", "playback")  # messages that mean something only with server VAD
+
+
 class TurnAssembler:
     """Collects a Converse turn's parts; chunks of one media item are concatenated."""
 
@@ -329,6 +332,11 @@ class _Conversation:
                     await self.turns.put((turn_id, assembler.finish()))
                 elif kind == "config":
                     raise InvalidInput("`config` may only be the first message of a stream")
+                elif kind in LIVE_ONLY:
+                    raise InvalidInput(
+                        f"`{kind}` is for live mode (config.turn_detection.mode = "
+                        "TURN_DETECTION_SERVER_VAD); in manual turns send images and audio"
+                    )
                 elif kind is not None:
                     assembler.add(request)
         except Exception as exc:
