@@ -70,10 +70,26 @@ def processes(root_pids: list[int]) -> dict[int, str]:
         cursor, chain = pid, 0
         while cursor in parents and chain < 10:
             if cursor in root_pids:
-                found[pid] = names[pid]
+                found[pid] = described(pid, names[pid])
                 break
             cursor, chain = parents[cursor], chain + 1
     return found
+
+
+def described(pid: int, name: str) -> str:
+    """A python-backend stub is named by its model (its command line holds the model's path);
+    a python process by its `iomni` command."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return name
+    words = [a.decode(errors="replace") for a in argv]
+    for word in words:
+        if word.endswith("/1/model.py"):
+            return f"stub {Path(word).parent.parent.name}"
+    if "iomni.cli" in words and len(words) > words.index("iomni.cli") + 1:
+        return f"iomni {words[words.index('iomni.cli') + 1]}"
+    return name
 
 
 def rss_mb(pid: int) -> float:
