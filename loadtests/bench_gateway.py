@@ -251,10 +251,10 @@ async def session_latency(target: str, stop: asyncio.Event) -> list[float]:
     """GetSession round trips (ms) until `stop`: a blocked event loop shows here first."""
     samples = []
     async with AsyncDialogueClient(target, KEY) as client:
-        await client.chat("gap-probe", uuid.uuid4().hex, text="hi", max_new_tokens=1)
+        reply = await client.chat("", uuid.uuid4().hex, text="hi", max_new_tokens=1)
         while not stop.is_set():
             started = time.perf_counter()
-            await client.get_session("gap-probe")
+            await client.get_session(reply.session_id)
             samples.append((time.perf_counter() - started) * 1000)
             await asyncio.sleep(0.05)
     return samples
