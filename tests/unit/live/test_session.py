@@ -177,26 +177,30 @@ async def test_a_click_does_not_interrupt(runtime: Runtime) -> None:
     await session.close()
 
 
-async def test_camera_frames_are_encoded_on_arrival_and_join_the_turn(runtime: Runtime) -> None:
-    session, events = await live(runtime)
-    parts = runtime.parts
-    calls = 0
+def count_image_encodes(runtime: Runtime) -> list[int]:
+    """Counts vision encoder calls from now on (the list's one item)."""
+    parts, encodes = runtime.parts, [0]
     encode = parts.encode_images
 
     async def counting(pixels):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
+        encodes[0] += 1
         return await encode(pixels)
 
     parts.encode_images = counting  # type: ignore[method-assign]
+    return encodes
+
+
+async def test_camera_frames_are_encoded_on_arrival_and_join_the_turn(runtime: Runtime) -> None:
+    session, events = await live(runtime)
+    encodes = count_image_encodes(runtime)
     await session.push_frame(png_bytes(320, 240, seed=1))
     await session.push_frame(png_bytes(320, 240, seed=2))
-    assert calls == 2  # encoded as they arrived, before any turn
+    assert encodes[0] == 2  # encoded as they arrived, before any turn
     await stream(session, np.concatenate([spoken("What do you see?"), silence(1.0)]))
     await events.wait_for(TurnFinished)
     assert events.of(TurnCommitted)[0][1].frames == 2  # type: ignore[attr-defined]
     finished = events.of(TurnFinished)[0][1]
-    assert finished.usage.media_cache_hits == 2 and calls == 2  # type: ignore[attr-defined]
+    assert finished.usage.media_cache_hits == 2 and encodes[0] == 2  # type: ignore[attr-defined]
     assert finished.usage.image_tokens > 0  # type: ignore[attr-defined]
     history = await runtime.store.history("acme", session.session_id)
     assert [p.type for p in history[0].media] == ["frame", "frame", "audio"]
@@ -204,7 +208,7 @@ async def test_camera_frames_are_encoded_on_arrival_and_join_the_turn(runtime: R
     await stream(session, np.concatenate([spoken("And now?"), silence(1.0)]))
     await events.wait_for(TurnFinished, count=2)
     assert events.of(TurnFinished)[1][1].usage.media_cache_hits >= 3  # type: ignore[attr-defined]
-    assert calls == 2
+    assert encodes[0] == 2
     await session.close()
 
 
@@ -235,20 +239,12 @@ async def test_a_flood_of_camera_frames_is_cut_to_the_frame_rate(runtime: Runtim
     """Each frame costs a vision encode: 40 frames at once take a burst of max_frames, the
     rest are dropped with a warning instead of occupying the encoder."""
     session, events = await live(runtime, max_frames=4, max_frame_fps=2.0)
-    parts = runtime.parts
-    calls = 0
-    encode = parts.encode_images
-
-    async def counting(pixels):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        return await encode(pixels)
-
-    parts.encode_images = counting  # type: ignore[method-assign]
+    encodes = count_image_encodes(runtime)
     started = time.monotonic()
     for seed in range(40):  # distinct frames: no cache hits
         await session.push_frame(png_bytes(64, 48, seed=seed))
     allowed = 4 + 2.0 * (time.monotonic() - started) + 1
+    calls = encodes[0]
     assert 4 <= calls <= allowed, (calls, allowed)
     warnings = [e for _, e in events.of(LiveWarning) if e.code is ErrorCode.RESOURCE_EXHAUSTED]  # type: ignore[attr-defined]
     assert len(warnings) == 40 - calls and "per second" in warnings[0].message  # type: ignore[attr-defined]
