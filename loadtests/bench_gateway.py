@@ -14,6 +14,7 @@ Writes docs/benchmarks/gateway.{md,json}. Never asserted in tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -405,26 +407,33 @@ def _profile_row(label: str, profile: dict) -> str:
     return f"| {label} | {100 * profile['busy']:.0f}% | {cells} |"
 
 
-def main() -> None:
-    args = harness.parser(__doc__).parse_args()
-    checkpoint = harness.checkpoint(args)
-    work = Path(tempfile.mkdtemp(prefix="iomni-bench-"))
+@contextlib.contextmanager
+def gateway_stack(checkpoint: Path, prefix: str) -> Iterator[tuple[str, int, TritonServer]]:
+    """Redis, Triton and a gateway on loopback for one benchmark: (target, gateway pid, Triton)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     redis = harness.start_redis(18479)
     triton = TritonServer(REPOSITORY, checkpoint, work / "triton", TritonPorts(18400, 18401, 18402))
     gateway = None
     try:
         triton.start(timeout_s=300)
         gateway = start_gateway(checkpoint, triton, 18479, work)
-        meter = CpuMeter(gateway.pid, triton)
-        results = asyncio.run(measure("127.0.0.1:18451", checkpoint, meter))
-    except grpc.RpcError as exc:
-        raise SystemExit(f"bench failed: {exc.code().name}: {exc.details()}") from exc
+        yield "127.0.0.1:18451", gateway.pid, triton
     finally:
         if gateway is not None:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(60)
         triton.stop()
         redis.terminate()
+
+
+def main() -> None:
+    args = harness.parser(__doc__).parse_args()
+    checkpoint = harness.checkpoint(args)
+    try:
+        with gateway_stack(checkpoint, "iomni-bench-") as (target, pid, triton):
+            results = asyncio.run(measure(target, checkpoint, CpuMeter(pid, triton)))
+    except grpc.RpcError as exc:
+        raise SystemExit(f"bench failed: {exc.code().name}: {exc.details()}") from exc
     write(results, args.out)
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,10 +23,9 @@ import numpy as np
 
 from iomni.client import AsyncDialogueClient
 from iomni.testing.speech import RATE, pcm, silence, spoken
-from iomni.triton.server import TritonPorts, TritonServer
 from iomni.v1 import dialogue_pb2 as pb
 from loadtests import harness
-from loadtests.bench_gateway import KEY, REPOSITORY, percentile, start_gateway
+from loadtests.bench_gateway import KEY, gateway_stack, percentile
 
 TOKENS = 24
 CHUNK_S = 0.04
@@ -183,20 +180,8 @@ def write(results: dict, out: Path) -> None:
 def main() -> None:
     args = harness.parser(__doc__).parse_args()
     checkpoint = harness.checkpoint(args)
-    work = Path(tempfile.mkdtemp(prefix="iomni-bench-live-"))
-    redis = harness.start_redis(18479)
-    triton = TritonServer(REPOSITORY, checkpoint, work / "triton", TritonPorts(18400, 18401, 18402))
-    gateway = None
-    try:
-        triton.start(timeout_s=300)
-        gateway = start_gateway(checkpoint, triton, 18479, work)
-        results = asyncio.run(measure("127.0.0.1:18451"))
-    finally:
-        if gateway is not None:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(60)
-        triton.stop()
-        redis.terminate()
+    with gateway_stack(checkpoint, "iomni-bench-live-") as (target, _, _):
+        results = asyncio.run(measure(target))
     write(results, args.out)
 
 
