@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from iomni.realtime.connection import HANDLED
 from iomni.v1 import dialogue_pb2 as pb
 from tests.fuzz.conftest import KEYS, FuzzGateway
 
@@ -278,19 +279,8 @@ def _report(part: str, figures: dict) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
-REALTIME_TYPES = [
-    "session.update",
-    "input_audio_buffer.append",
-    "input_audio_buffer.commit",
-    "input_audio_buffer.clear",
-    "conversation.item.create",
-    "conversation.item.truncate",
-    "conversation.item.delete",
-    "response.create",
-    "response.cancel",
-    "iomni.input_frame.append",
-    "made.up",
-]
+# Every event the endpoint handles, one it refuses by name, and one it has never heard of.
+REALTIME_TYPES = [*sorted(HANDLED), "conversation.item.delete", "made.up"]
 JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=10),
     lambda children: (
