@@ -198,8 +198,7 @@ def write(results: dict, out: Path) -> None:
         "flow keeps the states of the chunks it rendered); re-rendering the flow from the start, "
         "as before, makes the last chunk of a long reply cost many times the first.",
     ]
-    (out / "engine.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.publish(out, "engine", lines)
 
 
 def main() -> None:

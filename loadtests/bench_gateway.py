@@ -389,8 +389,7 @@ def write(results: dict, out: Path) -> None:
         "machine is saturated and time to first audio grows with the work queued ahead of it, "
         "whatever the scheduling.",
     ]
-    (out / "gateway.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.publish(out, "gateway", lines)
 
 
 STAGES = ("gateway", "tritonserver", "vision_encoder", "audio_encoder", "llm", "speech_decoder")

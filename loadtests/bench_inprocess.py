@@ -32,6 +32,7 @@ from iomni.model.generate import make_checkpoint
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
 from iomni.model.speech.stream import SpeechSession
+from loadtests import harness
 
 SIZES = ("tiny", "small")
 
@@ -195,8 +196,7 @@ def write_report(results: dict, out: Path) -> None:
     for key in keys:
         cells = [_cell(r[key]) if key in r else "" for r in results.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    (out / "inprocess.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.publish(out, "inprocess", lines)
 
 
 def main() -> None:

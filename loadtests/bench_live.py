@@ -173,8 +173,7 @@ def write(results: dict, out: Path) -> None:
         "assumes a client that knows it at once). Voice activity detection costs "
         f"{results['vad_ms_per_audio_s']:.1f} ms of CPU per second of audio.",
     ]
-    (out / "live.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.publish(out, "live", lines)
 
 
 def main() -> None:

@@ -115,8 +115,7 @@ def write(results: dict, out: Path) -> None:
         f"{k['first_audio_ms_median']:.0f} |",
         f"| gateway (gRPC) | {g['turns_per_s']:.2f} | {g['first_audio_ms_median']:.0f} |",
     ]
-    (out / "streams.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.publish(out, "streams", lines)
 
 
 def main() -> None:

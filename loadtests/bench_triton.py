@@ -133,8 +133,7 @@ def write(results: dict, out: Path) -> None:
         f"| 1 | {rates['1']:.1f} | 1.00 |",
         *[f"| {n} | {rates[n]:.1f} | {results['batching_gain'][n]:.2f} |" for n in ("4", "8")],
     ]
-    (out / "triton.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.publish(out, "triton", lines)
 
 
 def main() -> None:

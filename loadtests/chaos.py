@@ -597,8 +597,7 @@ def write(results: dict, out: Path) -> None:
         "|---|---|---|",
         *[f"| {k} | {v['started']} | {v['finished']} |" for k, v in results["turns"].items()],
     ]
-    (out / "chaos.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.publish(out, "chaos", lines)
 
 
 def main() -> None:

@@ -36,3 +36,10 @@ def redis_command(port: int, *options: str) -> list[str]:
 
 def start_redis(port: int) -> subprocess.Popen:
     return subprocess.Popen(redis_command(port, "--appendonly", "no"), stdout=subprocess.DEVNULL)
+
+
+def publish(out: Path, name: str, lines: list[str]) -> None:
+    """Write a result page (docs/benchmarks/NAME.md) and show it."""
+    text = "\n".join(lines)
+    (out / f"{name}.md").write_text(text + "\n")
+    print(text)

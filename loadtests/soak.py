@@ -304,8 +304,7 @@ def write(samples: list[dict], result: dict, seconds: float, out: Path) -> None:
         "",
         "![memory over the run](soak.png)",
     ]
-    (out / "soak.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    harness.publish(out, "soak", lines)
 
 
 def main() -> int:
