@@ -63,26 +63,28 @@ class CpuMeter:
     def __init__(self, gateway: int, triton: TritonServer) -> None:
         self.gateway, self.triton = gateway, triton
 
-    def _processes(self) -> dict[str, int]:
-        named = {"gateway": self.gateway}
+    def _processes(self) -> list[tuple[str, int]]:
+        named = [("gateway", self.gateway)]
         if self.triton.process is not None:
-            named["tritonserver"] = self.triton.process.pid
+            named.append(("tritonserver", self.triton.process.pid))
         for pid in self.triton.stub_pids():
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                named[Path(argv[1].decode()).parents[1].name] = pid
+                named.append((Path(argv[1].decode()).parents[1].name, pid))
             except (OSError, IndexError):
                 continue
         return named
 
     def read(self) -> dict[str, float]:
-        times = {}
-        for name, pid in self._processes().items():
+        """CPU seconds per process name; a model's instances are summed."""
+        times: dict[str, float] = {}
+        for name, pid in self._processes():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                times[name] = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
             except (OSError, IndexError):
                 continue
+            used = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+            times[name] = times.get(name, 0.0) + used
         return times
 
     async def during(self, work) -> tuple:  # type: ignore[no-untyped-def]

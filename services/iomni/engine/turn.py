@@ -17,6 +17,7 @@ import torch
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from iomni import background
 from iomni.engine.cache import EmbeddingCache, MediaStore, MemoryEmbeddingCache, embedding_key
 from iomni.engine.events import AudioChunk, TextDelta, TurnDone, TurnEvent, Usage
 from iomni.engine.parts import GenerationRequest, ModelParts, SpeechOptions, SpeechStream
@@ -118,7 +119,7 @@ class TurnEngine:
             raise InvalidInput(f"{part.type} {part.sha256[:12]} has no bytes to encode")
         key = self.media_key(part)
         if await self.embeddings.get(key) is None:
-            item = await asyncio.to_thread(prepare, self.processor, part, part.data)
+            item = await background.run(prepare, self.processor, part, part.data)
             await self.embeddings.put(key, await self.encode(part, item, {}))
         if self.media is not None:
             await self.media.put(part.sha256, part.data)
@@ -344,9 +345,10 @@ class Turn:
         state = _MediaState()
         new_parts = [p for p in self.request.user.media if p.data is not None]
         # Decode the new turn's media first: a bad file fails fast, before any encoding. Decoding
-        # is CPU work: off the event loop, so other sessions' streams keep flowing meanwhile.
+        # is CPU work: off the event loop, so other sessions' streams keep flowing meanwhile,
+        # and at low priority, so it does not take the cores from audio being rendered.
         prepared = {
-            p.ident: await asyncio.to_thread(prepare, self.engine.processor, p, p.data)  # type: ignore[arg-type]
+            p.ident: await background.run(prepare, self.engine.processor, p, p.data)  # type: ignore[arg-type]
             for p in new_parts
         }
         for part in _unique_media(messages):
@@ -356,7 +358,7 @@ class Turn:
                 state.rows[part.ident] = cached
                 state.hits += 1
                 continue
-            item = prepared.get(part.ident) or await asyncio.to_thread(
+            item = prepared.get(part.ident) or await background.run(
                 prepare, self.engine.processor, part, await self._load_bytes(part)
             )
             rows = await self.engine.encode(part, item, state.timings_ms)

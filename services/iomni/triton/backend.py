@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from iomni import background
 from iomni.errors import CheckpointError, Internal, InvalidInput, IomniError
 from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from iomni.triton.tensors import ERROR_CODE, ERROR_MESSAGE
@@ -111,6 +112,7 @@ def load_part(args: dict[str, str], part: str) -> LoadedCheckpoint:
     watch_parent()
     torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
     params = model_parameters(args)
+    background.lower_process_priority(int(params.get("nice") or 0))
     target = device(args)
     dtype = _dtype(target)
     loaded = load_checkpoint(checkpoint_dir(params), dtype=dtype, device=target, parts=(part,))

@@ -22,6 +22,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.grpc.aio import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
+from iomni import background
 from iomni.errors import ErrorCode, InvalidInput, IomniError, Unavailable, error_for
 from iomni.parts import GenerationRequest, LLMStep, SpeechOptions
 from iomni.telemetry.tracing import context_headers
@@ -89,7 +90,7 @@ async def _packed(name: str, array: np.ndarray, dtype: str) -> InferInput:
     """`_tensor`, off the event loop when large: image tiles are tens of MB, and packing them
     on the loop stalls every other session's stream on this gateway."""
     if array.nbytes > OFFLOAD_BYTES:
-        return await asyncio.to_thread(_tensor, name, array, dtype)
+        return await background.run(_tensor, name, array, dtype)
     return _tensor(name, array, dtype)
 
 

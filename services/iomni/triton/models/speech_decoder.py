@@ -2,7 +2,8 @@
 
 Sequence state (a `SpeechSession`) lives in this instance, keyed by correlation id. It is freed
 at END, when a request of the sequence is cancelled, and after `idle_timeout_s` without
-requests (a client that vanished without END).
+requests (a client that vanished without END). `execute` only enqueues: one thread renders,
+taking the most urgent reply's next request from a `SpeechQueue` (first audio first).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from iomni.errors import Cancelled, InvalidInput
+from iomni.errors import Cancelled, InvalidInput, Unavailable
 from iomni.model.speech.speaker import SpeakerEncoder
-from iomni.model.speech.stream import SpeechSession
+from iomni.model.speech.stream import SAMPLE_RATE, SpeechSession
 from iomni.triton.backend import (
     input_array,
     load_part,
@@ -26,6 +27,7 @@ from iomni.triton.backend import (
     request_parameters,
     stream_error_response,
 )
+from iomni.triton.speech_queue import SpeechQueue
 from iomni.triton.tensors import AUDIO, END, HIDDEN, SPEAKER_WAV, START, TEXT_TOKEN_IDS
 
 log = logging.getLogger(__name__)
@@ -45,44 +47,62 @@ class TritonPythonModel:
             "Speech sequences holding state in this instance",
             family.GAUGE,
         )
-        self._open_gauge = self._family.Metric(labels={"model": args["model_name"]})
+        self._open_gauge = self._family.Metric(
+            labels={"model": args["model_name"], "instance": args["model_instance_name"]}
+        )
+        self.queue = SpeechQueue()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, daemon=True)
         self._sweeper.start()
+        self._renderer = threading.Thread(target=self._render_loop, daemon=True)
+        self._renderer.start()
 
     def execute(self, requests: list[Any]) -> None:
-        # First audio first: requests of sequences that have not produced audio yet (a new
-        # reply) go before later chunks of replies already playing, which have audio queued.
-        for request in sorted(requests, key=self._played):
-            sender = request.get_response_sender()
-            corr = request.correlation_id()
-            try:
-                self._serve(request, sender, corr)
-            except Exception as exc:
-                self._free(corr)
-                final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
-                sender.send(stream_error_response(exc), flags=final)
+        for request in requests:
+            self.queue.put(request.correlation_id(), request, urgent=self._frees_work(request))
         return None
-
-    def _played(self, request: Any) -> bool:
-        with self.lock:
-            entry = self.sessions.get(request.correlation_id())
-        return entry is not None and entry[0].samples_out > 0
 
     def finalize(self) -> None:
         self._stop.set()
+        final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request in self.queue.drain():
+            error = stream_error_response(Unavailable("the speech decoder is shutting down"))
+            request.get_response_sender().send(error, flags=final)
+
+    @staticmethod
+    def _frees_work(request: Any) -> bool:
+        """A cancelled request or a barge-in's discard: cheap, and the client waits on it."""
+        if request.is_cancelled():
+            return True
+        end = bool(input_array(request, END).reshape(-1)[0])
+        return end and bool(request_parameters(request).get("discard"))
+
+    def _render_loop(self) -> None:
+        final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        while (taken := self.queue.take()) is not None:
+            corr, request = taken
+            sender = request.get_response_sender()
+            audio_s, ended = 0.0, True
+            try:
+                audio_s, ended = self._serve(request, sender, corr)
+            except Exception as exc:
+                self._free(corr)
+                sender.send(stream_error_response(exc), flags=final)
+            finally:
+                self.queue.done(corr, audio_s, ended)
 
     @property
     def open_sequences(self) -> int:
         return len(self.sessions)
 
-    def _serve(self, request: Any, sender: Any, corr: Any) -> None:
+    def _serve(self, request: Any, sender: Any, corr: Any) -> tuple[float, bool]:
+        """Answer one request; returns (seconds of audio sent, whether the sequence ended)."""
         pb_utils = pb()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if request.is_cancelled():
             self._free(corr)
             sender.send(stream_error_response(Cancelled("request cancelled")), flags=final)
-            return
+            return 0.0, True
         start = bool(input_array(request, START).reshape(-1)[0])
         end = bool(input_array(request, END).reshape(-1)[0])
         if end and request_parameters(request).get("discard"):
@@ -90,7 +110,7 @@ class TritonPythonModel:
             self._free(corr)
             empty = pb_utils.Tensor(AUDIO, np.zeros((1, 0), np.float32))
             sender.send(pb_utils.InferenceResponse(output_tensors=[empty]), flags=final)
-            return
+            return 0.0, True
         session = self._open(request, corr) if start else self._session(corr)
         ids = input_array(request, TEXT_TOKEN_IDS).reshape(-1).tolist()
         hidden = input_array(request, HIDDEN)
@@ -114,6 +134,7 @@ class TritonPythonModel:
                 pb_utils.InferenceResponse(output_tensors=[tensor]),
                 flags=final if index == len(chunks) - 1 else 0,
             )
+        return sum(c.size for c in chunks) / SAMPLE_RATE, end
 
     def _open(self, request: Any, corr: Any) -> SpeechSession:
         wav = input_array(request, SPEAKER_WAV, optional=True)
@@ -160,4 +181,5 @@ class TritonPythonModel:
                     del self.sessions[corr]
                 self._open_gauge.set(len(self.sessions))
             for corr in stale:
+                self.queue.forget(corr)
                 log.warning("speech sequence %r idle for %.0f s: freed", corr, self.idle_timeout_s)

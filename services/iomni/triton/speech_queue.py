@@ -1,0 +1,119 @@
+"""The speech decoder's own queue: which reply's request is rendered next.
+
+Triton hands a decoupled model its requests in arrival order, and a speech chunk takes a few
+hundred milliseconds of one core, so at 8 concurrent replies a new reply's first chunk used to
+wait behind later chunks of replies that already had seconds of audio queued at their clients.
+The model therefore only enqueues in `execute` and one thread per instance takes requests from
+here, most urgent reply first, each reply's requests in order:
+
+1. requests that free work (a barge-in's discard, a cancelled request): cheap, and the client
+   is waiting on them;
+2. replies with no audio yet, oldest first: first audio is what a person waits for;
+3. replies already playing, least audio left at the client first (seconds sent minus seconds
+   since their first audio), so the stream closest to running dry is fed first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+URGENT, FIRST_AUDIO, PLAYING = 0, 1, 2
+
+
+@dataclass
+class _Reply:
+    arrived: float
+    pending: deque[tuple[Any, bool]] = field(default_factory=deque)  # (request, urgent)
+    audio_s: float = 0.0
+    first_audio_at: float | None = None
+    serving: bool = False
+
+
+class SpeechQueue:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._ready = threading.Condition()
+        self._replies: dict[Any, _Reply] = {}
+        self._closed = False
+
+    def put(self, key: Any, request: Any, urgent: bool = False) -> None:
+        with self._ready:
+            reply = self._replies.setdefault(key, _Reply(arrived=self._clock()))
+            reply.pending.append((request, urgent))
+            self._ready.notify()
+
+    def take(self, timeout_s: float | None = None) -> tuple[Any, Any] | None:
+        """The most urgent reply's next request, as (key, request); None when closed or after
+        `timeout_s`. The reply is held until `done(key, ...)`."""
+        deadline = None if timeout_s is None else self._clock() + timeout_s
+        with self._ready:
+            while not self._closed:
+                key = self._most_urgent()
+                if key is not None:
+                    reply = self._replies[key]
+                    reply.serving = True
+                    return key, reply.pending.popleft()[0]
+                left = None if deadline is None else deadline - self._clock()
+                if left is not None and left <= 0:
+                    return None
+                self._ready.wait(left)
+            return None
+
+    def done(self, key: Any, audio_s: float, ended: bool) -> None:
+        """The request taken for `key` was answered with `audio_s` seconds of audio."""
+        with self._ready:
+            reply = self._replies.get(key)
+            if reply is None:
+                return
+            reply.serving = False
+            if audio_s > 0:
+                if reply.first_audio_at is None:
+                    reply.first_audio_at = self._clock()
+                reply.audio_s += audio_s
+            if ended and not reply.pending:
+                del self._replies[key]
+            self._ready.notify()
+
+    def forget(self, key: Any) -> None:
+        """Drop an idle reply's bookkeeping (its client vanished without END)."""
+        with self._ready:
+            reply = self._replies.get(key)
+            if reply is not None and not reply.serving and not reply.pending:
+                del self._replies[key]
+
+    def drain(self) -> list[Any]:
+        """Close the queue; returns the requests never taken (to be answered by the caller)."""
+        with self._ready:
+            self._closed = True
+            left = [r for reply in self._replies.values() for r, _ in reply.pending]
+            self._replies.clear()
+            self._ready.notify_all()
+            return left
+
+    def __len__(self) -> int:
+        with self._ready:
+            return sum(len(r.pending) for r in self._replies.values())
+
+    def _most_urgent(self) -> Any | None:
+        now = self._clock()
+        best, best_rank = None, None
+        for key, reply in self._replies.items():
+            if reply.serving or not reply.pending:
+                continue
+            rank = self._rank(reply, now)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = key, rank
+        return best
+
+    @staticmethod
+    def _rank(reply: _Reply, now: float) -> tuple[int, float]:
+        if reply.pending[0][1]:
+            return URGENT, reply.arrived
+        if reply.first_audio_at is None:
+            return FIRST_AUDIO, reply.arrived
+        return PLAYING, reply.audio_s - (now - reply.first_audio_at)

@@ -1,0 +1,90 @@
+"""The speech decoder's queue: first audio first, the most starved stream next, order kept."""
+
+from __future__ import annotations
+
+import threading
+
+from iomni.triton.speech_queue import SpeechQueue
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def served(queue: SpeechQueue, audio_s: float = 0.0) -> str:
+    taken = queue.take(timeout_s=0)
+    assert taken is not None
+    key, request = taken
+    queue.done(key, audio_s, ended=False)
+    return request
+
+
+def test_a_new_reply_goes_before_later_chunks_of_a_playing_one() -> None:
+    clock = Clock()
+    queue = SpeechQueue(clock)
+    queue.put("playing", "p1")
+    assert served(queue, audio_s=1.0) == "p1"
+    clock.now = 0.1
+    queue.put("playing", "p2")
+    clock.now = 0.2
+    queue.put("new", "n1")
+    assert served(queue) == "n1"
+    assert served(queue) == "p2"
+
+
+def test_the_stream_with_least_audio_left_is_fed_first() -> None:
+    clock = Clock()
+    queue = SpeechQueue(clock)
+    queue.put("rich", "r1")
+    queue.put("poor", "q1")
+    served(queue, audio_s=3.0)  # rich: 3 s of audio sent at t=0
+    served(queue, audio_s=1.0)  # poor: 1 s
+    clock.now = 0.5
+    queue.put("rich", "r2")
+    queue.put("poor", "q2")
+    assert served(queue) == "q2"  # 0.5 s left at its client vs 2.5 s
+    assert served(queue) == "r2"
+
+
+def test_a_discard_jumps_the_queue() -> None:
+    queue = SpeechQueue(Clock())
+    queue.put("a", "a1")
+    queue.put("b", "b-discard", urgent=True)
+    assert served(queue) == "b-discard"
+
+
+def test_one_reply_is_served_in_order_and_never_twice_at_once() -> None:
+    queue = SpeechQueue(Clock())
+    queue.put("a", "a1")
+    queue.put("a", "a2")
+    first = queue.take(timeout_s=0)
+    assert first == ("a", "a1")
+    assert queue.take(timeout_s=0) is None  # a2 waits until a1 is done
+    queue.done("a", 0.0, ended=False)
+    assert queue.take(timeout_s=0) == ("a", "a2")
+
+
+def test_ended_replies_are_forgotten_and_drain_returns_the_rest() -> None:
+    queue = SpeechQueue(Clock())
+    queue.put("a", "a1")
+    key, _ = queue.take(timeout_s=0)
+    queue.done(key, 0.5, ended=True)
+    queue.put("b", "b1")
+    queue.put("c", "c1")
+    assert len(queue) == 2
+    assert sorted(queue.drain()) == ["b1", "c1"]
+    assert queue.take(timeout_s=0) is None
+
+
+def test_take_wakes_up_on_put() -> None:
+    queue = SpeechQueue()
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(queue.take(timeout_s=5)))
+    waiter.start()
+    queue.put("a", "a1")
+    waiter.join(5)
+    assert got == [("a", "a1")]
