@@ -49,5 +49,5 @@ def tensorrt_config(config: str) -> str:
     """python backend -> TensorRT plan: same name, tensors and batching; no python parameters."""
     config = config.replace('backend: "python"', 'platform: "tensorrt_plan"')
     config = re.sub(r"^parameters: .*\n", "", config, flags=re.MULTILINE)
-    config = re.sub(r"^# Empty: the checkpoint.*\n", "", config, flags=re.MULTILINE)
+    config = re.sub(r"^# (Empty: the checkpoint|nice:).*\n", "", config, flags=re.MULTILINE)
     return config

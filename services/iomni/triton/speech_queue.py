@@ -11,6 +11,11 @@ here, most urgent reply first, each reply's requests in order:
 2. replies with no audio yet, oldest first: first audio is what a person waits for;
 3. replies already playing, least audio left at the client first (seconds sent minus seconds
    since their first audio), so the stream closest to running dry is fed first.
+
+A render cannot be interrupted, so starting a playing reply's chunk just before a new reply's
+next text arrives makes that reply's first audio wait a whole chunk. While a reply on this
+instance still has no audio, a playing reply with more than `reserve_s` of audio left at its
+client therefore waits (the instance idles briefly) until its reserve runs down to `reserve_s`.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ class _Reply:
 
 
 class SpeechQueue:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, reserve_s: float = 0.75
+    ) -> None:
         self._clock = clock
+        self.reserve_s = reserve_s
         self._ready = threading.Condition()
         self._replies: dict[Any, _Reply] = {}
         self._closed = False
@@ -53,7 +61,7 @@ class SpeechQueue:
         deadline = None if timeout_s is None else self._clock() + timeout_s
         with self._ready:
             while not self._closed:
-                key = self._most_urgent()
+                key, hold_s = self._most_urgent()
                 if key is not None:
                     reply = self._replies[key]
                     reply.serving = True
@@ -61,7 +69,7 @@ class SpeechQueue:
                 left = None if deadline is None else deadline - self._clock()
                 if left is not None and left <= 0:
                     return None
-                self._ready.wait(left)
+                self._ready.wait(hold_s if left is None else min(left, hold_s or left))
             return None
 
     def done(self, key: Any, audio_s: float, ended: bool) -> None:
@@ -99,7 +107,8 @@ class SpeechQueue:
         with self._ready:
             return sum(len(r.pending) for r in self._replies.values())
 
-    def _most_urgent(self) -> Any | None:
+    def _most_urgent(self) -> tuple[Any | None, float | None]:
+        """(key to serve, None) or (None, seconds to hold a playing reply back, or None)."""
         now = self._clock()
         best, best_rank = None, None
         for key, reply in self._replies.items():
@@ -108,7 +117,11 @@ class SpeechQueue:
             rank = self._rank(reply, now)
             if best_rank is None or rank < best_rank:
                 best, best_rank = key, rank
-        return best
+        if best_rank is None or best_rank[0] != PLAYING or best_rank[1] <= self.reserve_s:
+            return best, None
+        if any(r.first_audio_at is None for r in self._replies.values()):
+            return None, best_rank[1] - self.reserve_s
+        return best, None
 
     @staticmethod
     def _rank(reply: _Reply, now: float) -> tuple[int, float]:

@@ -32,7 +32,29 @@ def test_a_new_reply_goes_before_later_chunks_of_a_playing_one() -> None:
     queue.put("playing", "p2")
     clock.now = 0.2
     queue.put("new", "n1")
-    assert served(queue) == "n1"
+    assert served(queue, audio_s=1.0) == "n1"
+    assert served(queue) == "p2"
+
+
+def test_a_playing_reply_with_audio_in_hand_waits_while_another_has_none() -> None:
+    clock = Clock()
+    queue = SpeechQueue(clock, reserve_s=0.5)
+    queue.put("playing", "p1")
+    served(queue, audio_s=2.0)
+    queue.put("new", "n1")
+    served(queue)  # the new reply's first text: no audio yet
+    queue.put("playing", "p2")
+    assert queue.take(timeout_s=0) is None  # 2 s left at its client: it can wait
+    clock.now = 1.6  # 0.4 s left: below the reserve
+    assert served(queue) == "p2"
+
+
+def test_nothing_is_held_back_once_every_reply_has_audio() -> None:
+    clock = Clock()
+    queue = SpeechQueue(clock, reserve_s=0.5)
+    queue.put("playing", "p1")
+    served(queue, audio_s=2.0)
+    queue.put("playing", "p2")
     assert served(queue) == "p2"
 
 
