@@ -26,6 +26,13 @@ from iomni.model.sampling import SamplingParams, make_generator, sample_next
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens prefilled per loop turn while streams decode, as a share of one decode step's
+# time. Chunk costs are estimates (a later chunk of a long prompt attends to more keys) and a
+# finished prompt joining the batch costs a re-pack, so the share leaves room for both: at 0.75
+# running streams' p95 inter-token latency measured 2.4x undisturbed with 3k-token prompts
+# joining (docs/benchmarks/engine.md); the bound we hold is 2x.
+PREFILL_SHARE = 0.4
+
 
 @dataclass(frozen=True)
 class StepEvent:
@@ -176,8 +183,8 @@ class ContinuousBatcher:
         turn prefills at most as many prompt tokens as take about one decode step (measured as
         it runs; `prefill_chunk` fixes the number instead), then runs the decode step. A
         running stream's next token is thus at most about twice as late as undisturbed, and a
-        new turn still gets a share of every step. With nothing decoding, a prompt is prefilled
-        whole."""
+        new turn still gets a share of every step (`PREFILL_SHARE`). With nothing decoding, a
+        prompt is prefilled whole."""
         self.prefill_chunk = prefill_chunk
         self._prefilling: list[_Prefill] = []
         self._step_ms = 0.0  # decode step time, moving average
@@ -295,8 +302,7 @@ class ContinuousBatcher:
             return self.prefill_chunk
         if not self._step_ms or not self._prefill_token_ms:
             return 64  # no measurements yet: a small first bite
-        # Three quarters of a decode step's time: the step plus the chunk stay under two steps.
-        return max(16, int(0.75 * self._step_ms / self._prefill_token_ms))
+        return max(16, int(PREFILL_SHARE * self._step_ms / self._prefill_token_ms))
 
     def _prefill_some(self) -> None:
         """Prefill up to the chunk budget, oldest prompt first; finished ones start decoding."""
