@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 # Prompt tokens prefilled per loop turn while streams decode, as a share of one decode step's
 # time. Chunk costs are estimates (a later chunk of a long prompt attends to more keys) and a
-# finished prompt joining the batch costs a re-pack, so the share leaves room for both: at 0.75
-# running streams' p95 inter-token latency measured 2.4x undisturbed with 3k-token prompts
-# joining (docs/benchmarks/engine.md); the bound we hold is 2x.
-PREFILL_SHARE = 0.4
+# finished prompt joining the batch costs a re-pack, so the share leaves room for both. Running
+# streams' p95 inter-token latency with 3k-token prompts joining, ÷ undisturbed (CPU, `small`):
+# 0.75 -> 2.41x, 0.6 -> 2.09x, 0.5 -> 1.87x, 0.4 -> 1.54x; the first joiner's first token
+# 1.9 / 2.5 / 3.8 / 5.9 s. We hold 2x for running streams and take the slower join.
+PREFILL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
