@@ -36,11 +36,17 @@ def test_a_new_reply_goes_before_later_chunks_of_a_playing_one() -> None:
     assert served(queue) == "p2"
 
 
-def test_a_playing_reply_with_audio_in_hand_waits_while_another_has_none() -> None:
+def playing_with_two_seconds() -> tuple[Clock, SpeechQueue]:
+    """A queue whose reply "playing" sent 2 s of audio at t = 0."""
     clock = Clock()
     queue = SpeechQueue(clock, reserve_s=0.5)
     queue.put("playing", "p1")
     served(queue, audio_s=2.0)
+    return clock, queue
+
+
+def test_a_playing_reply_with_audio_in_hand_waits_while_another_has_none() -> None:
+    clock, queue = playing_with_two_seconds()
     queue.put("new", "n1")
     served(queue)  # the new reply's first text: no audio yet
     queue.put("playing", "p2")
@@ -50,10 +56,7 @@ def test_a_playing_reply_with_audio_in_hand_waits_while_another_has_none() -> No
 
 
 def test_nothing_is_held_back_once_every_reply_has_audio() -> None:
-    clock = Clock()
-    queue = SpeechQueue(clock, reserve_s=0.5)
-    queue.put("playing", "p1")
-    served(queue, audio_s=2.0)
+    _, queue = playing_with_two_seconds()
     queue.put("playing", "p2")
     assert served(queue) == "p2"
 
