@@ -112,7 +112,10 @@ def write(results: dict, out: Path) -> None:
         "cpu_count": os.cpu_count(),
         "checkpoint": "small",
         "triton": "2.51 (nvidia-pytriton 0.7.0), CPU profile",
-        "note": "Triton stubs run 1 torch thread each; in-process uses all cores",
+        "note": (
+            "Triton stubs run 1 torch thread each; in-process, the batcher and the speech "
+            "decoder use half the cores each"
+        ),
     }
     (out / "triton.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     t, p, r = results["triton"], results["in_process"], results["ratio"]
