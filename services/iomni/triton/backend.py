@@ -74,6 +74,14 @@ def device(args: dict[str, str]) -> str:
 
 
 _watching: list[threading.Thread] = []
+_parent: list[int] = []
+
+
+def server_alive() -> bool:
+    """False once tritonserver is gone. A custom-metric call then blocks for ever holding the
+    GIL (seen: a speech stub's gauge update outlived its server and kept the watchdog below
+    from ever running), so background threads check this before touching metrics."""
+    return not _parent or os.getppid() == _parent[0]
 
 
 def watch_parent(interval_s: float = 1.0) -> None:
@@ -83,6 +91,7 @@ def watch_parent(interval_s: float = 1.0) -> None:
     if _watching:
         return
     parent = os.getppid()
+    _parent.append(parent)
 
     def watch() -> None:
         while True:

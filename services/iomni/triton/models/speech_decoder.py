@@ -25,6 +25,7 @@ from iomni.triton.backend import (
     model_parameters,
     pb,
     request_parameters,
+    server_alive,
     stream_error_response,
 )
 from iomni.triton.speech_queue import SpeechQueue
@@ -50,6 +51,7 @@ class TritonPythonModel:
         self._open_gauge = self._family.Metric(
             labels={"model": args["model_name"], "instance": args["model_instance_name"]}
         )
+        self._gauge_value = -1
         self.queue = SpeechQueue()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, daemon=True)
@@ -160,12 +162,19 @@ class TritonPythonModel:
     def _touch(self, corr: Any, session: SpeechSession) -> None:
         with self.lock:
             self.sessions[corr] = (session, time.monotonic())
-            self._open_gauge.set(len(self.sessions))
+            self._update_gauge()
 
     def _free(self, corr: Any) -> None:
         with self.lock:
             self.sessions.pop(corr, None)
-            self._open_gauge.set(len(self.sessions))
+            self._update_gauge()
+
+    def _update_gauge(self) -> None:
+        """Under `self.lock`. Only on change, and not once the server is gone (see
+        `server_alive`): the sweeper would otherwise call into a dead server every 5 s."""
+        if len(self.sessions) != self._gauge_value and server_alive():
+            self._gauge_value = len(self.sessions)
+            self._open_gauge.set(self._gauge_value)
 
     def _speaker_encoder(self) -> SpeakerEncoder:
         if self._speaker is None:
@@ -179,7 +188,7 @@ class TritonPythonModel:
                 stale = [c for c, (_, seen) in self.sessions.items() if seen < deadline]
                 for corr in stale:
                     del self.sessions[corr]
-                self._open_gauge.set(len(self.sessions))
+                self._update_gauge()
             for corr in stale:
                 self.queue.forget(corr)
                 log.warning("speech sequence %r idle for %.0f s: freed", corr, self.idle_timeout_s)
