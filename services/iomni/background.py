@@ -27,12 +27,15 @@ _pool: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 
 
+def _lower_thread(tid: int, niceness: int) -> None:
+    lower = min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+    os.setpriority(os.PRIO_PROCESS, tid, lower)
+
+
 def _lower_priority() -> None:
     # Not Linux, or not permitted: the pool runs at normal priority.
     with contextlib.suppress(OSError, AttributeError):
-        tid = threading.get_native_id()
-        lower = min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICENESS)
-        os.setpriority(os.PRIO_PROCESS, tid, lower)
+        _lower_thread(threading.get_native_id(), NICENESS)
 
 
 def lower_process_priority(niceness: int) -> None:
@@ -42,9 +45,7 @@ def lower_process_priority(niceness: int) -> None:
         return
     with contextlib.suppress(OSError):
         for task in os.listdir("/proc/self/task"):
-            tid = int(task)
-            lower = min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
-            os.setpriority(os.PRIO_PROCESS, tid, lower)
+            _lower_thread(int(task), niceness)
 
 
 def pool() -> ThreadPoolExecutor:

@@ -90,13 +90,12 @@ def watch_parent(interval_s: float = 1.0) -> None:
     minutes; the model's background threads keep it alive. Started once per stub process."""
     if _watching:
         return
-    parent = os.getppid()
-    _parent.append(parent)
+    _parent.append(os.getppid())
 
     def watch() -> None:
         while True:
             time.sleep(interval_s)
-            if os.getppid() != parent:
+            if not server_alive():
                 _unlink_own_shm()
                 os._exit(0)
 
