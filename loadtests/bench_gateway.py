@@ -328,6 +328,22 @@ async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
     return results
 
 
+# The speech decoder's audio-changing latency settings (off by default; docs/speech.md).
+LATENCY_SETTINGS = {"IOMNI_SPEECH_FIRST_CHUNK_TOKENS": "10", "IOMNI_SPEECH_FLOW_STEPS": "5"}
+
+
+async def measure_settings(target: str) -> dict:
+    """TTFA at 1 and 8 sessions on a stack whose speech decoder has the latency settings on."""
+    async with AsyncDialogueClient(target, KEY) as client:
+        await gateway_ttfa(client, "warm up")
+    alone = await concurrent(target, 1, rounds=3)
+    loaded = await concurrent(target, 8)
+    result = {"p50_at_1_ms": percentile(alone, 0.5), "p95_at_8_ms": percentile(loaded, 0.95)}
+    result["p50_at_8_ms"] = percentile(loaded, 0.5)
+    result["p95_at_8_over_p50_at_1"] = result["p95_at_8_ms"] / result["p50_at_1_ms"]
+    return result
+
+
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -360,6 +376,8 @@ def write(results: dict, out: Path) -> None:
         "",
         f"p95 at 8 sessions ÷ p50 at 1: **{results['p95_at_8_over_p50_at_1']:.2f}**. Prompts: "
         f"{results['prompt_tokens']['min']}-{results['prompt_tokens']['max']} tokens.",
+        "",
+        _settings_line(results["with_latency_settings"]),
         "",
         "| barge-in (cancel at the first audio) | to last audio byte p50 / p95 (ms) "
         "| to `done` p50 / p95 (ms) |",
@@ -397,6 +415,16 @@ def write(results: dict, out: Path) -> None:
 STAGES = ("gateway", "tritonserver", "vision_encoder", "audio_encoder", "llm", "speech_decoder")
 
 
+def _settings_line(r: dict) -> str:
+    return (
+        "With the speech decoder's audio-changing latency settings on (off by default: "
+        + ", ".join(f"{k}={v}" for k, v in LATENCY_SETTINGS.items())
+        + f"; a second stack, same run): p50 at 1 session {r['p50_at_1_ms']:.0f} ms, "
+        f"p50/p95 at 8 {r['p50_at_8_ms']:.0f}/{r['p95_at_8_ms']:.0f} ms, p95 at 8 ÷ p50 at 1 "
+        f"**{r['p95_at_8_over_p50_at_1']:.2f}** (what they change in the audio: engine.md)."
+    )
+
+
 def _probe(results: dict, key: str) -> str:
     probe = results["get_session_ms"][key]
     return f"{probe['p50']:.0f}/{probe['max']:.0f}"
@@ -409,11 +437,16 @@ def _profile_row(label: str, profile: dict) -> str:
 
 
 @contextlib.contextmanager
-def gateway_stack(checkpoint: Path, prefix: str) -> Iterator[tuple[str, int, TritonServer]]:
-    """Redis, Triton and a gateway on loopback for one benchmark: (target, gateway pid, Triton)."""
+def gateway_stack(
+    checkpoint: Path, prefix: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, int, TritonServer]]:
+    """Redis, Triton (`env` added to its environment) and a gateway on loopback for one
+    benchmark: (target, gateway pid, Triton)."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     redis = harness.start_redis(18479)
-    triton = TritonServer(REPOSITORY, checkpoint, work / "triton", TritonPorts(18400, 18401, 18402))
+    triton = TritonServer(
+        REPOSITORY, checkpoint, work / "triton", TritonPorts(18400, 18401, 18402), env=env or {}
+    )
     gateway = None
     try:
         triton.start(timeout_s=300)
@@ -433,6 +466,8 @@ def main() -> None:
     try:
         with gateway_stack(checkpoint, "iomni-bench-") as (target, pid, triton):
             results = asyncio.run(measure(target, checkpoint, CpuMeter(pid, triton)))
+        with gateway_stack(checkpoint, "iomni-bench-settings-", LATENCY_SETTINGS) as stack:
+            results["with_latency_settings"] = asyncio.run(measure_settings(stack[0]))
     except grpc.RpcError as exc:
         raise SystemExit(f"bench failed: {exc.code().name}: {exc.details()}") from exc
     write(results, args.out)

@@ -21,7 +21,7 @@ import torch
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.speech.speaker import SpeakerEncoder
-from iomni.model.speech.stream import SpeechSession
+from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import (
     GenerationRequest,
     LLMStep,
@@ -35,7 +35,11 @@ class InProcessParts:
     """PyTorch modules called directly, one forward at a time (a lock serialises the model)."""
 
     def __init__(
-        self, checkpoint: LoadedCheckpoint, max_batch: int = 16, kv_cache_tokens: int = 65536
+        self,
+        checkpoint: LoadedCheckpoint,
+        max_batch: int = 16,
+        kv_cache_tokens: int = 65536,
+        speech: SpeechSettings | None = None,
     ) -> None:
         # The batcher's thread and the speech decoder work side by side; with all cores each,
         # their intra-op threads oversubscribe the machine (2 cores: TTFA 1080 ms at 2 threads
@@ -44,6 +48,7 @@ class InProcessParts:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.model_id = checkpoint.fingerprint
+        self.speech_settings = speech or SpeechSettings()
         self._lock = threading.Lock()  # one encoder or speech forward at a time
         self._speaker: SpeakerEncoder | None = None
         self._batcher_options = {"max_batch": max_batch, "kv_cache_tokens": kv_cache_tokens}
@@ -114,7 +119,12 @@ class InProcessParts:
             encoder = await asyncio.to_thread(self._speaker_encoder)
             speaker = await asyncio.to_thread(encoder.embed, options.speaker_wav)
         session = SpeechSession(
-            model.voicelm, model.flow, model.hifigan, speaker, seed=options.seed
+            model.voicelm,
+            model.flow,
+            model.hifigan,
+            speaker,
+            seed=options.seed,
+            settings=self.speech_settings,
         )
         return InProcessSpeech(self, session)
 

@@ -89,8 +89,13 @@ def build_runner(
     if settings.transport == "inprocess":
         from iomni.engine.parts import InProcessParts
         from iomni.model.checkpoint import load_checkpoint
+        from iomni.model.speech.stream import SpeechSettings
 
-        parts: ModelParts = InProcessParts(load_checkpoint(settings.model))
+        speech = SpeechSettings(
+            first_chunk_tokens=settings.speech_first_chunk_tokens,
+            flow_steps=settings.speech_flow_steps,
+        )
+        parts: ModelParts = InProcessParts(load_checkpoint(settings.model), speech=speech)
     elif settings.transport == "triton":
         parts, router, watcher = _triton_parts(settings, processor, store, observer)
     else:

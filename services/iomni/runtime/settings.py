@@ -24,6 +24,7 @@ from iomni.errors import InvalidInput
 Process = Literal["gateway", "worker", "chat"]
 ENV_PREFIX = "IOMNI_"
 BOTH: tuple[Process, ...] = ("gateway", "worker")
+ALL: tuple[Process, ...] = ("gateway", "worker", "chat")
 
 
 def setting(
@@ -54,6 +55,16 @@ class Settings:
     )
     llm_service: str = setting("", "headless llm Service: replicas from its EndpointSlices")
     namespace: str = setting("default", "Kubernetes namespace of --llm-service")
+    # Both change the audio (docs/speech.md); read by the speech decoder itself, in Triton too.
+    speech_first_chunk_tokens: int = setting(
+        0,
+        "inprocess: speech tokens in a reply's first audio chunk, 5..25 (0: 25, the default); "
+        "fewer: earlier first audio",
+        processes=ALL,
+    )
+    speech_flow_steps: int = setting(
+        0, "inprocess: Euler steps of the speech flow (0: the checkpoint's)", processes=ALL
+    )
     # -- dialogue state ----------------------------------------------------------------------
     redis_url: str = setting(
         "redis://127.0.0.1:6379/0", "Redis URL, or 'memory' (one process)", flags=("--redis",)

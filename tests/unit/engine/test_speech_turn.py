@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,26 @@ async def test_cloning_without_the_speaker_model_is_a_clear_error(
     with pytest.raises(CheckpointError, match="campplus.onnx"):
         await run(engine, SpeechOptions(speaker_wav=voice()))
     assert audio_of(await run(engine, SpeechOptions())) != b""  # the default voice still works
+
+
+async def test_a_short_first_chunk_set_by_environment_speaks_after_the_first_group(
+    tiny_dir: Path, engine: TurnEngine
+) -> None:
+    """IOMNI_SPEECH_FIRST_CHUNK_TOKENS reaches the embedded engine's speech decoder: first audio
+    comes with the first 5 text tokens instead of the second 5."""
+    from iomni.runtime.build import build_runner
+    from iomni.runtime.settings import Settings
+
+    env = {"IOMNI_SPEECH_FIRST_CHUNK_TOKENS": "10"}
+    settings = Settings.resolve("chat", None, env=env)
+    settings = replace(settings, model=tiny_dir, transport="inprocess", redis_url="memory")
+    built = build_runner(settings, role="test")
+    short = TurnEngine(built.parts, engine.processor)
+    try:
+        firsts = [
+            next(e for e in await run(which, SpeechOptions(seed=1)) if isinstance(e, AudioChunk))
+            for which in (engine, short)
+        ]
+    finally:
+        await built.parts.close()
+    assert [first.text_tokens for first in firsts] == [10, 5]

@@ -649,9 +649,10 @@ class CausalConditionalCFM(nn.Module):
                 self._noise[key] = _cpu_noise(self.channels).to(device=device, dtype=dtype)
         return self._noise[key][:, :, :frames]
 
-    def time_grid(self) -> list[float]:
-        """t_0 = 0 ... t_n = 1, optionally warped by 1 - cos(t*pi/2) (denser near t = 0)."""
-        n = self.params.n_timesteps
+    def time_grid(self, steps: int | None = None) -> list[float]:
+        """t_0 = 0 ... t_n = 1 (n = `steps`, default the checkpoint's n_timesteps), optionally
+        warped by 1 - cos(t*pi/2) (denser near t = 0)."""
+        n = steps or self.params.n_timesteps
         grid = [i / n for i in range(n + 1)]
         if self.params.t_scheduler == "cosine":
             grid = [1.0 - math.cos(t * 0.5 * math.pi) for t in grid]

@@ -54,8 +54,11 @@ class FlowStream:
     so far (the last `pre_lookahead_len` are look-ahead unless `finalize`) and returns the mel
     frames from `2 * start` on, where `start` is returned with them."""
 
-    def __init__(self, flow: CausalMaskedDiffWithXvec, speaker: torch.Tensor) -> None:
+    def __init__(
+        self, flow: CausalMaskedDiffWithXvec, speaker: torch.Tensor, steps: int = 0
+    ) -> None:
         self.flow = flow
+        self.grid = flow.decoder.time_grid(steps or None)
         config = flow.config
         self.lookahead = config.pre_lookahead_len
         self.ratio = config.token_mel_ratio
@@ -181,7 +184,7 @@ class FlowStream:
         static = torch.cat([mu, spks, torch.zeros_like(mu)], dim=1)
         static = torch.cat([static, torch.zeros_like(static)], dim=0)
         rate = cfm.params.inference_cfg_rate
-        grid = cfm.time_grid()
+        grid = self.grid
         while len(self.steps) < len(grid) - 1:
             self.steps.append(_Cache())
         for step, (t0, t1) in enumerate(zip(grid[:-1], grid[1:], strict=True)):

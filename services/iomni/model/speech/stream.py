@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from iomni.errors import InvalidInput
 from iomni.model.speech.flow import CausalMaskedDiffWithXvec
 from iomni.model.speech.flow_stream import FlowStream
 from iomni.model.speech.hift import HiFTGenerator, HiFTStreamer
@@ -21,12 +22,45 @@ from iomni.model.speech.voicelm import BistreamDecoder, VoiceLM
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples: 40 ms per 25 Hz speech token
+MAX_FLOW_STEPS = 50
+
+
+# A non-final vocoder push holds back 4 tokens' samples for the cross-fade: a first chunk must
+# be longer than that to emit anything.
+MIN_FIRST_CHUNK = 5
 
 
 @dataclass(frozen=True)
 class SpeechSettings:
+    """How a reply is cut into chunks and rendered. The defaults are CosyVoice2's; the two
+    latency settings change the audio and are off (0) by default (docs/speech.md)."""
+
     token_hop: int = 25  # speech tokens per rendered chunk (1 s of audio)
     lookahead: int = 3  # tokens the flow's pre-lookahead layer needs beyond the chunk
+    # Speech tokens in the first chunk (0: token_hop). Fewer: first audio after the first text
+    # group instead of the second; the first chunk is rendered from a partial flow chunk.
+    first_chunk_tokens: int = 0
+    flow_steps: int = 0  # Euler steps of the flow's ODE (0: the checkpoint's n_timesteps)
+
+    def __post_init__(self) -> None:
+        first = self.first_chunk_tokens
+        if first and not MIN_FIRST_CHUNK <= first <= self.token_hop:
+            raise InvalidInput(
+                f"first_chunk_tokens must be 0 (off) or {MIN_FIRST_CHUNK}..{self.token_hop}, "
+                f"not {first}"
+            )
+        if not 0 <= self.flow_steps <= MAX_FLOW_STEPS:
+            raise InvalidInput(
+                f"flow_steps must be 0 (the checkpoint's) or 1..{MAX_FLOW_STEPS}, "
+                f"not {self.flow_steps}"
+            )
+
+    def chunk_end(self, offset: int) -> int:
+        """Where the chunk starting at token `offset` ends: the first may be short; later ones
+        end on multiples of `token_hop`, the flow's own chunk grid, so none is re-rendered."""
+        if offset == 0 and self.first_chunk_tokens:
+            return self.first_chunk_tokens
+        return (offset // self.token_hop + 1) * self.token_hop
 
 
 class SpeechSession:
@@ -44,7 +78,7 @@ class SpeechSession:
         self.speaker = speaker.reshape(1, -1).to(next(flow.parameters()).dtype)
         self.lm_decoder = BistreamDecoder(voicelm, torch.Generator().manual_seed(seed))
         self.vocoder = HiFTStreamer(hift, torch.Generator().manual_seed(seed + 1))
-        self.flow_stream = FlowStream(flow, self.speaker)
+        self.flow_stream = FlowStream(flow, self.speaker, steps=self.settings.flow_steps)
         self.tokens: list[int] = []
         self.offset = 0  # tokens already rendered to audio
         self.samples_out = 0
@@ -55,10 +89,10 @@ class SpeechSession:
         """Feed LLM text tokens with their hidden states; return audio that became ready."""
         self.tokens += self.lm_decoder.push_text(token_ids, hidden)
         chunks = []
-        hop, lookahead = self.settings.token_hop, self.settings.lookahead
-        while len(self.tokens) - self.offset >= hop + lookahead:
-            chunks.append(self._render(self.offset + hop + lookahead, final=False))
-            self.offset += hop
+        lookahead = self.settings.lookahead
+        while len(self.tokens) >= (end := self.settings.chunk_end(self.offset)) + lookahead:
+            chunks.append(self._render(end + lookahead, final=False))
+            self.offset = end
         return [c for c in chunks if c.size]
 
     @torch.inference_mode()

@@ -9,6 +9,7 @@ taking the most urgent reply's next request from a `SpeechQueue` (first audio fi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from iomni.errors import Cancelled, InvalidInput, Unavailable
 from iomni.model.speech.speaker import SpeakerEncoder
-from iomni.model.speech.stream import SAMPLE_RATE, SpeechSession
+from iomni.model.speech.stream import SAMPLE_RATE, SpeechSession, SpeechSettings
 from iomni.triton.backend import (
     input_array,
     load_part,
@@ -33,12 +34,34 @@ from iomni.triton.tensors import AUDIO, END, HIDDEN, SPEAKER_WAV, START, TEXT_TO
 
 log = logging.getLogger(__name__)
 
+# The audio-changing latency settings (docs/speech.md): a model parameter, else the variable
+# the Helm chart sets (the same names the embedded engine reads through `Settings`).
+SETTINGS = {
+    "first_chunk_tokens": "IOMNI_SPEECH_FIRST_CHUNK_TOKENS",
+    "flow_steps": "IOMNI_SPEECH_FLOW_STEPS",
+}
+
+
+def speech_settings(params: dict[str, str]) -> SpeechSettings:
+    values = {}
+    for key, env in SETTINGS.items():
+        raw = params.get(key) or os.environ.get(env) or "0"
+        try:
+            values[key] = int(raw)
+        except ValueError:
+            raise InvalidInput(
+                f"speech decoder {key} ({env}) must be an integer, not {raw!r}"
+            ) from None
+    return SpeechSettings(**values)
+
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.loaded = load_part(args, "speech")
         self.model = self.loaded.model
-        self.idle_timeout_s = float(model_parameters(args).get("idle_timeout_s") or 60)
+        params = model_parameters(args)
+        self.idle_timeout_s = float(params.get("idle_timeout_s") or 60)
+        self.settings = speech_settings(params)
         self.sessions: dict[Any, tuple[SpeechSession, float]] = {}
         self.lock = threading.Lock()
         self._speaker: SpeakerEncoder | None = None
@@ -146,7 +169,9 @@ class TritonPythonModel:
             speaker = self.model.default_speaker_embedding.detach()
         seed = int(request_parameters(request).get("seed", 0))
         m = self.model
-        session = SpeechSession(m.voicelm, m.flow, m.hifigan, speaker, seed=seed)
+        session = SpeechSession(
+            m.voicelm, m.flow, m.hifigan, speaker, seed=seed, settings=self.settings
+        )
         self._touch(corr, session)
         return session
 
