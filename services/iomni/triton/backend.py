@@ -6,6 +6,7 @@ the package depends on it.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -73,6 +74,8 @@ def device(args: dict[str, str]) -> str:
     return "cpu"
 
 
+# No Python thread of a stub runs for this long only if one holds the GIL in a blocked call.
+WEDGED_S = 60.0
 _watching: list[threading.Thread] = []
 _parent: list[int] = []
 
@@ -84,16 +87,21 @@ def server_alive() -> bool:
     return not _parent or os.getppid() == _parent[0]
 
 
-def watch_parent(interval_s: float = 1.0) -> None:
+def watch_parent(interval_s: float = 1.0, wedged_s: float = WEDGED_S) -> None:
     """Exit this stub process soon after tritonserver dies (SIGKILL, OOM). Left alone, a stub
     whose server is gone keeps its model (hundreds of MB) and its shared-memory region for
-    minutes; the model's background threads keep it alive. Started once per stub process."""
+    minutes; the model's background threads keep it alive. Started once per stub process.
+
+    The check is Python and needs the GIL, which a call into a dead server can hold for ever
+    (`server_alive`). So each check also re-arms faulthandler's timer, which runs without the
+    GIL: if no check has run for `wedged_s`, it prints every thread's stack and `_exit`s."""
     if _watching:
         return
     _parent.append(os.getppid())
 
     def watch() -> None:
         while True:
+            faulthandler.dump_traceback_later(wedged_s, exit=True)
             time.sleep(interval_s)
             if not server_alive():
                 _unlink_own_shm()

@@ -19,6 +19,7 @@ from iomni.triton.backend import (
     model_parameters,
     pb,
     request_parameters,
+    server_alive,
     stream_error_response,
 )
 from iomni.triton.tensors import (
@@ -37,7 +38,8 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
 
 
 class TritonMetrics(BatcherMetrics):
-    """The batcher's counters, also exported on Triton's metrics endpoint."""
+    """The batcher's counters, also exported on Triton's metrics endpoint. Called from the
+    batcher's thread, so never once the server is gone (see `server_alive`)."""
 
     def __init__(self, model_name: str) -> None:
         super().__init__()
@@ -83,24 +85,30 @@ class TritonMetrics(BatcherMetrics):
 
     def on_step(self, batch: int) -> None:
         super().on_step(batch)
-        self._steps.observe(batch)
+        if server_alive():
+            self._steps.observe(batch)
 
     def on_token(self) -> None:
         super().on_token()
-        self._tokens.increment(1)
+        if server_alive():
+            self._tokens.increment(1)
 
     def on_cancel(self) -> None:
         super().on_cancel()
-        self._cancelled.increment(1)
+        if server_alive():
+            self._cancelled.increment(1)
 
     def on_kv(self, reused: int) -> None:
         super().on_kv(reused)
+        if not server_alive():
+            return
         (self._hits if reused else self._misses).increment(1)
         if reused:
             self._reused.increment(reused)
 
     def on_first_token(self, ms: float) -> None:
-        self._ttft.observe(ms)
+        if server_alive():
+            self._ttft.observe(ms)
 
 
 class TritonPythonModel:
