@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from iomni.engine.events import AudioChunk, TurnDone
 from iomni.engine.parts import GenerationRequest, InProcessParts, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
-from iomni.errors import InvalidInput, Unavailable
+from iomni.errors import Cancelled, InvalidInput, Unavailable
 from iomni.model.checkpoint import LoadedCheckpoint, fingerprint
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.model.processor import Processor
@@ -233,6 +233,41 @@ async def test_speech_state_is_freed_at_end_and_on_barge_in(
     await speech.push_text(list(range(5)), hidden)
     assert await speech.finish()
     assert metric(triton, "iomni_speech_open_sequences") == 0
+    await triton_parts.close()
+
+
+async def test_pipelined_text_is_answered_in_order_and_a_discard_supersedes_it(
+    triton: TritonServer, triton_parts: TritonParts, tiny: LoadedCheckpoint
+) -> None:
+    """A reply's groups sent without waiting (one stream, as the engine does) give the audio
+    of groups sent one by one; a barge-in answers the text still queued as cancelled."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 150000, (50,), generator=g).tolist()
+    hidden = torch.randn(50, tiny.config.llm_hidden_size, generator=g)
+    groups = [(ids[i : i + 5], hidden[i : i + 5]) for i in range(0, 50, 5)]
+
+    serial = await triton_parts.open_speech(SpeechOptions(seed=1, sequence_id="serial"))
+    expected = [await serial.push_text(*group) for group in groups] + [await serial.finish()]
+    piped = await triton_parts.open_speech(SpeechOptions(seed=1, sequence_id="piped"))
+    calls = [asyncio.ensure_future(piped.push_text(*group)) for group in groups]
+    calls.append(asyncio.ensure_future(piped.finish()))
+    got = await asyncio.wait_for(asyncio.gather(*calls), 120)
+    assert [len(chunks) for chunks in got] == [len(chunks) for chunks in expected]
+    for mine, theirs in zip(got, expected, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+    barged = await triton_parts.open_speech(SpeechOptions(seed=1, sequence_id="barged"))
+    calls = [asyncio.ensure_future(barged.push_text(*group)) for group in groups]
+    await calls[0]
+    await barged.close()
+    rest = await asyncio.wait_for(asyncio.gather(*calls[1:], return_exceptions=True), 60)
+    assert any(isinstance(r, Cancelled) for r in rest), rest
+    assert all(isinstance(r, (list, Cancelled)) for r in rest), rest
+    deadline = asyncio.get_running_loop().time() + 10
+    while metric(triton, "iomni_speech_open_sequences") != 0:
+        assert asyncio.get_running_loop().time() < deadline, "the sequence was never freed"
+        await asyncio.sleep(0.05)
     await triton_parts.close()
 
 

@@ -135,15 +135,25 @@ class InProcessParts:
 
 
 class InProcessSpeech:
+    """Calls may overlap (the engine pipelines a reply's text); they run one at a time in the
+    order they were made (asyncio's lock wakes its waiters first come, first served)."""
+
     def __init__(self, parts: InProcessParts, session: SpeechSession) -> None:
         self.parts = parts
         self.session = session
+        self._order = asyncio.Lock()
 
     async def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
-        return await asyncio.to_thread(self.parts._run, self.session.push_text, token_ids, hidden)
+        return await self._in_order(self.session.push_text, token_ids, hidden)
 
     async def finish(self) -> list[np.ndarray]:
-        return await asyncio.to_thread(self.parts._run, self.session.finish)
+        return await self._in_order(self.session.finish)
+
+    async def _in_order(self, fn, *args) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+        async with self._order:
+            if self.session.done:  # closed (barge-in) while this call waited
+                return []
+            return await asyncio.to_thread(self.parts._run, fn, *args)
 
     async def close(self) -> None:
         self.session.done = True

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,14 +31,6 @@ from iomni.telemetry.tracing import context_headers, tracer
 log = logging.getLogger(__name__)
 # Text tokens per speech-decoder step (InteractiveOmni's 5:25 interleave).
 SPEECH_TEXT_GROUP = 5
-T = TypeVar("T")
-
-
-class _Cancelled(enum.Enum):
-    CANCELLED = "cancelled"
-
-
-CANCELLED = _Cancelled.CANCELLED
 
 
 @dataclass(frozen=True)
@@ -84,6 +75,66 @@ class _TurnStats:
 
     def mark_first_audio(self) -> None:
         self.timings.setdefault("first_audio", (time.perf_counter() - self.started) * 1000)
+
+
+class _Speaking:
+    """A reply's text at the speech decoder: each group is sent as soon as it is complete,
+    without waiting for the audio of the groups before it (so the decoder has the next text
+    queued when it finishes a chunk); the audio comes back in order, as events."""
+
+    def __init__(self, speech: SpeechStream, stats: _TurnStats) -> None:
+        self.speech = speech
+        self.stats = stats
+        self.context = otel_context.get_current()
+        self.in_flight: deque[asyncio.Task[list[np.ndarray]]] = deque()
+
+    @property
+    def head(self) -> asyncio.Task[list[np.ndarray]] | None:
+        return self.in_flight[0] if self.in_flight else None
+
+    def send(self, pending: list[tuple[int, torch.Tensor]], final: bool = False) -> None:
+        ids = [token for token, _ in pending]
+        hidden = torch.stack([h for _, h in pending]) if pending else torch.zeros(0)
+        pending.clear()
+        # Tasks start in the order they are created: the requests go out in this order.
+        self.in_flight.append(asyncio.ensure_future(self._call(ids, hidden, final)))
+
+    async def _call(self, ids: list[int], hidden: torch.Tensor, final: bool) -> list[np.ndarray]:
+        span = tracer().start_span("speech_decode", context=self.context)
+        with trace.use_span(span, end_on_exit=True):
+            started = time.perf_counter()
+            arrays = await self.speech.push_text(ids, hidden) if ids else []
+            if final:
+                arrays += await self.speech.finish()
+            self.stats.add("speech", started)
+            return arrays
+
+    def ready(self) -> list[AudioChunk]:
+        """The audio of the requests answered so far, in order (raises a request's error)."""
+        chunks = []
+        while self.in_flight and self.in_flight[0].done():
+            for samples in self.in_flight.popleft().result():
+                stats = self.stats
+                chunks.append(
+                    AudioChunk(to_pcm16(samples), stats.audio_chunks, text_tokens=stats.completion)
+                )
+                stats.audio_chunks += 1
+                stats.audio_samples += samples.size
+                stats.mark_first_audio()
+        return chunks
+
+    def abandon(self) -> None:
+        """A cancelled or failed turn: nobody waits for the rest (the stream's close discards
+        it at the decoder)."""
+        for task in self.in_flight:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+        self.in_flight.clear()
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass
@@ -159,23 +210,21 @@ class Turn:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nothing waits
                 self._loop.call_soon_threadsafe(self._wake.set)
 
-    async def _unless_cancelled(self, awaitable: Awaitable[T]) -> T | _Cancelled:
-        """`awaitable`'s result, or CANCELLED as soon as the turn is cancelled: a cancel does
-        not wait for a decode step or a speech chunk in flight (it is abandoned)."""
+    async def _until_any(self, *futures: asyncio.Future | None) -> None:
+        """Until one of `futures` is done or the turn is cancelled (a cancel does not wait for
+        a decode step or a speech chunk in flight)."""
         if self._wake is None:
             self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
             if self.cancelled:
                 self._wake.set()
-        task = asyncio.ensure_future(awaitable)
         waiter = asyncio.ensure_future(self._wake.wait())
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        return CANCELLED
+        try:
+            await asyncio.wait(
+                {f for f in futures if f is not None} | {waiter},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -205,6 +254,7 @@ class Turn:
             yield self._done("cancelled", "", stats)
             return
         speech = await self._open_speech(stats)
+        speaking = _Speaking(speech, stats) if speech is not None else None
         try:
             generation = GenerationRequest(
                 input_ids=ids,
@@ -217,16 +267,25 @@ class Turn:
             decoder = IncrementalDecoder(self.engine.processor.tokenizer)
             pending: list[tuple[int, torch.Tensor]] = []  # text not yet given to the speech decoder
             reason = "length"
-            self._turn_context = otel_context.get_current()
-            llm_span = tracer().start_span("llm", context=self._turn_context)
+            llm_span = tracer().start_span("llm", context=otel_context.get_current())
             generation.trace_headers = context_headers(trace.set_span_in_context(llm_span))
             stream = self.engine.parts.generate(generation)
+            next_step: asyncio.Future | None = None
             try:
                 while True:
-                    step = await self._unless_cancelled(anext(stream, None))
-                    if step is CANCELLED:
+                    # Text and audio flow independently: the next token is awaited together
+                    # with the oldest speech request, and whichever comes first goes out.
+                    if next_step is None:
+                        next_step = asyncio.ensure_future(anext(stream, None))
+                    await self._until_any(next_step, speaking.head if speaking else None)
+                    for chunk in speaking.ready() if speaking else []:
+                        yield chunk
+                    if self.cancelled:
                         reason = "cancelled"
                         break
+                    if not next_step.done():
+                        continue
+                    step, next_step = next_step.result(), None
                     if step is None:
                         break
                     stats.first_step(step.timings_ms)
@@ -239,31 +298,34 @@ class Turn:
                     delta = decoder.push(step.token_id)
                     if delta:
                         yield TextDelta(delta, stats.completion - 1)
-                    if speech is not None:
+                    if speaking is not None:
                         pending.append((step.token_id, step.hidden))
                         if len(pending) >= SPEECH_TEXT_GROUP:
-                            chunks = await self._unless_cancelled(
-                                self._speak(speech, pending, stats)
-                            )
-                            for chunk in [] if chunks is CANCELLED else chunks:
-                                yield chunk
-                    if self.cancelled:
-                        reason = "cancelled"
-                        break
+                            speaking.send(pending)
             finally:
+                if next_step is not None and not next_step.done():
+                    next_step.cancel()  # a cancel does not wait for a decode step in flight
+                    with contextlib.suppress(BaseException):
+                        await next_step
                 await stream.aclose()
                 llm_span.end()
             tail = decoder.flush()
             if tail:
                 yield TextDelta(tail, stats.completion - 1)
             stats.end_decode()
-            if speech is not None:
-                if reason != "cancelled":
-                    for chunk in await self._speak(speech, pending, stats, final=True):
+            if speaking is not None and reason != "cancelled":
+                speaking.send(pending, final=True)
+                while speaking.head is not None:
+                    await self._until_any(speaking.head)
+                    if self.cancelled:
+                        reason = "cancelled"  # no audio follows a cancel
+                        break
+                    for chunk in speaking.ready():
                         yield chunk
-                await speech.close()
             yield self._done(reason, decoder.text, stats)
         finally:
+            if speaking is not None:
+                speaking.abandon()
             if speech is not None:
                 await speech.close()  # no-op when finished; discards an unfinished reply
 
@@ -277,45 +339,6 @@ class Turn:
         speech = await self.engine.parts.open_speech(options)
         stats.add("speech", opened)
         return speech
-
-    async def _speak(
-        self,
-        speech: SpeechStream,
-        pending: list[tuple[int, torch.Tensor]],
-        stats: _TurnStats,
-        final: bool = False,
-    ) -> list[AudioChunk]:
-        """Give buffered text to the speech decoder; the audio it returns, as events."""
-        span = tracer().start_span("speech_decode", context=self._turn_context)
-        with trace.use_span(span, end_on_exit=True):
-            return await self._speak_in_span(speech, pending, stats, final)
-
-    async def _speak_in_span(
-        self,
-        speech: SpeechStream,
-        pending: list[tuple[int, torch.Tensor]],
-        stats: _TurnStats,
-        final: bool,
-    ) -> list[AudioChunk]:
-        started = time.perf_counter()
-        arrays: list[np.ndarray] = []
-        if pending:
-            ids = [token for token, _ in pending]
-            hidden = torch.stack([h for _, h in pending])
-            pending.clear()
-            arrays += await speech.push_text(ids, hidden)
-        if final:
-            arrays += await speech.finish()
-        stats.add("speech", started)
-        chunks = []
-        for samples in arrays:
-            chunks.append(
-                AudioChunk(to_pcm16(samples), stats.audio_chunks, text_tokens=stats.completion)
-            )
-            stats.audio_chunks += 1
-            stats.audio_samples += samples.size
-            stats.mark_first_audio()
-        return chunks
 
     def _done(self, reason: str, text: str, stats: _TurnStats) -> TurnDone:
         stats.timings["total"] = (time.perf_counter() - stats.started) * 1000

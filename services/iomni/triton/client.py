@@ -9,9 +9,11 @@ its next decode step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -325,7 +327,11 @@ def _llm_step(result: InferResult) -> LLMStep:
 
 
 class TritonSpeech:
-    """One spoken reply as a `speech_decoder` sequence (correlation id = turn id)."""
+    """One spoken reply as a `speech_decoder` sequence (correlation id = turn id), over one gRPC
+    stream. Requests are pipelined: each call sends at once, without waiting for the answers
+    to earlier ones (so the decoder has the reply's next text queued when a chunk is done),
+    and is answered in order. Calls must be made in the reply's order; tasks created in that
+    order qualify, since asyncio starts tasks in the order they were created."""
 
     def __init__(self, parts: TritonParts, options: SpeechOptions) -> None:
         self.parts = parts
@@ -333,6 +339,10 @@ class TritonSpeech:
         self.sequence_id = options.sequence_id or f"speech-{uuid.uuid4().hex}"
         self.started = False
         self.ended = False
+        self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._answers: collections.deque[_Answer] = collections.deque()
+        self._reader: asyncio.Task | None = None
+        self._last_sent = False  # END went out: the stream ends with its answer
 
     async def _send(
         self, ids: Sequence[int], hidden: torch.Tensor, end: bool, discard: bool = False
@@ -345,22 +355,40 @@ class TritonSpeech:
         if not self.started and self.options.speaker_wav is not None:
             wav = np.array([[self.options.speaker_wav]], dtype=np.object_)
             inputs.append(_tensor(SPEAKER_WAV, wav, "BYTES"))
-        request = {
-            "model_name": SPEECH_DECODER,
-            "inputs": inputs,
-            "outputs": [InferRequestedOutput(n) for n in (AUDIO, ERROR_CODE, ERROR_MESSAGE)],
-            "sequence_id": self.sequence_id,
-            "sequence_start": not self.started,
-            "sequence_end": end,
-            "parameters": {"seed": self.options.seed, "discard": discard},
-        }
+        if self._last_sent or (self._reader is not None and self._reader.done()):
+            raise Unavailable(f"speech sequence {self.sequence_id} is closed or its stream failed")
+        answer = _Answer(asyncio.get_running_loop().create_future())
+        self._answers.append(answer)
+        self._outbox.put_nowait(
+            {
+                "model_name": SPEECH_DECODER,
+                "inputs": inputs,
+                "outputs": [InferRequestedOutput(n) for n in (AUDIO, ERROR_CODE, ERROR_MESSAGE)],
+                "sequence_id": self.sequence_id,
+                "sequence_start": not self.started,
+                "sequence_end": end,
+                "parameters": {"seed": self.options.seed, "discard": discard},
+            }
+        )
         self.started = True
-        self.ended = self.ended or end
+        if end:
+            self.ended = self._last_sent = True
+            self._outbox.put_nowait(None)  # the last request: the stream closes after it
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+            _keep(self._reader)
+        return await asyncio.shield(answer.future)
+
+    async def _read(self) -> None:
+        """Answer the calls in order from the stream's responses; the last response of a
+        request carries Triton's final flag (an error response is final too). After a discard
+        the answers of the superseded requests can overtake the one being rendered; the reply
+        is abandoned by then and only their count matters."""
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield request
+            while (request := await self._outbox.get()) is not None:
+                yield request
 
-        chunks: list[np.ndarray] = []
         stream = self.parts.client_for(SPEECH_DECODER).stream_infer(
             requests(), headers=self.parts.call_headers()
         )
@@ -368,19 +396,28 @@ class TritonSpeech:
             async for result, error in stream:
                 if error is not None:
                     raise translate(error, SPEECH_DECODER)
+                if not self._answers:
+                    continue
+                answer = self._answers[0]
                 failed = stream_error(result, SPEECH_DECODER)
-                if failed is not None:
-                    raise failed
-                audio = result.as_numpy(AUDIO)
+                audio = result.as_numpy(AUDIO) if failed is None else None
                 if audio is not None and audio.size:
-                    chunks.append(audio.reshape(-1).copy())
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    break
+                    answer.chunks.append(audio.reshape(-1).copy())
+                if failed is not None or _final(result):
+                    self._answers.popleft().settle(failed)
+                    if not self._answers and self._last_sent:
+                        return
         except grpc.RpcError as exc:  # transport failures arrive raw from the aio stream
-            raise translate(exc, SPEECH_DECODER) from exc
+            self._fail_all(translate(exc, SPEECH_DECODER))
+        except IomniError as exc:
+            self._fail_all(exc)
         finally:
             stream.cancel()
-        return chunks
+            self._fail_all(Unavailable("the speech decoder's stream ended early"))
+
+    def _fail_all(self, error: IomniError) -> None:
+        while self._answers:
+            self._answers.popleft().settle(error)
 
     async def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
         return await self._send(token_ids, hidden, end=False)
@@ -392,12 +429,10 @@ class TritonSpeech:
 
     async def close(self) -> None:
         """Free the server's sequence state if the reply was not finished (barge-in). The
-        discard goes out in the background: the turn's `done` does not wait for it (behind
-        other sequences' chunks in the decoder's queue it can take a while)."""
+        discard goes out in the background on the reply's stream (the decoder answers the
+        text still queued as cancelled); the turn's `done` does not wait for it."""
         if self.started and not self.ended:
-            task = asyncio.ensure_future(self._discard())
-            _BACKGROUND.add(task)
-            task.add_done_callback(_BACKGROUND.discard)
+            _keep(asyncio.ensure_future(self._discard()))
         self.ended = True
 
     async def _discard(self) -> None:
@@ -405,6 +440,33 @@ class TritonSpeech:
             await self._send([], torch.zeros(0), end=True, discard=True)
         except IomniError:
             log.warning("could not end speech sequence %s", self.sequence_id)
+
+
+@dataclass
+class _Answer:
+    """The audio of one speech request, gathered until its final response."""
+
+    future: asyncio.Future[list[np.ndarray]]
+    chunks: list[np.ndarray] = field(default_factory=list)
+
+    def settle(self, error: IomniError | None) -> None:
+        if self.future.done():
+            return
+        if error is None:
+            self.future.set_result(self.chunks)
+        else:
+            self.future.set_exception(error)
+            self.future.exception()  # retrieved: a call abandoned by a barge-in is not an error
+
+
+def _final(result: InferResult) -> bool:
+    return bool(result.get_response().parameters["triton_final_response"].bool_param)
+
+
+def _keep(task: asyncio.Task) -> None:
+    """Reference a fire-and-forget task until it is done."""
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 __all__ = ["TritonParts", "TritonSpeech"]

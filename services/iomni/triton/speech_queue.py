@@ -49,11 +49,19 @@ class SpeechQueue:
         self._replies: dict[Any, _Reply] = {}
         self._closed = False
 
-    def put(self, key: Any, request: Any, urgent: bool = False) -> None:
+    def put(self, key: Any, request: Any, urgent: bool = False, discard: bool = False) -> list:
+        """Queue `request` for reply `key`. A `discard` (barge-in) goes first and supersedes
+        the reply's requests not yet taken: they are returned, for the caller to answer as
+        cancelled (a client that pipelines its text has several queued)."""
         with self._ready:
             reply = self._replies.setdefault(key, _Reply(arrived=self._clock()))
-            reply.pending.append((request, urgent))
+            superseded = []
+            if discard:
+                superseded = [r for r, _ in reply.pending]
+                reply.pending.clear()
+            reply.pending.append((request, urgent or discard))
             self._ready.notify()
+            return superseded
 
     def take(self, timeout_s: float | None = None) -> tuple[Any, Any] | None:
         """The most urgent reply's next request, as (key, request); None when closed or after

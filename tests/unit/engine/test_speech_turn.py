@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 from dataclasses import replace
@@ -60,9 +61,52 @@ async def test_audio_starts_after_five_text_tokens_and_before_the_text_ends(
     first = events.index(chunks[0])
     text_before = sum(1 for e in events[:first] if isinstance(e, TextDelta))
     assert chunks[0].text_tokens >= 5 and text_before >= 1
-    assert chunks[0].text_tokens < done.usage.completion_tokens  # speaking while thinking
     assert [c.sequence for c in chunks] == list(range(len(chunks)))
     assert {c.sample_rate for c in chunks} == {24000}
+
+
+class PacedParts(InProcessParts):
+    """The tiny model with a slower LLM or a slower speech decoder."""
+
+    def __init__(self, tiny: LoadedCheckpoint, step_s: float = 0.0, speech_s: float = 0.0):
+        super().__init__(tiny)
+        self.step_s, self.speech_s = step_s, speech_s
+
+    async def generate(self, request):  # type: ignore[no-untyped-def]
+        async for step in super().generate(request):
+            await asyncio.sleep(self.step_s)
+            yield step
+
+    async def open_speech(self, options: SpeechOptions):  # type: ignore[no-untyped-def]
+        speech = await super().open_speech(options)
+        push = speech.push_text
+
+        async def slow(ids, hidden):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(self.speech_s)
+            return await push(ids, hidden)
+
+        speech.push_text = slow  # type: ignore[method-assign]
+        return speech
+
+
+async def test_speech_starts_while_the_text_is_still_being_generated(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    events = await run(TurnEngine(PacedParts(tiny, step_s=0.1), processor), SpeechOptions(seed=1))
+    first = next(e for e in events if isinstance(e, AudioChunk))
+    assert first.text_tokens < events[-1].usage.completion_tokens
+
+
+async def test_text_is_not_held_back_by_the_speech_decoder(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    """Each text group goes to the speech decoder without waiting for the audio before it, so
+    a slow decoder delays the audio, not the text."""
+    engine = TurnEngine(PacedParts(tiny, speech_s=1.0), processor)
+    events = await run(engine, SpeechOptions(seed=1))
+    first_audio = next(i for i, e in enumerate(events) if isinstance(e, AudioChunk))
+    assert not any(isinstance(e, TextDelta) for e in events[first_audio:])
+    assert sum(isinstance(e, AudioChunk) for e in events) >= 4
 
 
 async def test_audio_duration_matches_speech_tokens(engine: TurnEngine) -> None:
@@ -145,8 +189,8 @@ async def test_cloning_without_the_speaker_model_is_a_clear_error(
 async def test_a_short_first_chunk_set_by_environment_speaks_after_the_first_group(
     tiny_dir: Path, engine: TurnEngine
 ) -> None:
-    """IOMNI_SPEECH_FIRST_CHUNK_TOKENS reaches the embedded engine's speech decoder: first audio
-    comes with the first 5 text tokens instead of the second 5."""
+    """IOMNI_SPEECH_FIRST_CHUNK_TOKENS reaches the embedded engine's speech decoder: its first
+    chunk is 10 speech tokens instead of 25 (less the 4 held back for the cross-fade)."""
     from iomni.runtime.build import build_runner
     from iomni.runtime.settings import Settings
 
@@ -162,4 +206,6 @@ async def test_a_short_first_chunk_set_by_environment_speaks_after_the_first_gro
         ]
     finally:
         await built.parts.close()
-    assert [first.text_tokens for first in firsts] == [10, 5]
+    assert [len(first.pcm) // 2 for first in firsts] == [
+        (tokens - 4) * SAMPLES_PER_TOKEN for tokens in (25, 10)
+    ]

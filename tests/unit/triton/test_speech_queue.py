@@ -113,3 +113,17 @@ def test_take_wakes_up_on_put() -> None:
     queue.put("a", "a1")
     waiter.join(5)
     assert got == [("a", "a1")]
+
+
+def test_a_discard_supersedes_the_replys_queued_text() -> None:
+    """A barge-in does not wait for (or pay for) the text its client had already queued."""
+    queue = SpeechQueue(Clock())
+    queue.put("other", "o1")
+    for request in ("a1", "a2", "a3"):
+        queue.put("reply", request)
+    assert served(queue) == "o1"
+    assert served(queue) == "a1"
+    assert queue.put("reply", "discard", discard=True) == ["a2", "a3"]
+    assert queue.put("other", "o2") == []
+    assert served(queue) == "discard"
+    assert served(queue) == "o2"

@@ -3,7 +3,8 @@
 Sequence state (a `SpeechSession`) lives in this instance, keyed by correlation id. It is freed
 at END, when a request of the sequence is cancelled, and after `idle_timeout_s` without
 requests (a client that vanished without END). `execute` only enqueues: one thread renders,
-taking the most urgent reply's next request from a `SpeechQueue` (first audio first).
+taking the most urgent reply's next request from a `SpeechQueue` (first audio first). Clients
+pipeline a reply's text (several requests queued); a discard answers those not yet rendered.
 """
 
 from __future__ import annotations
@@ -83,8 +84,13 @@ class TritonPythonModel:
         self._renderer.start()
 
     def execute(self, requests: list[Any]) -> None:
+        final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
-            self.queue.put(request.correlation_id(), request, urgent=self._frees_work(request))
+            discard = self._is_discard(request)
+            urgent = discard or request.is_cancelled()
+            for stale in self.queue.put(request.correlation_id(), request, urgent, discard):
+                error = stream_error_response(Cancelled("the reply was discarded (barge-in)"))
+                stale.get_response_sender().send(error, flags=final)
         return None
 
     def finalize(self) -> None:
@@ -95,10 +101,8 @@ class TritonPythonModel:
             request.get_response_sender().send(error, flags=final)
 
     @staticmethod
-    def _frees_work(request: Any) -> bool:
-        """A cancelled request or a barge-in's discard: cheap, and the client waits on it."""
-        if request.is_cancelled():
-            return True
+    def _is_discard(request: Any) -> bool:
+        """A barge-in: END with `discard`, to drop the reply unrendered."""
         end = bool(input_array(request, END).reshape(-1)[0])
         return end and bool(request_parameters(request).get("discard"))
 
