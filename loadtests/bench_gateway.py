@@ -458,6 +458,7 @@ def gateway_stack(
             gateway.wait(60)
         triton.stop()
         redis.terminate()
+        redis.wait(30)  # the next stack's Redis binds the same port
 
 
 def main() -> None:
