@@ -111,10 +111,9 @@ class _Speaking:
 
     def ready(self) -> list[AudioChunk]:
         """The audio of the requests answered so far, in order (raises a request's error)."""
-        chunks = []
+        chunks, stats = [], self.stats
         while self.in_flight and self.in_flight[0].done():
             for samples in self.in_flight.popleft().result():
-                stats = self.stats
                 chunks.append(
                     AudioChunk(to_pcm16(samples), stats.audio_chunks, text_tokens=stats.completion)
                 )
