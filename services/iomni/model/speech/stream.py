@@ -18,7 +18,7 @@ from iomni.errors import InvalidInput
 from iomni.model.speech.flow import CausalMaskedDiffWithXvec
 from iomni.model.speech.flow_stream import FlowStream
 from iomni.model.speech.hift import HiFTGenerator, HiFTStreamer
-from iomni.model.speech.voicelm import BistreamDecoder, VoiceLM
+from iomni.model.speech.voicelm import BistreamDecoder, VoiceLM, decode_groups
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples: 40 ms per 25 Hz speech token
@@ -87,7 +87,17 @@ class SpeechSession:
     @torch.inference_mode()
     def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
         """Feed LLM text tokens with their hidden states; return audio that became ready."""
-        self.tokens += self.lm_decoder.push_text(token_ids, hidden)
+        self.add_text(token_ids, hidden)
+        decode_together([self])
+        return self.render_ready()
+
+    def add_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> None:
+        """Queue text for `decode_together` (which may batch it with other replies')."""
+        self.lm_decoder.add_text(token_ids, hidden)
+
+    @torch.inference_mode()
+    def render_ready(self) -> list[np.ndarray]:
+        """Render the chunks whose speech tokens (and look-ahead) are decoded."""
         chunks = []
         lookahead = self.settings.lookahead
         while len(self.tokens) >= (end := self.settings.chunk_end(self.offset)) + lookahead:
@@ -116,6 +126,15 @@ class SpeechSession:
         samples = wav.reshape(-1).float().numpy()
         self.samples_out += samples.size
         return samples
+
+
+def decode_together(sessions: Sequence[SpeechSession]) -> None:
+    """Decode every complete text group the sessions hold into speech tokens, the sessions'
+    groups batched step by step (same tokens as each alone: `decode_groups`)."""
+    while ready := [s for s in sessions if s.lm_decoder.has_group()]:
+        groups = decode_groups([s.lm_decoder for s in ready])
+        for session, tokens in zip(ready, groups, strict=True):
+            session.tokens += tokens
 
 
 def to_pcm16(samples: np.ndarray) -> bytes:
