@@ -271,6 +271,44 @@ async def test_pipelined_text_is_answered_in_order_and_a_discard_supersedes_it(
     await triton_parts.close()
 
 
+async def test_concurrent_replies_decode_together_and_sound_as_if_alone(
+    triton: TritonServer, triton_parts: TritonParts, tiny: LoadedCheckpoint
+) -> None:
+    """Replies whose text waits at the decoder together are decoded in one pass (the batch
+    histogram proves it) and each gets the audio it gets alone."""
+    g = torch.Generator().manual_seed(3)
+    width = tiny.config.llm_hidden_size
+    texts = [
+        (torch.randint(0, 150000, (n,), generator=g).tolist(), torch.randn(n, width, generator=g))
+        for n in (20, 15, 25, 20)
+    ]
+
+    async def speak(reply: int, sequence_id: str) -> list[np.ndarray]:
+        speech = await triton_parts.open_speech(SpeechOptions(seed=reply, sequence_id=sequence_id))
+        ids, hidden = texts[reply]
+        calls = [
+            asyncio.ensure_future(speech.push_text(ids[i : i + 5], hidden[i : i + 5]))
+            for i in range(0, len(ids), 5)
+        ]
+        calls.append(asyncio.ensure_future(speech.finish()))
+        return [chunk for chunks in await asyncio.gather(*calls) for chunk in chunks]
+
+    alone = [await speak(reply, f"alone-{reply}") for reply in range(len(texts))]
+    passes = metric(triton, "iomni_speech_decode_batch_replies_count")
+    replies = metric(triton, "iomni_speech_decode_batch_replies_sum")
+    together = await asyncio.wait_for(
+        asyncio.gather(*(speak(reply, f"together-{reply}") for reply in range(len(texts)))), 120
+    )
+    passes = metric(triton, "iomni_speech_decode_batch_replies_count") - passes
+    replies = metric(triton, "iomni_speech_decode_batch_replies_sum") - replies
+    assert replies > passes, f"{replies} replies in {passes} passes: nothing was batched"
+    for mine, theirs in zip(together, alone, strict=True):
+        assert len(mine) == len(theirs)
+        for a, b in zip(mine, theirs, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    await triton_parts.close()
+
+
 def test_wrong_shapes_and_dtypes_are_invalid_argument(triton: TritonServer) -> None:
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     cases = [

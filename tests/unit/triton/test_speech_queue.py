@@ -127,3 +127,37 @@ def test_a_discard_supersedes_the_replys_queued_text() -> None:
     assert queue.put("other", "o2") == []
     assert served(queue) == "discard"
     assert served(queue) == "o2"
+
+
+def test_a_batch_brings_every_servable_reply_most_urgent_first() -> None:
+    clock = Clock()
+    queue = SpeechQueue(clock, reserve_s=0.5)
+    for key, audio_s in (("rich", 3.0), ("poor", 1.0)):
+        queue.put(key, f"{key}1")
+        served(queue, audio_s=audio_s)  # both start playing at t = 0
+    clock.now = 0.8  # poor has 0.2 s left at its client, rich 2.2 s
+    for request in ("rich2", "rich3", "poor2", "poor3"):
+        queue.put(request[:-1], request)
+    assert queue.take_batch(8, timeout_s=0) == [("poor", "poor2"), ("rich", "rich2")]
+    for key in ("poor", "rich"):
+        queue.done(key, 1.0, ended=False)
+    clock.now = 1.8  # poor: 2 s sent, 0.2 s left; rich: 4 s sent, 2.2 s left
+    queue.put("new", "new1")
+    queue.put("new", "new2")
+    queue.put("new", "new3")
+    # The new reply brings the two requests its first chunk needs; rich (2.2 s in hand) waits.
+    assert queue.take_batch(8, timeout_s=0) == [
+        ("new", "new1"),
+        ("new", "new2"),
+        ("poor", "poor3"),
+    ]
+    assert queue.take_batch(8, timeout_s=0) is None  # new and poor are out being served
+
+
+def test_a_batch_stops_at_its_limit_and_keeps_the_rest_queued() -> None:
+    queue = SpeechQueue(Clock())
+    for key in "abc":
+        queue.put(key, f"{key}1")
+    assert queue.take_batch(2, timeout_s=0) == [("a", "a1"), ("b", "b1")]
+    assert queue.take_batch(2, timeout_s=0) == [("c", "c1")]
+    assert len(queue) == 0

@@ -80,6 +80,7 @@ class SpeechSession:
         self.vocoder = HiFTStreamer(hift, torch.Generator().manual_seed(seed + 1))
         self.flow_stream = FlowStream(flow, self.speaker, steps=self.settings.flow_steps)
         self.tokens: list[int] = []
+        self.text_tokens = 0  # text tokens received
         self.offset = 0  # tokens already rendered to audio
         self.samples_out = 0
         self.done = False
@@ -91,16 +92,24 @@ class SpeechSession:
         decode_together([self])
         return self.render_ready()
 
-    def add_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> None:
-        """Queue text for `decode_together` (which may batch it with other replies')."""
+    def add_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> int:
+        """Queue text for `decode_together` (which may batch it with other replies'); returns
+        the text tokens received so far, a mark for `render_ready`."""
         self.lm_decoder.add_text(token_ids, hidden)
+        self.text_tokens += len(token_ids)
+        return self.text_tokens
 
     @torch.inference_mode()
-    def render_ready(self) -> list[np.ndarray]:
-        """Render the chunks whose speech tokens (and look-ahead) are decoded."""
+    def render_ready(self, text_mark: int | None = None) -> list[np.ndarray]:
+        """Render the chunks whose speech tokens (and look-ahead) are decoded; with a mark
+        from `add_text`, only those the text up to it makes ready (what that call would have
+        rendered alone, so each request's answer is as early as if served alone)."""
+        decoded = len(self.tokens)
+        if text_mark is not None:
+            decoded = min(decoded, self.lm_decoder.speech_tokens_for(text_mark))
         chunks = []
         lookahead = self.settings.lookahead
-        while len(self.tokens) >= (end := self.settings.chunk_end(self.offset)) + lookahead:
+        while decoded >= (end := self.settings.chunk_end(self.offset)) + lookahead:
             chunks.append(self._render(end + lookahead, final=False))
             self.offset = end
         return [c for c in chunks if c.size]

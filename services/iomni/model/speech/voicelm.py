@@ -186,6 +186,10 @@ class BistreamDecoder:
         embeds = self.lm.embed_text(token_ids, hidden)
         self.pending = embeds if self.pending is None else torch.cat([self.pending, embeds], 1)
 
+    def speech_tokens_for(self, text_tokens: int) -> int:
+        """Speech tokens the groups of the first `text_tokens` text tokens decode to."""
+        return text_tokens // self.text_per_group * self.speech_per_group
+
     def has_group(self) -> bool:
         return self.pending is not None and self.pending.shape[1] >= self.text_per_group
 

@@ -3,8 +3,10 @@
 Sequence state (a `SpeechSession`) lives in this instance, keyed by correlation id. It is freed
 at END, when a request of the sequence is cancelled, and after `idle_timeout_s` without
 requests (a client that vanished without END). `execute` only enqueues: one thread renders,
-taking the most urgent reply's next request from a `SpeechQueue` (first audio first). Clients
-pipeline a reply's text (several requests queued); a discard answers those not yet rendered.
+taking a batch of replies' next requests from a `SpeechQueue` (first audio first): their text
+is decoded to speech tokens together, then each is rendered and answered, most urgent first.
+Clients pipeline a reply's text (several requests queued); a discard answers those not yet
+rendered.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import torch
 
 from iomni.errors import Cancelled, InvalidInput, Unavailable
 from iomni.model.speech.speaker import SpeakerEncoder
-from iomni.model.speech.stream import SAMPLE_RATE, SpeechSession, SpeechSettings
+from iomni.model.speech.stream import (
+    SAMPLE_RATE,
+    SpeechSession,
+    SpeechSettings,
+    decode_together,
+)
 from iomni.triton.backend import (
     input_array,
     load_part,
@@ -63,18 +70,28 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.idle_timeout_s = float(params.get("idle_timeout_s") or 60)
         self.settings = speech_settings(params)
+        # Requests decoded together (one per reply; two for a reply still without audio).
+        self.batch_limit = int(params.get("batch_limit") or 8)
         self.sessions: dict[Any, tuple[SpeechSession, float]] = {}
         self.lock = threading.Lock()
         self._speaker: SpeakerEncoder | None = None
         family = pb().MetricFamily
-        self._family = family(
-            "iomni_speech_open_sequences",
-            "Speech sequences holding state in this instance",
-            family.GAUGE,
-        )
-        self._open_gauge = self._family.Metric(
-            labels={"model": args["model_name"], "instance": args["model_instance_name"]}
-        )
+        labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
+        # Families must stay referenced or their metrics stop working.
+        self._families = [
+            family(
+                "iomni_speech_open_sequences",
+                "Speech sequences holding state in this instance",
+                family.GAUGE,
+            ),
+            family(
+                "iomni_speech_decode_batch_replies",
+                "Replies whose text one speech-token decode pass took together",
+                family.HISTOGRAM,
+            ),
+        ]
+        self._open_gauge = self._families[0].Metric(labels=labels)
+        self._batch_replies = self._families[1].Metric(labels=labels, buckets=[1, 2, 4, 8, 16])
         self._gauge_value = -1
         self.queue = SpeechQueue()
         self._stop = threading.Event()
@@ -107,39 +124,71 @@ class TritonPythonModel:
         return end and bool(request_parameters(request).get("discard"))
 
     def _render_loop(self) -> None:
-        final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        while (taken := self.queue.take()) is not None:
-            corr, request = taken
-            sender = request.get_response_sender()
-            audio_s, ended = 0.0, True
+        while (batch := self.queue.take_batch(self.batch_limit)) is not None:
             try:
-                audio_s, ended = self._serve(request, sender, corr)
-            except Exception as exc:
-                self._free(corr)
-                sender.send(stream_error_response(exc), flags=final)
-            finally:
-                self.queue.done(corr, audio_s, ended)
+                self._serve_batch(batch)
+            except Exception:  # answering failed (a vanished client): keep rendering the rest
+                log.exception("speech decoder: answering a batch failed")
 
     @property
     def open_sequences(self) -> int:
         return len(self.sessions)
 
-    def _serve(self, request: Any, sender: Any, corr: Any) -> tuple[float, bool]:
-        """Answer one request; returns (seconds of audio sent, whether the sequence ended)."""
+    def _serve_batch(self, batch: list[tuple[Any, Any]]) -> None:
+        """Take each request's text, decode all of it together (`decode_together`), then
+        render and answer each request, most urgent first."""
+        texted = []
+        for corr, request in batch:
+            try:
+                if (taken := self._take_text(request, corr)) is not None:
+                    texted.append((corr, request, *taken))
+            except Exception as exc:
+                self._fail(corr, request, exc)
+        sessions = list({id(s): s for _, _, s, _ in texted}.values())
+        if sessions and server_alive():
+            self._batch_replies.observe(len(sessions))
+        try:
+            with torch.inference_mode():
+                decode_together(sessions)
+        except Exception as exc:
+            for corr, request, _, _ in texted:
+                self._fail(corr, request, exc)
+            return
+        for corr, request, session, mark in texted:
+            audio_s, ended = 0.0, True
+            try:
+                audio_s, ended = self._answer(request, corr, session, mark)
+            except Exception as exc:
+                self._fail(corr, request, exc, done=False)
+            finally:
+                self.queue.done(corr, audio_s, ended)
+
+    def _fail(self, corr: Any, request: Any, exc: BaseException, done: bool = True) -> None:
+        self._free(corr)
+        final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        request.get_response_sender().send(stream_error_response(exc), flags=final)
+        if done:
+            self.queue.done(corr, 0.0, True)
+
+    def _take_text(self, request: Any, corr: Any) -> tuple[SpeechSession, int] | None:
+        """Queue the request's text on its session: (session, its text mark); None when the
+        request was answered here already (cancelled, or a discard)."""
         pb_utils = pb()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        sender = request.get_response_sender()
         if request.is_cancelled():
             self._free(corr)
             sender.send(stream_error_response(Cancelled("request cancelled")), flags=final)
-            return 0.0, True
+            self.queue.done(corr, 0.0, True)
+            return None
         start = bool(input_array(request, START).reshape(-1)[0])
-        end = bool(input_array(request, END).reshape(-1)[0])
-        if end and request_parameters(request).get("discard"):
+        if self._is_discard(request):
             # Barge-in: drop the sequence without rendering what is left.
             self._free(corr)
             empty = pb_utils.Tensor(AUDIO, np.zeros((1, 0), np.float32))
             sender.send(pb_utils.InferenceResponse(output_tensors=[empty]), flags=final)
-            return 0.0, True
+            self.queue.done(corr, 0.0, True)
+            return None
         session = self._open(request, corr) if start else self._session(corr)
         ids = input_array(request, TEXT_TOKEN_IDS).reshape(-1).tolist()
         hidden = input_array(request, HIDDEN)
@@ -149,7 +198,18 @@ class TritonPythonModel:
                 f"{TEXT_TOKEN_IDS} has {len(ids)} tokens but {HIDDEN} has {hidden.shape[0]} rows"
             )
         with torch.inference_mode():
-            chunks = session.push_text(ids, torch.from_numpy(hidden)) if ids else []
+            return session, session.add_text(ids, torch.from_numpy(hidden))
+
+    def _answer(
+        self, request: Any, corr: Any, session: SpeechSession, text_mark: int
+    ) -> tuple[float, bool]:
+        """Render what the request's text made ready and send it; returns (seconds of audio
+        sent, whether the sequence ended)."""
+        pb_utils = pb()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        end = bool(input_array(request, END).reshape(-1)[0])
+        with torch.inference_mode():
+            chunks = session.render_ready(text_mark)
             if end:
                 chunks += session.finish()
                 self._free(corr)
@@ -157,6 +217,7 @@ class TritonPythonModel:
                 self._touch(corr, session)
         if not chunks:
             chunks = [np.zeros(0, np.float32)]
+        sender = request.get_response_sender()
         for index, chunk in enumerate(chunks):
             tensor = pb_utils.Tensor(AUDIO, chunk.astype(np.float32).reshape(1, -1))
             sender.send(
