@@ -118,6 +118,25 @@ class SpeechQueue:
                 del self._replies[key]
             self._ready.notify()
 
+    def requeue(self, key: Any, request: Any) -> None:
+        """Give back a taken request not served yet, to be taken again first for its reply
+        (requeue a reply's requests last to first). Counts as its `done`."""
+        with self._ready:
+            reply = self._replies.get(key)
+            if reply is None:
+                reply = self._replies[key] = _Reply(arrived=self._clock())
+            reply.pending.appendleft((request, False))
+            reply.serving = max(0, reply.serving - 1)
+            self._ready.notify()
+
+    def first_audio_waiting(self) -> bool:
+        """Whether a reply without audio has a request that nobody is serving."""
+        with self._ready:
+            return any(
+                r.first_audio_at is None and r.pending and not r.serving
+                for r in self._replies.values()
+            )
+
     def forget(self, key: Any) -> None:
         """Drop an idle reply's bookkeeping (its client vanished without END)."""
         with self._ready:

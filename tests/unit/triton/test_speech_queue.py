@@ -161,3 +161,19 @@ def test_a_batch_stops_at_its_limit_and_keeps_the_rest_queued() -> None:
     assert queue.take_batch(2, timeout_s=0) == [("a", "a1"), ("b", "b1")]
     assert queue.take_batch(2, timeout_s=0) == [("c", "c1")]
     assert len(queue) == 0
+
+
+def test_requests_given_back_are_taken_again_first_and_in_order() -> None:
+    clock = Clock()
+    queue = SpeechQueue(clock, reserve_s=5.0)
+    queue.put("playing", "p1")
+    served(queue, audio_s=1.0)
+    for request in ("p2", "p3", "p4"):
+        queue.put("playing", request)
+    assert queue.take_batch(8, timeout_s=0) == [("playing", "p2")]
+    assert not queue.first_audio_waiting()
+    queue.put("new", "n1")
+    assert queue.first_audio_waiting()  # a batch serving "playing" should hand over
+    queue.requeue("playing", "p2")
+    assert queue.take_batch(8, timeout_s=0) == [("new", "n1"), ("playing", "p2")]
+    assert not queue.first_audio_waiting()  # "new" is being served

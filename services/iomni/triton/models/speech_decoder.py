@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,18 @@ def speech_settings(params: dict[str, str]) -> SpeechSettings:
                 f"speech decoder {key} ({env}) must be an integer, not {raw!r}"
             ) from None
     return SpeechSettings(**values)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """A request given back to the queue with its text already decoded."""
+
+    request: Any
+    session: SpeechSession
+    mark: int
+
+    def get_response_sender(self) -> Any:  # what the queue's other takers answer through
+        return self.request.get_response_sender()
 
 
 class TritonPythonModel:
@@ -136,9 +149,14 @@ class TritonPythonModel:
 
     def _serve_batch(self, batch: list[tuple[Any, Any]]) -> None:
         """Take each request's text, decode all of it together (`decode_together`), then
-        render and answer each request, most urgent first."""
+        render and answer each request, most urgent first. A reply that starts meanwhile
+        does not wait for the whole batch: the requests not rendered yet go back to the
+        queue, their text decoded (`_Decoded`), and the next batch starts with the new one."""
         texted = []
         for corr, request in batch:
+            if isinstance(request, _Decoded):
+                texted.append((corr, request.request, request.session, request.mark))
+                continue
             try:
                 if (taken := self._take_text(request, corr)) is not None:
                     texted.append((corr, request, *taken))
@@ -154,7 +172,11 @@ class TritonPythonModel:
             for corr, request, _, _ in texted:
                 self._fail(corr, request, exc)
             return
-        for corr, request, session, mark in texted:
+        for index, (corr, request, session, mark) in enumerate(texted):
+            if index and self.queue.first_audio_waiting():
+                for deferred in reversed(texted[index:]):
+                    self.queue.requeue(deferred[0], _Decoded(*deferred[1:]))
+                return
             audio_s, ended = 0.0, True
             try:
                 audio_s, ended = self._answer(request, corr, session, mark)
