@@ -8,13 +8,9 @@ here, most urgent reply first, each reply's requests in order:
 
 1. requests that free work (a barge-in's discard, a cancelled request): cheap, and the client
    is waiting on them;
-2. replies playing with at most `reserve_s` of audio left at the client (seconds sent minus
-   seconds since their first audio), least first: a stream that runs dry is heard as a
-   stutter, which is worse than waiting a moment longer for a new reply's first word (while
-   other sessions sent images and asked about them, a playing stream used to stall for
-   ~0.8 s behind their first audio);
-3. replies with no audio yet, oldest first: first audio is what a person waits for;
-4. the other playing replies, least audio left first.
+2. replies with no audio yet, oldest first: first audio is what a person waits for;
+3. replies already playing, least audio left at the client first (seconds sent minus seconds
+   since their first audio), so the stream closest to running dry is fed first.
 
 A render cannot be interrupted, so starting a playing reply's chunk just before a new reply's
 next text arrives makes that reply's first audio wait a whole chunk. While a reply on this
@@ -36,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-URGENT, RUNNING_DRY, FIRST_AUDIO, PLAYING = 0, 1, 2, 3
+URGENT, FIRST_AUDIO, PLAYING = 0, 1, 2
 
 
 @dataclass
@@ -184,12 +180,12 @@ class SpeechQueue:
         return [key for _, key in ranked[:limit]], None
 
     def _held(self, rank: tuple[int, float]) -> bool:
-        return rank[0] == PLAYING
+        return rank[0] == PLAYING and rank[1] > self.reserve_s
 
-    def _rank(self, reply: _Reply, now: float) -> tuple[int, float]:
+    @staticmethod
+    def _rank(reply: _Reply, now: float) -> tuple[int, float]:
         if reply.pending[0][1]:
             return URGENT, reply.arrived
         if reply.first_audio_at is None:
             return FIRST_AUDIO, reply.arrived
-        left = reply.audio_s - (now - reply.first_audio_at)
-        return (RUNNING_DRY if left <= self.reserve_s else PLAYING), left
+        return PLAYING, reply.audio_s - (now - reply.first_audio_at)

@@ -145,12 +145,11 @@ def test_a_batch_brings_every_servable_reply_most_urgent_first() -> None:
     queue.put("new", "new1")
     queue.put("new", "new2")
     queue.put("new", "new3")
-    # Poor is running dry: before the new reply's first audio, which brings the two requests
-    # its first chunk needs; rich (2.2 s in hand) waits.
+    # The new reply brings the two requests its first chunk needs; rich (2.2 s in hand) waits.
     assert queue.take_batch(8, timeout_s=0) == [
-        ("poor", "poor3"),
         ("new", "new1"),
         ("new", "new2"),
+        ("poor", "poor3"),
     ]
     assert queue.take_batch(8, timeout_s=0) is None  # new and poor are out being served
 
@@ -176,5 +175,5 @@ def test_requests_given_back_are_taken_again_first_and_in_order() -> None:
     queue.put("new", "n1")
     assert queue.first_audio_waiting()  # a batch serving "playing" should hand over
     queue.requeue("playing", "p2")
-    assert queue.take_batch(8, timeout_s=0) == [("playing", "p2"), ("new", "n1")]
+    assert queue.take_batch(8, timeout_s=0) == [("new", "n1"), ("playing", "p2")]
     assert not queue.first_audio_waiting()  # "new" is being served
