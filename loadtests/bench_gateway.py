@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,18 @@ class CpuMeter:
             used = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
             times[name] = times.get(name, 0.0) + used
         return times
+
+    def speech_passes(self) -> tuple[float, float]:
+        """(replies, passes) the speech decoders' speech-token LM has decoded so far."""
+        url = f"http://127.0.0.1:{self.triton.ports.metrics}/metrics"
+        with urllib.request.urlopen(url) as response:
+            text = response.read().decode()
+        totals = {"_sum": 0.0, "_count": 0.0}
+        for line in text.splitlines():
+            for suffix in totals:
+                if line.startswith(f"iomni_speech_decode_batch_replies{suffix}"):
+                    totals[suffix] += float(line.rsplit(" ", 1)[1])
+        return totals["_sum"], totals["_count"]
 
     async def during(self, work) -> tuple:  # type: ignore[no-untyped-def]
         """(work's result, {process: CPU s}, busy share of all cores)."""
@@ -304,12 +317,16 @@ async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
     }
     results["ratio"] = results["ttfa_gateway_ms"] / results["ttfa_in_process_ms"]
     for sessions in SESSIONS:
+        replies_before, passes_before = meter.speech_passes()
         samples, used, busy = await meter.during(concurrent(target, sessions))
+        replies, passes = meter.speech_passes()
+        replies, passes = replies - replies_before, passes - passes_before
         results[f"sessions_{sessions}"] = {
             "p50_ms": percentile(samples, 0.5),
             "p95_ms": percentile(samples, 0.95),
             "samples": len(samples),
             "profile": _profile(used, busy),
+            "replies_per_speech_lm_pass": replies / passes if passes else 0.0,
         }
     results["p95_at_8_over_p50_at_1"] = (
         results["sessions_8"]["p95_ms"] / results["sessions_1"]["p50_ms"]
@@ -374,11 +391,12 @@ def write(results: dict, out: Path) -> None:
         f"| in-process | {results['ttfa_in_process_ms']:.0f} |",
         f"| ratio | {results['ratio']:.2f} |",
         "",
-        "| concurrent sessions | p50 TTFA (ms) | p95 TTFA (ms) |",
-        "|---|---|---|",
+        "| concurrent sessions | p50 TTFA (ms) | p95 TTFA (ms) | replies per speech-LM pass |",
+        "|---|---|---|---|",
         *[
             f"| {n} | {results[f'sessions_{n}']['p50_ms']:.0f} | "
-            f"{results[f'sessions_{n}']['p95_ms']:.0f} |"
+            f"{results[f'sessions_{n}']['p95_ms']:.0f} | "
+            f"{results[f'sessions_{n}']['replies_per_speech_lm_pass']:.2f} |"
             for n in SESSIONS
         ],
         "",
