@@ -1,5 +1,6 @@
 """The speech decoder's batches: a reply that starts while a batch renders takes over; what
-the batch had not rendered goes back to the queue with its text decoded, and is not fed twice."""
+the batch had not rendered goes back to the queue with its text decoded, and is not fed twice;
+a reply whose request fails does not go on with the rest of its batch."""
 
 from __future__ import annotations
 
@@ -7,45 +8,88 @@ from typing import Any
 
 import pytest
 
+from iomni.errors import InvalidInput
 from iomni.triton.models import speech_decoder
 from iomni.triton.models.speech_decoder import TritonPythonModel, _Decoded
 from iomni.triton.speech_queue import SpeechQueue
 
 
-def test_a_reply_starting_mid_batch_takes_over(monkeypatch: pytest.MonkeyPatch) -> None:
+class Recorder:
+    """Stands in for the Triton-facing steps of one model: what was fed, answered, failed."""
+
+    def __init__(self, model: TritonPythonModel) -> None:
+        self.model = model
+        self.fed: list[str] = []
+        self.answered: list[str] = []
+        self.failed: list[tuple[str, str]] = []
+        self.on_answer: dict[str, Any] = {}
+
+    def take_text(self, request: str, corr: str) -> tuple[str, int]:
+        self.fed.append(request)
+        return f"session-{corr}", len(self.fed)
+
+    def answer(self, request: str, corr: str, session: str, mark: int) -> tuple[float, bool]:
+        if request in self.on_answer:
+            self.on_answer[request]()
+        self.answered.append(request)
+        return 1.0, False
+
+    def fail(self, corr: str, request: str, exc: BaseException, done: bool = True) -> None:
+        self.failed.append((request, type(exc).__name__))
+        if done:
+            self.model.queue.done(corr, 0.0, True)
+
+
+@pytest.fixture
+def model(monkeypatch: pytest.MonkeyPatch) -> tuple[TritonPythonModel, Recorder]:
     model = object.__new__(TritonPythonModel)  # no Triton: the batch logic alone
     model.queue = SpeechQueue()
     model.batch_limit = 8
     monkeypatch.setattr(speech_decoder, "server_alive", lambda: False)
-    decoded: list[list[Any]] = []
-    monkeypatch.setattr(speech_decoder, "decode_together", decoded.append)
-    fed: list[str] = []
-    answered: list[str] = []
+    monkeypatch.setattr(speech_decoder, "decode_together", lambda sessions: None)
+    recorder = Recorder(model)
+    model._take_text = recorder.take_text  # type: ignore[method-assign]
+    model._answer = recorder.answer  # type: ignore[method-assign]
+    model._fail = recorder.fail  # type: ignore[method-assign]
+    model._answered_cancel = lambda request, corr: False  # type: ignore[method-assign]
+    return model, recorder
 
-    def take_text(request: str, corr: str) -> tuple[str, int]:
-        fed.append(request)
-        return f"session-{corr}", len(fed)
 
-    def answer(request: str, corr: str, session: str, mark: int) -> tuple[float, bool]:
-        answered.append(request)
-        if request == "a1":
-            model.queue.put("new", "n1")  # a person starts talking while "a1" renders
-        return 1.0, False
-
-    model._take_text = take_text  # type: ignore[method-assign]
-    model._answer = answer  # type: ignore[method-assign]
-    model.queue.put("a", "a1")
-    model.queue.put("b", "b1")
-    model._serve_batch(model.queue.take_batch(8, timeout_s=0))
-    assert answered == ["a1"]  # b1 was not rendered: it went back
-    assert decoded == [["session-a", "session-b"]]
-    batch = model.queue.take_batch(8, timeout_s=0)
+def test_a_reply_starting_mid_batch_takes_over(
+    model: tuple[TritonPythonModel, Recorder],
+) -> None:
+    decoder, seen = model
+    queue = decoder.queue
+    seen.on_answer["a1"] = lambda: queue.put("new", "n1")  # someone starts talking
+    queue.put("a", "a1")
+    queue.put("b", "b1")
+    decoder._serve_batch(queue.take_batch(8, timeout_s=0))
+    assert seen.answered == ["a1"]  # b1 was not rendered: it went back
+    batch = queue.take_batch(8, timeout_s=0)
     assert [(key, type(request).__name__) for key, request in batch] == [
         ("b", "_Decoded"),
         ("new", "str"),
     ]
-    model._serve_batch(batch)
-    assert fed == ["a1", "b1", "n1"]  # b1's text was fed once
-    assert answered == ["a1", "b1", "n1"]
+    decoder._serve_batch(batch)
+    assert seen.fed == ["a1", "b1", "n1"]  # b1's text was fed once
+    assert seen.answered == ["a1", "b1", "n1"]
     assert isinstance(batch[0][1], _Decoded) and batch[0][1].mark == 2
-    assert len(model.queue) == 0
+    assert len(queue) == 0
+
+
+def test_a_failed_request_fails_the_rest_of_its_reply_in_the_batch(
+    model: tuple[TritonPythonModel, Recorder],
+) -> None:
+    decoder, seen = model
+
+    def bad_text() -> None:
+        raise InvalidInput("broken")
+
+    seen.on_answer["a1"] = bad_text
+    for request in ("a1", "a2"):  # a reply without audio brings both
+        decoder.queue.put("a", request)
+    decoder.queue.put("b", "b1")
+    decoder._serve_batch(decoder.queue.take_batch(8, timeout_s=0))
+    assert seen.failed == [("a1", "InvalidInput"), ("a2", "Unavailable")]
+    assert seen.answered == ["b1"]
+    assert decoder.queue.take_batch(8, timeout_s=0) is None  # nothing left, nothing held

@@ -154,11 +154,11 @@ class TritonPythonModel:
         queue, their text decoded (`_Decoded`), and the next batch starts with the new one."""
         texted = []
         for corr, request in batch:
-            if isinstance(request, _Decoded):
-                texted.append((corr, request.request, request.session, request.mark))
-                continue
             try:
-                if (taken := self._take_text(request, corr)) is not None:
+                if isinstance(request, _Decoded):
+                    if not self._answered_cancel(request.request, corr):
+                        texted.append((corr, request.request, request.session, request.mark))
+                elif (taken := self._take_text(request, corr)) is not None:
                     texted.append((corr, request, *taken))
             except Exception as exc:
                 self._fail(corr, request, exc)
@@ -172,6 +172,7 @@ class TritonPythonModel:
             for corr, request, _, _ in texted:
                 self._fail(corr, request, exc)
             return
+        failed: set[Any] = set()  # a reply whose request failed: its later ones fail too
         for index, (corr, request, session, mark) in enumerate(texted):
             if index and self.queue.first_audio_waiting():
                 for deferred in reversed(texted[index:]):
@@ -179,8 +180,11 @@ class TritonPythonModel:
                 return
             audio_s, ended = 0.0, True
             try:
+                if corr in failed:
+                    raise Unavailable(f"an earlier request of speech sequence {corr!r} failed")
                 audio_s, ended = self._answer(request, corr, session, mark)
             except Exception as exc:
+                failed.add(corr)
                 self._fail(corr, request, exc, done=False)
             finally:
                 self.queue.done(corr, audio_s, ended)
@@ -192,16 +196,23 @@ class TritonPythonModel:
         if done:
             self.queue.done(corr, 0.0, True)
 
+    def _answered_cancel(self, request: Any, corr: Any) -> bool:
+        """A request its client cancelled frees the sequence and is answered CANCELLED."""
+        if not request.is_cancelled():
+            return False
+        self._free(corr)
+        error = stream_error_response(Cancelled("request cancelled"))
+        request.get_response_sender().send(error, flags=pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.queue.done(corr, 0.0, True)
+        return True
+
     def _take_text(self, request: Any, corr: Any) -> tuple[SpeechSession, int] | None:
         """Queue the request's text on its session: (session, its text mark); None when the
         request was answered here already (cancelled, or a discard)."""
         pb_utils = pb()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         sender = request.get_response_sender()
-        if request.is_cancelled():
-            self._free(corr)
-            sender.send(stream_error_response(Cancelled("request cancelled")), flags=final)
-            self.queue.done(corr, 0.0, True)
+        if self._answered_cancel(request, corr):
             return None
         start = bool(input_array(request, START).reshape(-1)[0])
         if self._is_discard(request):
