@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,14 +91,8 @@ class CpuMeter:
     def speech_passes(self) -> tuple[float, float]:
         """(replies, passes) the speech decoders' speech-token LM has decoded so far."""
         url = f"http://127.0.0.1:{self.triton.ports.metrics}/metrics"
-        with urllib.request.urlopen(url) as response:
-            text = response.read().decode()
-        totals = {"_sum": 0.0, "_count": 0.0}
-        for line in text.splitlines():
-            for suffix in totals:
-                if line.startswith(f"iomni_speech_decode_batch_replies{suffix}"):
-                    totals[suffix] += float(line.rsplit(" ", 1)[1])
-        return totals["_sum"], totals["_count"]
+        series = "iomni_speech_decode_batch_replies"
+        return harness.scrape(url, f"{series}_sum"), harness.scrape(url, f"{series}_count")
 
     async def during(self, work) -> tuple:  # type: ignore[no-untyped-def]
         """(work's result, {process: CPU s}, busy share of all cores)."""

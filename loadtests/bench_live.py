@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,8 @@ QUESTIONS = (
     "What should I cook for dinner tonight?",
 )
 METRICS = "http://127.0.0.1:18452/metrics"
+VAD_SECONDS = "iomni_gateway_live_vad_seconds_total"
+INPUT_SECONDS = "iomni_gateway_live_input_audio_seconds_total"
 
 
 async def send_paced(send, samples: np.ndarray) -> float:  # type: ignore[no-untyped-def]
@@ -95,27 +96,19 @@ async def _first_audio(responses) -> float:  # type: ignore[no-untyped-def]
     raise RuntimeError("the turn ended without audio")
 
 
-def scrape(name: str) -> float:
-    with urllib.request.urlopen(METRICS) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
-
-
 async def measure(target: str) -> dict:
     clips = [spoken(q) for q in QUESTIONS]
     async with AsyncDialogueClient(target, KEY) as client:
         await manual(client, clips[0])  # warm up every part
-        vad_before = scrape("iomni_gateway_live_vad_seconds_total")
-        audio_before = scrape("iomni_gateway_live_input_audio_seconds_total")
+        vad_before = harness.scrape(METRICS, VAD_SECONDS)
+        audio_before = harness.scrape(METRICS, INPUT_SECONDS)
         runs: dict[str, list[float]] = {"manual": [], "live": [], "live_early_start": []}
         for clip in clips:
             runs["manual"].append(await manual(client, clip))
             runs["live"].append(await live(client, clip, early=False))
             runs["live_early_start"].append(await live(client, clip, early=True))
-        vad_s = scrape("iomni_gateway_live_vad_seconds_total") - vad_before
-        audio_s = scrape("iomni_gateway_live_input_audio_seconds_total") - audio_before
+        vad_s = harness.scrape(METRICS, VAD_SECONDS) - vad_before
+        audio_s = harness.scrape(METRICS, INPUT_SECONDS) - audio_before
     results: dict = {
         mode: {
             "p50_ms": percentile(values, 0.5),

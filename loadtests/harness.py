@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from iomni.model.generate import make_checkpoint
@@ -36,6 +37,17 @@ def redis_command(port: int, *options: str) -> list[str]:
 
 def start_redis(port: int) -> subprocess.Popen:
     return subprocess.Popen(redis_command(port, "--appendonly", "no"), stdout=subprocess.DEVNULL)
+
+
+def scrape(url: str, name: str) -> float:
+    """The sum of a Prometheus series over all its labels (0 when absent)."""
+    with urllib.request.urlopen(url) as response:
+        lines = response.read().decode().splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith((f"{name} ", f"{name}{{"))
+    )
 
 
 def publish(out: Path, name: str, lines: list[str]) -> None:

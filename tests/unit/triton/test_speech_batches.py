@@ -24,18 +24,19 @@ class Recorder:
         self.failed: list[tuple[str, str]] = []
         self.on_answer: dict[str, Any] = {}
 
-    def take_text(self, request: str, corr: str) -> tuple[str, int]:
+    def take_text(self, request: str, corr: str) -> _Decoded:
         self.fed.append(request)
-        return f"session-{corr}", len(self.fed)
+        return _Decoded(request, f"session-{corr}", len(self.fed))  # type: ignore[arg-type]
 
-    def answer(self, request: str, corr: str, session: str, mark: int) -> tuple[float, bool]:
+    def answer(self, decoded: _Decoded, corr: str) -> tuple[float, bool]:
+        request = decoded.request
         if request in self.on_answer:
             self.on_answer[request]()
         self.answered.append(request)
         return 1.0, False
 
-    def fail(self, corr: str, request: str, exc: BaseException, done: bool = True) -> None:
-        self.failed.append((request, type(exc).__name__))
+    def fail(self, corr: str, request: Any, exc: BaseException, done: bool = True) -> None:
+        self.failed.append((getattr(request, "request", request), type(exc).__name__))
         if done:
             self.model.queue.done(corr, 0.0, True)
 

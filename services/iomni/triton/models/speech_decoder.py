@@ -66,7 +66,8 @@ def speech_settings(params: dict[str, str]) -> SpeechSettings:
 
 @dataclass(frozen=True)
 class _Decoded:
-    """A request given back to the queue with its text already decoded."""
+    """A request whose text its session has taken (`mark`: `SpeechSession.add_text`'s); given
+    back to the queue this way when a batch hands over before rendering it."""
 
     request: Any
     session: SpeechSession
@@ -152,40 +153,40 @@ class TritonPythonModel:
         render and answer each request, most urgent first. A reply that starts meanwhile
         does not wait for the whole batch: the requests not rendered yet go back to the
         queue, their text decoded (`_Decoded`), and the next batch starts with the new one."""
-        texted = []
+        texted: list[tuple[Any, _Decoded]] = []
         for corr, request in batch:
             try:
                 if isinstance(request, _Decoded):
                     if not self._answered_cancel(request.request, corr):
-                        texted.append((corr, request.request, request.session, request.mark))
-                elif (taken := self._take_text(request, corr)) is not None:
-                    texted.append((corr, request, *taken))
+                        texted.append((corr, request))
+                elif (decoded := self._take_text(request, corr)) is not None:
+                    texted.append((corr, decoded))
             except Exception as exc:
                 self._fail(corr, request, exc)
-        sessions = list({id(s): s for _, _, s, _ in texted}.values())
+        sessions = list({id(d.session): d.session for _, d in texted}.values())
         if sessions and server_alive():
             self._batch_replies.observe(len(sessions))
         try:
             with torch.inference_mode():
                 decode_together(sessions)
         except Exception as exc:
-            for corr, request, _, _ in texted:
-                self._fail(corr, request, exc)
+            for corr, decoded in texted:
+                self._fail(corr, decoded, exc)
             return
         failed: set[Any] = set()  # a reply whose request failed: its later ones fail too
-        for index, (corr, request, session, mark) in enumerate(texted):
+        for index, (corr, decoded) in enumerate(texted):
             if index and self.queue.first_audio_waiting():
                 for deferred in reversed(texted[index:]):
-                    self.queue.requeue(deferred[0], _Decoded(*deferred[1:]))
+                    self.queue.requeue(*deferred)
                 return
             audio_s, ended = 0.0, True
             try:
                 if corr in failed:
                     raise Unavailable(f"an earlier request of speech sequence {corr!r} failed")
-                audio_s, ended = self._answer(request, corr, session, mark)
+                audio_s, ended = self._answer(decoded, corr)
             except Exception as exc:
                 failed.add(corr)
-                self._fail(corr, request, exc, done=False)
+                self._fail(corr, decoded, exc, done=False)
             finally:
                 self.queue.done(corr, audio_s, ended)
 
@@ -206,9 +207,9 @@ class TritonPythonModel:
         self.queue.done(corr, 0.0, True)
         return True
 
-    def _take_text(self, request: Any, corr: Any) -> tuple[SpeechSession, int] | None:
-        """Queue the request's text on its session: (session, its text mark); None when the
-        request was answered here already (cancelled, or a discard)."""
+    def _take_text(self, request: Any, corr: Any) -> _Decoded | None:
+        """Queue the request's text on its session (decoded by the batch's pass); None when
+        the request was answered here already (cancelled, or a discard)."""
         pb_utils = pb()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         sender = request.get_response_sender()
@@ -231,18 +232,17 @@ class TritonPythonModel:
                 f"{TEXT_TOKEN_IDS} has {len(ids)} tokens but {HIDDEN} has {hidden.shape[0]} rows"
             )
         with torch.inference_mode():
-            return session, session.add_text(ids, torch.from_numpy(hidden))
+            return _Decoded(request, session, session.add_text(ids, torch.from_numpy(hidden)))
 
-    def _answer(
-        self, request: Any, corr: Any, session: SpeechSession, text_mark: int
-    ) -> tuple[float, bool]:
+    def _answer(self, decoded: _Decoded, corr: Any) -> tuple[float, bool]:
         """Render what the request's text made ready and send it; returns (seconds of audio
         sent, whether the sequence ended)."""
+        request, session = decoded.request, decoded.session
         pb_utils = pb()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         end = bool(input_array(request, END).reshape(-1)[0])
         with torch.inference_mode():
-            chunks = session.render_ready(text_mark)
+            chunks = session.render_ready(decoded.mark)
             if end:
                 chunks += session.finish()
                 self._free(corr)
