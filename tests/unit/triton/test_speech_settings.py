@@ -7,7 +7,7 @@ import pytest
 
 from iomni.errors import InvalidInput
 from iomni.model.speech.stream import SpeechSettings
-from iomni.triton.models.speech_decoder import speech_settings
+from iomni.triton.models.speech_decoder import batch_limit, speech_settings
 
 
 def test_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,3 +34,11 @@ def test_model_parameters_win_over_the_environment(monkeypatch: pytest.MonkeyPat
 def test_bad_values_are_named(params: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         speech_settings(params)
+
+
+def test_batch_limit_defaults_to_8_and_refuses_what_would_stall_the_decoder() -> None:
+    assert batch_limit({"batch_limit": ""}) == 8
+    assert batch_limit({"batch_limit": "3"}) == 3
+    for bad in ("0", "-1", "eight"):  # 0 would take nothing and wait forever
+        with pytest.raises(InvalidInput, match=f"batch_limit must be .* not '{bad}'"):
+            batch_limit({"batch_limit": bad})

@@ -64,6 +64,14 @@ def speech_settings(params: dict[str, str]) -> SpeechSettings:
     return SpeechSettings(**values)
 
 
+def batch_limit(params: dict[str, str]) -> int:
+    """Requests one pass decodes together (model parameter `batch_limit`, default 8)."""
+    raw = params.get("batch_limit") or "8"
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidInput(f"speech decoder batch_limit must be a whole number >= 1, not {raw!r}")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class _Decoded:
     """A request whose text its session has taken (`mark`: `SpeechSession.add_text`'s); given
@@ -85,7 +93,7 @@ class TritonPythonModel:
         self.idle_timeout_s = float(params.get("idle_timeout_s") or 60)
         self.settings = speech_settings(params)
         # Requests decoded together (one per reply; two for a reply still without audio).
-        self.batch_limit = int(params.get("batch_limit") or 8)
+        self.batch_limit = batch_limit(params)
         self.sessions: dict[Any, tuple[SpeechSession, float]] = {}
         self.lock = threading.Lock()
         self._speaker: SpeakerEncoder | None = None
