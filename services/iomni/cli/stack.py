@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from iomni.auth import write_dev_tenant
@@ -70,8 +72,9 @@ def _launch(
         print(f"{name}: already running")
         return
     log = (RUN / f"{name}.log").open("ab")
+    # Its own process group (`down` signals the group), inside the session `up` made.
     process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, process_group=0
     )
     (RUN / f"{name}.pid").write_text(str(process.pid))
     deadline = time.monotonic() + timeout_s
@@ -87,6 +90,39 @@ def _launch(
 
 
 def up(model: Path) -> None:
+    """Start every server, detached from the terminal in one new session. One session, not
+    one each: Linux schedules a session's processes as one group (autogroup), and a part's
+    `nice` (the gateway's upload decoding, the vision encoder) only yields CPU to processes
+    of its own group."""
+    _in_new_session(lambda: _up(model))
+
+
+def _in_new_session(work: Callable[[], None]) -> None:
+    """Run `work` in a forked child that leads a new session; its exit status is ours."""
+    sys.stdout.flush()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.setsid()
+            work()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    if code := os.waitstatus_to_exitcode(status):
+        raise SystemExit(code)
+
+
+def _up(model: Path) -> None:
     RUN.mkdir(exist_ok=True)
     key_file = RUN / "api_key"
     if not key_file.exists():

@@ -151,7 +151,10 @@ class TritonServer:
             stdout=output,
             stderr=subprocess.STDOUT,
             env=server_environment(self.checkpoint, self.drain_file, self.env),
-            start_new_session=True,
+            # Its own process group keeps a terminal's Ctrl-C away from it (the launcher drains
+            # it), but not its own session: Linux schedules each session as one group
+            # (autogroup), and the models' `nice` must weigh against the gateway's too.
+            process_group=0,
             preexec_fn=_die_with_parent,
         )
         self.pid_file.write_text(f"{self.process.pid}\n")
