@@ -3,7 +3,8 @@
 - time to first audio through the gateway (client side, over gRPC) vs in-process (ratio);
 - p50 / p95 time to first audio with 1, 4 and 8 concurrent sessions;
 - cancel latency: cancel sent -> last audio byte received (barge-in), alone and 8 at once;
-- the largest gap between audio chunks of a running reply, alone and while others send images,
+- the largest gap between audio chunks of a running reply, and the silence a client playing it
+  would hear, alone and while others send images,
   with GetSession's latency meanwhile (is the gateway's event loop free?);
 - a CPU profile of every row: CPU seconds each process (gateway, tritonserver, each model's
   stub) used, and how busy the machine's cores were: what bounds time to first audio.
@@ -223,9 +224,10 @@ def start_gateway(
     return process
 
 
-async def audio_gaps(target: str, image: bytes | None, senders: int = 4) -> float:
-    """Largest gap (ms) between audio chunks of one long spoken reply, alone or while
-    `senders` other sessions send large images back to back."""
+async def audio_gaps(target: str, image: bytes | None, senders: int = 4) -> tuple[float, float]:
+    """One long spoken reply, alone or while `senders` other sessions send large images back
+    to back: the largest gap between its audio chunks (ms), and the silence (ms) a client
+    playing it from the first chunk on would hear."""
     stop = asyncio.Event()
 
     async def send_images(client: AsyncDialogueClient) -> None:
@@ -240,13 +242,16 @@ async def audio_gaps(target: str, image: bytes | None, senders: int = 4) -> floa
         request = chat_request(
             "", uuid.uuid4().hex, text="talk", speech=True, temperature=0.0, max_new_tokens=150
         )
-        stamps = []
+        chunks = []
         async for response in client.chat_stream(request):
             if response.WhichOneof("payload") == "audio":
-                stamps.append(time.perf_counter())
+                audio = response.audio
+                chunks.append((time.perf_counter(), len(audio.pcm) / 2 / audio.sample_rate_hz))
         stop.set()
         await asyncio.gather(*load, return_exceptions=True)
-    return max((b - a) * 1000 for a, b in zip(stamps, stamps[1:], strict=False))
+    stamps = [arrived for arrived, _ in chunks]
+    gap = max((b - a) * 1000 for a, b in zip(stamps, stamps[1:], strict=False))
+    return gap, harness.silence_heard(chunks) * 1000
 
 
 def big_png() -> bytes:
@@ -274,7 +279,9 @@ async def session_latency(target: str, stop: asyncio.Event) -> list[float]:
     return samples
 
 
-async def gap_with_probe(target: str, image: bytes | None) -> tuple[float, list[float]]:
+async def gap_with_probe(
+    target: str, image: bytes | None
+) -> tuple[tuple[float, float], list[float]]:
     stop = asyncio.Event()
     probe = asyncio.create_task(session_latency(target, stop))
     try:
@@ -334,9 +341,12 @@ async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
             "to_done_p95_ms": percentile(stops, 0.95),
             "samples": len(stops),
         }
-    (alone, probe_alone), _, _ = await meter.during(gap_with_probe(target, None))
-    (loaded, probe_loaded), used, busy = await meter.during(gap_with_probe(target, big_png()))
+    ((alone, silence_alone), probe_alone), _, _ = await meter.during(gap_with_probe(target, None))
+    ((loaded, silence_loaded), probe_loaded), used, busy = await meter.during(
+        gap_with_probe(target, big_png())
+    )
     results["audio_gap_ms"] = {"alone": alone, "while_images": loaded, "extra": loaded - alone}
+    results["silence_heard_ms"] = {"alone": silence_alone, "while_images": silence_loaded}
     results["get_session_ms"] = {
         "alone": {"p50": percentile(probe_alone, 0.5), "max": max(probe_alone)},
         "while_images": {"p50": percentile(probe_loaded, 0.5), "max": max(probe_loaded)},
@@ -413,7 +423,11 @@ def write(results: dict, out: Path) -> None:
         f"Largest gap between audio chunks of a spoken reply: "
         f"{results['audio_gap_ms']['alone']:.0f} ms alone, "
         f"{results['audio_gap_ms']['while_images']:.0f} ms while 4 other sessions send "
-        f"2000x1500 images (+{results['audio_gap_ms']['extra']:.0f} ms). GetSession meanwhile "
+        f"2000x1500 images (+{results['audio_gap_ms']['extra']:.0f} ms). A client playing "
+        f"the reply from its first chunk on would hear "
+        f"{results['silence_heard_ms']['alone']:.0f} ms of silence alone and "
+        f"{results['silence_heard_ms']['while_images']:.0f} ms while images arrive (chunks "
+        f"are 1 s of audio; early ones come faster than real time). GetSession meanwhile "
         f"(the gateway's event loop): p50/max {_probe(results, 'alone')} ms alone, "
         f"{_probe(results, 'while_images')} ms while images arrive.",
         "",

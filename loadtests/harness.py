@@ -50,6 +50,21 @@ def scrape(url: str, name: str) -> float:
     )
 
 
+def silence_heard(chunks: list[tuple[float, float]]) -> float:
+    """Seconds of silence a client hears when it plays a reply from its first chunk on, in
+    real time: `chunks` are (arrival time, audio seconds) in order. A chunk that arrives
+    after the audio before it has played out leaves a hole of the difference."""
+    if not chunks:
+        return 0.0
+    played_until, silence = chunks[0][0], 0.0
+    for arrived, seconds in chunks:
+        if arrived > played_until:
+            silence += arrived - played_until
+            played_until = arrived
+        played_until += seconds
+    return silence
+
+
 def publish(out: Path, name: str, lines: list[str]) -> None:
     """Write a result page (docs/benchmarks/NAME.md) and show it."""
     text = "\n".join(lines)
