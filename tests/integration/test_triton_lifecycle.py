@@ -78,6 +78,18 @@ async def test_a_model_that_fails_to_load_is_named(broken: TritonServer, tiny_di
     await client.close()
 
 
+def test_the_server_is_in_the_launchers_session_in_a_group_of_its_own(
+    broken: TritonServer,
+) -> None:
+    """Ctrl-C at a terminal reaches the launcher (which drains) and not the server, yet the
+    server stays in the launcher's session: Linux schedules a session as one group, and the
+    models' `nice` must weigh against the gateway beside them."""
+    assert broken.process is not None
+    pid = broken.process.pid
+    assert os.getpgid(pid) == pid != os.getpgid(0)
+    assert os.getsid(pid) == os.getsid(0)
+
+
 async def test_idle_speech_sequence_is_freed(broken: TritonServer, tiny_dir: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     client = parts(broken, tiny_dir)
     speech = await client.open_speech(SpeechOptions(sequence_id="forgotten"))
