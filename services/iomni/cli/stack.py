@@ -108,16 +108,23 @@ def _in_new_session(work: Callable[[], None]) -> None:
             work()
             code = 0
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
             if isinstance(stop.code, str):
                 print(stop.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            print("stack up: interrupted", file=sys.stderr)
         except BaseException:
             traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(child, 0)
+    try:
+        _, status = os.waitpid(child, 0)
+    except KeyboardInterrupt:  # Ctrl-C reaches only us: the child is in another session
+        os.kill(child, signal.SIGINT)
+        os.waitpid(child, 0)
+        raise
     if code := os.waitstatus_to_exitcode(status):
         raise SystemExit(code)
 

@@ -27,3 +27,7 @@ def test_a_failure_in_the_session_is_the_callers_exit_status(
         stack._in_new_session(lambda: sys.exit("triton not ready after 600 s"))
     assert stopped.value.code == 1
     assert "triton not ready after 600 s" in capfd.readouterr().err
+
+
+def test_a_plain_exit_in_the_session_is_success() -> None:
+    stack._in_new_session(lambda: sys.exit())
