@@ -87,7 +87,13 @@ def server_alive() -> bool:
     return not _parent or os.getppid() == _parent[0]
 
 
-def watch_parent(interval_s: float = 1.0, wedged_s: float = WEDGED_S) -> None:
+# The stub's own C++ monitor `exit`s without unlinking the shared-memory region 300 ms after
+# the dead server is reaped; checking more often than that lets the region go first (at 1 s a
+# fresh-clone CI run once left a region behind).
+WATCH_INTERVAL_S = 0.1
+
+
+def watch_parent(interval_s: float = WATCH_INTERVAL_S, wedged_s: float = WEDGED_S) -> None:
     """Exit this stub process soon after tritonserver dies (SIGKILL, OOM). Left alone, a stub
     whose server is gone keeps its model (hundreds of MB) and its shared-memory region for
     minutes; the model's background threads keep it alive. Started once per stub process.
