@@ -344,3 +344,18 @@ def test_tiny_checkpoint_uses_random_tensor(tiny: LoadedCheckpoint) -> None:
     for name in (POSITIONS, QKV, "vision_model.encoder.layers.0.norm1.weight"):
         assert torch.equal(state[name], random_tensor(name, tuple(state[name].shape), 0)), name
     assert torch.allclose(state[POSITIONS], _sinusoids(*state[POSITIONS].shape))
+
+
+def test_cpu_load_stores_the_vocab_projection_column_major(tiny: LoadedCheckpoint) -> None:
+    # The layout that makes the projection a fast GEMM on CPU: same values, same tie.
+    weight = tiny.model.language_model.lm_head.weight
+    vocab, hidden = weight.shape
+    assert weight.stride() == (1, vocab)
+    assert _lm_tied(tiny)
+    hidden_states = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0))
+    row_major = weight.detach().contiguous()
+    logits = tiny.model.language_model.lm_head(hidden_states)
+    torch.testing.assert_close(logits, hidden_states @ row_major.t(), rtol=1e-5, atol=1e-4)
+    ids = torch.tensor([0, 7, vocab - 1])
+    embedded = tiny.model.language_model.model.embed_tokens(ids)
+    assert torch.equal(embedded, row_major[ids])
