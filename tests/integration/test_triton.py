@@ -274,8 +274,9 @@ async def test_pipelined_text_is_answered_in_order_and_a_discard_supersedes_it(
 async def test_concurrent_replies_decode_together_and_sound_as_if_alone(
     triton: TritonServer, triton_parts: TritonParts, tiny: LoadedCheckpoint
 ) -> None:
-    """Replies whose text waits at the decoder together are decoded in one pass (the batch
-    histogram proves it) and each gets the audio it gets alone."""
+    """Replies whose text waits at the decoder together are decoded in one pass, their first
+    chunks' flow rendered in one pass (the batch histograms prove both), and each gets the
+    audio it gets alone."""
     g = torch.Generator().manual_seed(3)
     width = tiny.config.llm_hidden_size
     texts = [
@@ -296,16 +297,23 @@ async def test_concurrent_replies_decode_together_and_sound_as_if_alone(
     alone = [await speak(reply, f"alone-{reply}") for reply in range(len(texts))]
     passes = metric(triton, "iomni_speech_decode_batch_replies_count")
     replies = metric(triton, "iomni_speech_decode_batch_replies_sum")
+    first_chunk_passes = metric(triton, "iomni_speech_first_chunk_batch_replies_count")
     together = await asyncio.wait_for(
         asyncio.gather(*(speak(reply, f"together-{reply}") for reply in range(len(texts)))), 120
     )
     passes = metric(triton, "iomni_speech_decode_batch_replies_count") - passes
     replies = metric(triton, "iomni_speech_decode_batch_replies_sum") - replies
     assert replies > passes, f"{replies} replies in {passes} passes: nothing was batched"
+    first_chunk_passes = (
+        metric(triton, "iomni_speech_first_chunk_batch_replies_count") - first_chunk_passes
+    )
+    assert first_chunk_passes >= 1, "no first chunks were rendered together"
+    # The batched flow's float rounding (mel ~1e-6) reaches the waveform through the
+    # vocoder's sine phase, a running sum (docs/speech.md).
     for mine, theirs in zip(together, alone, strict=True):
         assert len(mine) == len(theirs)
         for a, b in zip(mine, theirs, strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+            np.testing.assert_allclose(a, b, atol=1e-3)
     await triton_parts.close()
 
 

@@ -48,6 +48,7 @@ def model(monkeypatch: pytest.MonkeyPatch) -> tuple[TritonPythonModel, Recorder]
     model.batch_limit = 8
     monkeypatch.setattr(speech_decoder, "server_alive", lambda: False)
     monkeypatch.setattr(speech_decoder, "decode_together", lambda sessions: None)
+    monkeypatch.setattr(speech_decoder, "render_first_together", lambda marked: [])
     recorder = Recorder(model)
     model._take_text = recorder.take_text  # type: ignore[method-assign]
     model._answer = recorder.answer  # type: ignore[method-assign]

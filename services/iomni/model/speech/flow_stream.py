@@ -14,6 +14,7 @@ but it is the only part that does.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,14 @@ class _Cache:
         self.tails: dict[Key, torch.Tensor] = {}
         self.kept = 0  # positions whose states are cached (a whole number of chunks)
 
+    def rows(self, index: torch.Tensor) -> _Cache:
+        """The states of batch rows `index`, as a cache of their own."""
+        picked = _Cache()
+        picked.kv = {key: (k[index], v[index]) for key, (k, v) in self.kv.items()}
+        picked.tails = {key: tail[index] for key, tail in self.tails.items()}
+        picked.kept = self.kept
+        return picked
+
 
 class FlowStream:
     """One utterance's flow, rendered incrementally. `render(ids, finalize)` takes the tokens
@@ -79,11 +88,51 @@ class FlowStream:
             tokens, self.spks.new_zeros(1, self.flow.config.spk_embed_dim), finalize
         )
         start = self.encoder.kept
+        return start, self._render_rows(tokens, start, rendered, finalize)
+
+    @classmethod
+    @torch.inference_mode()
+    def render_first_together(
+        cls, streams: Sequence[FlowStream], ids: Sequence[list[int]]
+    ) -> list[torch.Tensor]:
+        """Each stream's first `render(ids[i], finalize=False)`, in one batched pass: the mel
+        of each (to float rounding, ~1e-6) and the states each keeps for its next chunk.
+
+        On CPU a batch of replies' first chunks costs less per reply than one at a time (on
+        `small`, one core: 207 ms alone, 135 ms each for four); later chunks are not batched,
+        their histories differ in length. All streams must be fresh, of one flow and grid, and
+        their ids of one length."""
+        first = streams[0]
+        if any(s.flow is not first.flow or s.grid != first.grid for s in streams):
+            raise ValueError("streams rendered together must share the flow and its ODE grid")
+        if any(s.encoder.kept or s.steps or s.pre_tail is not None for s in streams):
+            raise ValueError("only first chunks are rendered together")
+        if len({len(i) for i in ids}) != 1 or len(ids) != len(streams):
+            raise ValueError("one token list per stream, all of one length")
+        rows = [torch.tensor([i], dtype=torch.long) for i in ids]
+        speaker = first.spks.new_zeros(1, first.flow.config.spk_embed_dim)
+        rendered = max(first.flow._check(r, speaker, False) for r in rows)  # all equal
+        batch = cls.__new__(cls)
+        batch.__dict__.update(first.__dict__)
+        batch.spks = torch.cat([s.spks for s in streams])
+        batch.encoder, batch.pre_tail, batch.steps = _Cache(), None, []
+        mel = batch._render_rows(torch.cat(rows), 0, rendered, False)
+        size = len(streams)
+        for index, stream in enumerate(streams):
+            pick = torch.tensor([index])
+            stream.encoder = batch.encoder.rows(pick)
+            stream.pre_tail = batch.pre_tail.index_select(0, pick)
+            both = torch.tensor([index, size + index])  # the CFG pair: conditional, unconditional
+            stream.steps = [cache.rows(both) for cache in batch.steps]
+        return list(mel.split(1))
+
+    def _render_rows(
+        self, tokens: torch.Tensor, start: int, rendered: int, finalize: bool
+    ) -> torch.Tensor:
         # Complete chunks are final; a partial chunk is recomputed next time.
         keep = rendered if finalize else rendered // self.token_chunk * self.token_chunk
         mu = self._encode(tokens.clamp(min=0), start, rendered, keep, finalize)
-        mel = self._decode(mu, start * self.ratio, keep * self.ratio)
-        return start, mel
+        return self._decode(mu, start * self.ratio, keep * self.ratio)
 
     # -- encoder ----------------------------------------------------------------------------
 
@@ -177,9 +226,9 @@ class FlowStream:
 
     def _decode(self, mu: torch.Tensor, start: int, keep: int) -> torch.Tensor:
         cfm = self.flow.decoder
-        frames = mu.shape[2]
+        rows, _, frames = mu.shape
         noise = cfm.noise(start + frames, mu.device, torch.float32)[:, :, start:]
-        x = noise
+        x = noise.expand(rows, -1, -1)
         spks = self.spks[:, :, None].expand(-1, -1, frames)
         static = torch.cat([mu, spks, torch.zeros_like(mu)], dim=1)
         static = torch.cat([static, torch.zeros_like(static)], dim=0)
@@ -189,10 +238,10 @@ class FlowStream:
             self.steps.append(_Cache())
         for step, (t0, t1) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
             x_in = torch.cat([x, x], dim=0).to(self.dtype)
-            t = torch.full((2,), t0, device=mu.device, dtype=torch.float32)
+            t = torch.full((2 * rows,), t0, device=mu.device, dtype=torch.float32)
             v = self._estimate(torch.cat([x_in, static], dim=1), t, self.steps[step], start, keep)
             v = v.float()
-            x = x + (t1 - t0) * ((1.0 + rate) * v[:1] - rate * v[1:])
+            x = x + (t1 - t0) * ((1.0 + rate) * v[:rows] - rate * v[rows:])
         return x
 
     def _estimate(

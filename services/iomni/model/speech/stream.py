@@ -84,6 +84,7 @@ class SpeechSession:
         self.offset = 0  # tokens already rendered to audio
         self.samples_out = 0
         self.done = False
+        self.first_mel: tuple[int, torch.Tensor] | None = None  # (upto, mel) rendered in a batch
 
     @torch.inference_mode()
     def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
@@ -114,6 +115,15 @@ class SpeechSession:
             self.offset = end
         return [c for c in chunks if c.size]
 
+    def first_chunk_upto(self, text_mark: int) -> int | None:
+        """The tokens the first chunk's render takes, if the text up to `text_mark` makes the
+        first chunk ready and nothing is rendered yet; else None."""
+        if self.offset or self.done or self.first_mel is not None:
+            return None
+        decoded = min(len(self.tokens), self.lm_decoder.speech_tokens_for(text_mark))
+        upto = self.settings.chunk_end(0) + self.settings.lookahead
+        return upto if decoded >= upto else None
+
     @torch.inference_mode()
     def finish(self) -> list[np.ndarray]:
         """The text is complete: decode the tail and render everything left."""
@@ -129,7 +139,10 @@ class SpeechSession:
 
     def _render(self, upto: int, final: bool) -> np.ndarray:
         # Only new chunks are computed: the flow keeps the states of those it rendered before.
-        start, mel = self.flow_stream.render(self.tokens[:upto], finalize=final)
+        if self.first_mel is not None and (upto, final) == (self.first_mel[0], False):
+            (_, mel), start, self.first_mel = self.first_mel, 0, None
+        else:
+            start, mel = self.flow_stream.render(self.tokens[:upto], finalize=final)
         ratio = self.flow_stream.ratio
         wav = self.vocoder.push(mel[:, :, ratio * (self.offset - start) :], final=final)
         samples = wav.reshape(-1).float().numpy()
@@ -144,6 +157,29 @@ def decode_together(sessions: Sequence[SpeechSession]) -> None:
         groups = decode_groups([s.lm_decoder for s in ready])
         for session, tokens in zip(ready, groups, strict=True):
             session.tokens += tokens
+
+
+def render_first_together(marked: Sequence[tuple[SpeechSession, int]]) -> list[int]:
+    """Render the flow of the first chunks the text marks make ready, the sessions' together
+    (`FlowStream.render_first_together`: cheaper per reply on CPU); each session's
+    `render_ready` then only vocodes its own. Sessions with a single ready first chunk, or
+    whose first chunk is not ready, are left to `render_ready`. Returns the replies in each
+    batched pass."""
+    ready: dict[int, dict[int, SpeechSession]] = {}
+    passes = []
+    for session, mark in marked:
+        if (upto := session.first_chunk_upto(mark)) is not None:
+            ready.setdefault(upto, {})[id(session)] = session
+    for upto, by_id in ready.items():
+        sessions = list(by_id.values())
+        if len(sessions) < 2:
+            continue
+        streams = [s.flow_stream for s in sessions]
+        mels = FlowStream.render_first_together(streams, [s.tokens[:upto] for s in sessions])
+        for session, mel in zip(sessions, mels, strict=True):
+            session.first_mel = (upto, mel)
+        passes.append(len(sessions))
+    return passes
 
 
 def to_pcm16(samples: np.ndarray) -> bytes:

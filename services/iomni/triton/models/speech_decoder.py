@@ -4,7 +4,8 @@ Sequence state (a `SpeechSession`) lives in this instance, keyed by correlation 
 at END, when a request of the sequence is cancelled, and after `idle_timeout_s` without
 requests (a client that vanished without END). `execute` only enqueues: one thread renders,
 taking a batch of replies' next requests from a `SpeechQueue` (first audio first): their text
-is decoded to speech tokens together, then each is rendered and answered, most urgent first.
+is decoded to speech tokens together, the flow of the first chunks it makes ready is rendered
+in one pass, then each is rendered and answered, most urgent first.
 Clients pipeline a reply's text (several requests queued); a discard answers those not yet
 rendered.
 """
@@ -28,6 +29,7 @@ from iomni.model.speech.stream import (
     SpeechSession,
     SpeechSettings,
     decode_together,
+    render_first_together,
 )
 from iomni.triton.backend import (
     input_array,
@@ -111,9 +113,15 @@ class TritonPythonModel:
                 "Replies whose text one speech-token decode pass took together",
                 family.HISTOGRAM,
             ),
+            family(
+                "iomni_speech_first_chunk_batch_replies",
+                "Replies whose first chunks one flow pass rendered together",
+                family.HISTOGRAM,
+            ),
         ]
         self._open_gauge = self._families[0].Metric(labels=labels)
         self._batch_replies = self._families[1].Metric(labels=labels, buckets=[1, 2, 4, 8, 16])
+        self._first_chunk_batch = self._families[2].Metric(labels=labels, buckets=[2, 4, 8])
         self._gauge_value = -1
         self.queue = SpeechQueue()
         self._stop = threading.Event()
@@ -157,7 +165,8 @@ class TritonPythonModel:
         return len(self.sessions)
 
     def _serve_batch(self, batch: list[tuple[Any, Any]]) -> None:
-        """Take each request's text, decode all of it together (`decode_together`), then
+        """Take each request's text, decode all of it together (`decode_together`), render
+        the flow of the first chunks it makes ready together (`render_first_together`), then
         render and answer each request, most urgent first. A reply that starts meanwhile
         does not wait for the whole batch: the requests not rendered yet go back to the
         queue, their text decoded (`_Decoded`), and the next batch starts with the new one."""
@@ -177,10 +186,14 @@ class TritonPythonModel:
         try:
             with torch.inference_mode():
                 decode_together(sessions)
+                passes = render_first_together([(d.session, d.mark) for _, d in texted])
         except Exception as exc:
             for corr, decoded in texted:
                 self._fail(corr, decoded, exc)
             return
+        if server_alive():
+            for replies in passes:
+                self._first_chunk_batch.observe(replies)
         failed: set[Any] = set()  # a reply whose request failed: its later ones fail too
         for index, (corr, decoded) in enumerate(texted):
             if index and self.queue.first_audio_waiting():

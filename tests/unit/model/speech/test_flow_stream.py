@@ -48,3 +48,45 @@ def test_work_per_chunk_is_flat(tiny: LoadedCheckpoint, monkeypatch: pytest.Monk
     steps = flow.decoder.params.n_timesteps
     assert len(computed) == steps * len(range(28, 300, 25))
     assert set(computed) == {50}
+
+
+def test_first_chunks_rendered_together_equal_each_alone_and_go_on_alike(
+    tiny: LoadedCheckpoint,
+) -> None:
+    """Replies with different voices: one batched pass gives each the first-chunk mel it gets
+    alone, and leaves each the states its next chunk needs."""
+    flow = tiny.model.flow
+    g = torch.Generator().manual_seed(1)
+    speakers = [
+        tiny.model.default_speaker_embedding.reshape(1, -1),
+        torch.randn(1, 192, generator=g),
+    ]
+    ids = [tokens(tiny, n) for n in (60, 61, 62)]
+    alone = [FlowStream(flow, speakers[i % 2]) for i in range(3)]
+    together = [FlowStream(flow, speakers[i % 2]) for i in range(3)]
+    firsts = FlowStream.render_first_together(together, [i[:28] for i in ids])
+    for index, stream in enumerate(alone):
+        start, mel = stream.render(ids[index][:28], finalize=False)
+        assert start == 0
+        torch.testing.assert_close(firsts[index], mel, atol=1e-5, rtol=0)
+        for upto, final in ((53, False), (60, True)):
+            expected = stream.render(ids[index][:upto], finalize=final)
+            got = together[index].render(ids[index][:upto], finalize=final)
+            assert got[0] == expected[0]
+            torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=0)
+
+
+def test_only_fresh_streams_of_equal_length_render_together(tiny: LoadedCheckpoint) -> None:
+    flow = tiny.model.flow
+    speaker = tiny.model.default_speaker_embedding.reshape(1, -1)
+    ids = tokens(tiny, 60)
+    used = FlowStream(flow, speaker)
+    used.render(ids[:28], finalize=False)
+    with pytest.raises(ValueError, match="only first chunks"):
+        FlowStream.render_first_together([used, FlowStream(flow, speaker)], [ids[:53], ids[:53]])
+    with pytest.raises(ValueError, match="all of one length"):
+        pair = [FlowStream(flow, speaker), FlowStream(flow, speaker)]
+        FlowStream.render_first_together(pair, [ids[:28], ids[:29]])
+    fewer_steps = FlowStream(flow, speaker, steps=4)
+    with pytest.raises(ValueError, match="ODE grid"):
+        FlowStream.render_first_together([FlowStream(flow, speaker), fewer_steps], [ids[:28]] * 2)
