@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # 0.75 -> 2.41x, 0.6 -> 2.09x, 0.5 -> 1.87x, 0.4 -> 1.54x; the first joiner's first token
 # 1.9 / 2.5 / 3.8 / 5.9 s. We hold 2x for running streams and take the slower join.
 PREFILL_SHARE = 0.5
+SHORT_PROMPT_STEPS = 2  # a new prompt prefilled whole if it costs at most this many steps
 
 
 @dataclass(frozen=True)
@@ -183,9 +184,10 @@ class ContinuousBatcher:
         Prefill is chunked so it never stalls decoding: while sequences are decoding, each loop
         turn prefills at most as many prompt tokens as take about one decode step (measured as
         it runs; `prefill_chunk` fixes the number instead), then runs the decode step. A
-        running stream's next token is thus at most about twice as late as undisturbed, and a
-        new turn still gets a share of every step (`PREFILL_SHARE`). With nothing decoding, a
-        prompt is prefilled whole."""
+        running stream's next token is thus at most about twice as late as undisturbed while a
+        long prompt joins, and a new turn still gets a share of every step (`PREFILL_SHARE`).
+        A short new prompt (at most `SHORT_PROMPT_STEPS` steps of prefill) goes in whole, one
+        per loop turn. With nothing decoding, a prompt is prefilled whole."""
         self.prefill_chunk = prefill_chunk
         self._prefilling: list[_Prefill] = []
         self._step_ms = 0.0  # decode step time, moving average
@@ -303,7 +305,15 @@ class ContinuousBatcher:
             return self.prefill_chunk
         if not self._step_ms or not self._prefill_token_ms:
             return 64  # no measurements yet: a small first bite
-        return max(16, int(PREFILL_SHARE * self._step_ms / self._prefill_token_ms))
+        share = int(PREFILL_SHARE * self._step_ms / self._prefill_token_ms)
+        # A new prompt that costs at most SHORT_PROMPT_STEPS decode steps goes in whole. In
+        # bites, a burst of 8 short text turns (small, CPU) got their first tokens up to 1.5 s
+        # apart, to spare the running streams - themselves replies a second old - a step each.
+        oldest = self._prefilling[0]
+        prompt = oldest.embeds.shape[1]
+        cost_ms = prompt * self._prefill_token_ms
+        short = not oldest.fed and cost_ms <= SHORT_PROMPT_STEPS * self._step_ms
+        return max(16, share, prompt if short else 0)
 
     def _prefill_some(self) -> None:
         """Prefill up to the chunk budget, oldest prompt first; finished ones start decoding."""
