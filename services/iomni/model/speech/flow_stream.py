@@ -13,6 +13,7 @@ but it is the only part that does.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -112,17 +113,16 @@ class FlowStream:
         rows = [torch.tensor([i], dtype=torch.long) for i in ids]
         speaker = first.spks.new_zeros(1, first.flow.config.spk_embed_dim)
         rendered = max(first.flow._check(r, speaker, False) for r in rows)  # all equal
-        batch = cls.__new__(cls)
-        batch.__dict__.update(first.__dict__)
+        batch = copy.copy(first)  # the first stream's settings, with the batch's own states
         batch.spks = torch.cat([s.spks for s in streams])
         batch.encoder, batch.pre_tail, batch.steps = _Cache(), None, []
         mel = batch._render_rows(torch.cat(rows), 0, rendered, False)
         size = len(streams)
         for index, stream in enumerate(streams):
-            pick = torch.tensor([index])
+            pick = torch.tensor([index], device=first.device)
             stream.encoder = batch.encoder.rows(pick)
             stream.pre_tail = batch.pre_tail.index_select(0, pick)
-            both = torch.tensor([index, size + index])  # the CFG pair: conditional, unconditional
+            both = torch.tensor([index, size + index], device=first.device)  # CFG: cond, uncond
             stream.steps = [cache.rows(both) for cache in batch.steps]
         return list(mel.split(1))
 
