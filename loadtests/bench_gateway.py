@@ -47,6 +47,9 @@ REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 KEY = "bench-key"
 TOKENS = 24
 SESSIONS = (1, 4, 8, 16)
+# Turns per row at least (rounds of `sessions` at once): the ratio's denominator, p50 at one
+# session, was a median of 2 and moved 560-845 ms between runs of the same code.
+MIN_SAMPLES = 8
 SIDE_BY_SIDE = 5  # gateway and in-process turns, alternated
 GAP_PAIRS = 2  # audio-gap measurements (alone, then while images), one after the other
 
@@ -304,11 +307,9 @@ async def measure_gaps(target: str, meter: CpuMeter) -> dict:
     """The probe reply alone, then while images arrive, `GAP_PAIRS` times: the largest gap
     between chunks is a maximum over ~30 gaps, and on a shared VM one pair is not enough to
     tell a stall from a hiccup."""
-    pairs, silences, probes = (
-        [],
-        {"alone": 0.0, "while_images": 0.0},
-        {"alone": [], "while_images": []},
-    )
+    pairs: list[tuple[float, float]] = []
+    silences = {"alone": 0.0, "while_images": 0.0}
+    probes: dict[str, list[float]] = {"alone": [], "while_images": []}
     used_total: dict[str, float] = {}
     busy_total = 0.0
     image = big_png()
@@ -363,7 +364,8 @@ async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
     results["ratio"] = results["ttfa_gateway_ms"] / results["ttfa_in_process_ms"]
     for sessions in SESSIONS:
         replies_before, passes_before = meter.speech_passes()
-        samples, used, busy = await meter.during(concurrent(target, sessions))
+        rounds = max(2, MIN_SAMPLES // sessions)
+        samples, used, busy = await meter.during(concurrent(target, sessions, rounds))
         replies, passes = meter.speech_passes()
         replies, passes = replies - replies_before, passes - passes_before
         results[f"sessions_{sessions}"] = {
@@ -398,7 +400,7 @@ async def measure_settings(target: str) -> dict:
     """TTFA at 1 and 8 sessions on a stack whose speech decoder has the latency settings on."""
     async with AsyncDialogueClient(target, KEY) as client:
         await gateway_ttfa(client, "warm up")
-    alone = await concurrent(target, 1, rounds=3)
+    alone = await concurrent(target, 1, rounds=MIN_SAMPLES)
     loaded = await concurrent(target, 8)
     result = {"p50_at_1_ms": percentile(alone, 0.5), "p95_at_8_ms": percentile(loaded, 0.95)}
     result["p50_at_8_ms"] = percentile(loaded, 0.5)
@@ -430,10 +432,12 @@ def write(results: dict, out: Path) -> None:
         f"| in-process | {results['ttfa_in_process_ms']:.0f} |",
         f"| ratio | {results['ratio']:.2f} |",
         "",
-        "| concurrent sessions | p50 TTFA (ms) | p95 TTFA (ms) | replies per speech-LM pass |",
-        "|---|---|---|---|",
+        "| concurrent sessions | turns | p50 TTFA (ms) | p95 TTFA (ms) "
+        "| replies per speech-LM pass |",
+        "|---|---|---|---|---|",
         *[
-            f"| {n} | {results[f'sessions_{n}']['p50_ms']:.0f} | "
+            f"| {n} | {results[f'sessions_{n}']['samples']} | "
+            f"{results[f'sessions_{n}']['p50_ms']:.0f} | "
             f"{results[f'sessions_{n}']['p95_ms']:.0f} | "
             f"{results[f'sessions_{n}']['replies_per_speech_lm_pass']:.2f} |"
             for n in SESSIONS

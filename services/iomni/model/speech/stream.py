@@ -139,8 +139,9 @@ class SpeechSession:
 
     def _render(self, upto: int, final: bool) -> np.ndarray:
         # Only new chunks are computed: the flow keeps the states of those it rendered before.
-        if self.first_mel is not None and (upto, final) == (self.first_mel[0], False):
-            (_, mel), start, self.first_mel = self.first_mel, 0, None
+        if self.first_mel is not None and not final and upto == self.first_mel[0]:
+            start, mel = 0, self.first_mel[1]  # rendered with other replies' first chunks
+            self.first_mel = None
         else:
             start, mel = self.flow_stream.render(self.tokens[:upto], finalize=final)
         ratio = self.flow_stream.ratio
