@@ -307,32 +307,25 @@ async def measure_gaps(target: str, meter: CpuMeter) -> dict:
     """The probe reply alone, then while images arrive, `GAP_PAIRS` times: the largest gap
     between chunks is a maximum over ~30 gaps, and on a shared VM one pair is not enough to
     tell a stall from a hiccup."""
-    pairs: list[tuple[float, float]] = []
+    gaps: dict[str, list[float]] = {"alone": [], "while_images": []}
     silences = {"alone": 0.0, "while_images": 0.0}
     probes: dict[str, list[float]] = {"alone": [], "while_images": []}
     used_total: dict[str, float] = {}
     busy_total = 0.0
     image = big_png()
     for _ in range(GAP_PAIRS):
-        ((alone, silent_alone), probe_alone), _, _ = await meter.during(
-            gap_with_probe(target, None)
-        )
-        ((loaded, silent_loaded), probe_loaded), used, busy = await meter.during(
-            gap_with_probe(target, image)
-        )
-        pairs.append((alone, loaded))
-        silences["alone"] = max(silences["alone"], silent_alone)
-        silences["while_images"] = max(silences["while_images"], silent_loaded)
-        probes["alone"] += probe_alone
-        probes["while_images"] += probe_loaded
-        for name, seconds in used.items():
+        for key, sent in (("alone", None), ("while_images", image)):
+            ((gap, silent), probe), used, busy = await meter.during(gap_with_probe(target, sent))
+            gaps[key].append(gap)
+            silences[key] = max(silences[key], silent)
+            probes[key] += probe
+        for name, seconds in used.items():  # the CPU of the run while images arrive
             used_total[name] = used_total.get(name, 0.0) + seconds
         busy_total += busy / GAP_PAIRS
-    extras = [loaded - alone for alone, loaded in pairs]
+    extras = [b - a for a, b in zip(gaps["alone"], gaps["while_images"], strict=True)]
     return {
         "audio_gap_ms": {
-            "alone": [alone for alone, _ in pairs],
-            "while_images": [loaded for _, loaded in pairs],
+            **gaps,
             "extra": extras,
             "extra_mean": statistics.mean(extras),
         },

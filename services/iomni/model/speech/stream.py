@@ -166,15 +166,16 @@ def render_first_together(marked: Sequence[tuple[SpeechSession, int]]) -> list[i
     `render_ready` then only vocodes its own. Sessions with a single ready first chunk, or
     whose first chunk is not ready, are left to `render_ready`. Returns the replies in each
     batched pass."""
-    ready: dict[int, dict[int, SpeechSession]] = {}
+    ready: dict[SpeechSettings, dict[SpeechSession, int]] = {}  # settings fix upto and grid
     passes = []
     for session, mark in marked:
         if (upto := session.first_chunk_upto(mark)) is not None:
-            ready.setdefault(upto, {})[id(session)] = session
-    for upto, by_id in ready.items():
-        sessions = list(by_id.values())
-        if len(sessions) < 2:
+            ready.setdefault(session.settings, {})[session] = upto
+    for by_session in ready.values():
+        if len(by_session) < 2:
             continue
+        sessions = list(by_session)
+        upto = by_session[sessions[0]]  # one value per settings
         streams = [s.flow_stream for s in sessions]
         mels = FlowStream.render_first_together(streams, [s.tokens[:upto] for s in sessions])
         for session, mel in zip(sessions, mels, strict=True):
