@@ -108,8 +108,10 @@ class BatcherMetrics:
         self.steps += 1
         self.step_sequences = [*self.step_sequences[-255:], batch]
 
-    def on_token(self) -> None:
-        self.generated_tokens += 1
+    def on_tokens(self, count: int) -> None:
+        """`count` tokens went out in one step (one call per step: each call may cost a
+        round trip to the metrics' owner)."""
+        self.generated_tokens += count
 
     def on_cancel(self) -> None:
         self.cancelled += 1
@@ -381,6 +383,7 @@ class ContinuousBatcher:
         for seq in self._active:
             if self._emit_pending(seq, batch):
                 survivors.append(seq)
+        self.metrics.on_tokens(batch)
         self._active = survivors
         if survivors:
             self._forward(survivors)
@@ -389,7 +392,6 @@ class ContinuousBatcher:
         request = seq.request
         token = seq.next_token
         seq.generated += 1
-        self.metrics.on_token()
         reason = None
         if token in request.stop_ids:
             reason = "eos"

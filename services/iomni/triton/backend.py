@@ -10,8 +10,10 @@ import faulthandler
 import json
 import logging
 import os
+import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,36 @@ def error_response(exc: BaseException) -> Any:
     error = as_project_error(exc)
     code = getattr(pb_utils.TritonError, error.code.triton_code)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.detail, code))
+
+
+class Responder:
+    """Sends a decoupled model's responses on a thread of their own, in the order given.
+
+    A python-backend `send` is a round trip to tritonserver (shared memory, then a wait for
+    its acknowledgement): done on the LLM's loop thread, eight streams' tokens cost eight
+    round trips per decode step, and the step waited for them. Here the loop hands each
+    token over and goes on; the round trips overlap the next step."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, send: Callable[[], None]) -> None:
+        """Run `send` after everything submitted before."""
+        self._queue.put(send)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while (send := self._queue.get()) is not None:
+            try:
+                send()
+            except Exception:  # a vanished client: the other streams go on
+                log.exception("sending a response failed")
 
 
 def stream_error_response(exc: BaseException) -> Any:

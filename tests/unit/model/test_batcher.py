@@ -113,6 +113,8 @@ def test_concurrent_sequences_share_steps_and_match_alone(
         assert out.tokens == reference(tiny, ids, 12)
     assert max(batcher.metrics.step_sequences) >= 2
     assert max(e.batch_size for out in outs for e in out.events) >= 2
+    # Counted once per step, batched: every token that went out, no more.
+    assert batcher.metrics.generated_tokens == sum(len(out.tokens) for out in outs)
 
 
 def test_sequences_leaving_and_joining_the_batch_keep_their_hidden_states(

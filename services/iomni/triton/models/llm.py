@@ -13,6 +13,7 @@ from iomni.model.batcher import BatcherMetrics, ContinuousBatcher, SequenceReque
 from iomni.model.sampling import SamplingParams
 from iomni.model.tokenizer import Tokenizer
 from iomni.triton.backend import (
+    Responder,
     drain_deadline,
     input_array,
     load_part,
@@ -88,10 +89,10 @@ class TritonMetrics(BatcherMetrics):
         if server_alive():
             self._steps.observe(batch)
 
-    def on_token(self) -> None:
-        super().on_token()
+    def on_tokens(self, count: int) -> None:
+        super().on_tokens(count)
         if server_alive():
-            self._tokens.increment(1)
+            self._tokens.increment(count)
 
     def on_cancel(self) -> None:
         super().on_cancel()
@@ -127,13 +128,14 @@ class TritonPythonModel:
         )
         self.hidden_size = loaded.config.llm_hidden_size
         self.device = next(loaded.model.parameters()).device
+        self.responder = Responder("llm-responses")
         self.batcher.start()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self.batcher.submit(self._sequence(request, sender))
+                self.batcher.submit(self._sequence(request, _Emitter(sender, self.responder)))
             except Exception as exc:
                 final = pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
                 sender.send(stream_error_response(exc), flags=final)
@@ -141,8 +143,9 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.batcher.stop()
+        self.responder.close()
 
-    def _sequence(self, request: Any, sender: Any) -> SequenceRequest:
+    def _sequence(self, request: Any, emit: _Emitter) -> SequenceRequest:
         params = request_parameters(request)
         ids = input_array(request, INPUT_IDS).reshape(-1)
         if ids.size == 0 or ids.min() < 0 or ids.max() >= self.batcher.lm.config.vocab_size:
@@ -161,7 +164,7 @@ class TritonPythonModel:
             media=media,
             params=sampling.validate(),
             stop_ids=self.special.stop_ids,
-            emit=_Emitter(sender),
+            emit=emit,
             is_cancelled=request.is_cancelled,
             session_id=str(params.get("session_id", "")),
             return_hidden=bool(params.get("return_hidden", True)),
@@ -183,16 +186,21 @@ class TritonPythonModel:
 
 
 class _Emitter:
-    """Turns batcher events into Triton responses for one request (runs on the loop thread).
+    """Turns batcher events into Triton responses for one request. Called on the loop thread,
+    it only hands the event to the model's `Responder`, which builds and sends the response.
 
     Per token it sends what the client reads every step (TOKEN_ID, HIDDEN); the first response
     adds PREFILL_MS and REUSED_TOKENS, the last FINISH_REASON. Text is the client's business.
     """
 
-    def __init__(self, sender: Any) -> None:
+    def __init__(self, sender: Any, responder: Responder) -> None:
         self.sender = sender
+        self.responder = responder
 
     def __call__(self, event: StepEvent) -> None:
+        self.responder.submit(lambda: self._send(event))
+
+    def _send(self, event: StepEvent) -> None:
         pb_utils = pb()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if event.error is not None:
