@@ -7,7 +7,7 @@ reaches up into the other.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,14 +37,21 @@ class SpeechOptions:
     sequence_id: str = ""  # set by the engine to the turn id (the speech sequence's id)
 
 
+ChunkCallback = Callable[[np.ndarray], None]
+
+
 class SpeechStream(Protocol):
-    """One reply's speech: text in, float32 24 kHz sample arrays out, in order."""
+    """One reply's speech: text in, float32 24 kHz sample arrays out, in order.
+
+    Each call returns the audio its text made ready. A call may render several chunks (the
+    last text renders the reply's tail); `on_chunk`, if given, is called on the event loop with
+    each chunk as soon as it is rendered, before the call returns them all."""
 
     async def push_text(
-        self, token_ids: Sequence[int], hidden: torch.Tensor
+        self, token_ids: Sequence[int], hidden: torch.Tensor, on_chunk: ChunkCallback | None = None
     ) -> list[np.ndarray]: ...
 
-    async def finish(self) -> list[np.ndarray]: ...
+    async def finish(self, on_chunk: ChunkCallback | None = None) -> list[np.ndarray]: ...
 
     async def close(self) -> None: ...
 

@@ -198,8 +198,11 @@ async def test_interleaved_speech_sequences_do_not_mix(
         ids, hidden = texts[key]
         chunks = await speech.push_text(ids[:5], hidden[:5])
         chunks += await speech.push_text(ids[5:], hidden[5:])
-        chunks += await speech.finish()
-        return np.concatenate(chunks)
+        arrived: list[np.ndarray] = []
+        tail = await speech.finish(arrived.append)
+        # The decoder sends the tail chunk by chunk, each handed on as it arrives.
+        assert len(tail) >= 2 and all(x is y for x, y in zip(arrived, tail, strict=True))
+        return np.concatenate(chunks + tail)
 
     expected = {k: await alone(k) for k in "ab"}
     a = await triton_parts.open_speech(SpeechOptions(seed=1, sequence_id="mix-a"))

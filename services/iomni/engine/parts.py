@@ -23,6 +23,7 @@ from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.speech.speaker import SpeakerEncoder
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import (
+    ChunkCallback,
     GenerationRequest,
     LLMStep,
     ModelParts,
@@ -143,17 +144,32 @@ class InProcessSpeech:
         self.session = session
         self._order = asyncio.Lock()
 
-    async def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
-        return await self._in_order(self.session.push_text, token_ids, hidden)
+    async def push_text(
+        self,
+        token_ids: Sequence[int],
+        hidden: torch.Tensor,
+        on_chunk: ChunkCallback | None = None,
+    ) -> list[np.ndarray]:
+        return await self._in_order(self.session.iter_text, on_chunk, token_ids, hidden)
 
-    async def finish(self) -> list[np.ndarray]:
-        return await self._in_order(self.session.finish)
+    async def finish(self, on_chunk: ChunkCallback | None = None) -> list[np.ndarray]:
+        return await self._in_order(self.session.iter_finish, on_chunk)
 
-    async def _in_order(self, fn, *args) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    async def _in_order(self, fn, on_chunk, *args) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
         async with self._order:
             if self.session.done:  # closed (barge-in) while this call waited
                 return []
-            return await asyncio.to_thread(self.parts._run, fn, *args)
+            loop = asyncio.get_running_loop()
+
+            def render() -> list[np.ndarray]:
+                chunks = []
+                for chunk in fn(*args):
+                    chunks.append(chunk)
+                    if on_chunk is not None:
+                        loop.call_soon_threadsafe(on_chunk, chunk)
+                return chunks
+
+            return await asyncio.to_thread(self.parts._run, render)
 
     async def close(self) -> None:
         self.session.done = True

@@ -77,57 +77,106 @@ class _TurnStats:
         self.timings.setdefault("first_audio", (time.perf_counter() - self.started) * 1000)
 
 
+@dataclass(eq=False)
+class _SpeechCall:
+    """One request to the speech decoder: its chunks as they arrive, and how many of them
+    the turn has handed out."""
+
+    arrived: list[np.ndarray] = field(default_factory=list)
+    handed_out: int = 0
+    progress: asyncio.Future[None] | None = None  # done when a chunk arrives or the call ends
+    task: asyncio.Task[list[np.ndarray]] | None = None
+
+    def add(self, chunk: np.ndarray) -> None:
+        self.arrived.append(chunk)
+        self.wake()
+
+    def wake(self, *_: object) -> None:
+        if self.progress is not None and not self.progress.done():
+            self.progress.set_result(None)
+
+
 class _Speaking:
     """A reply's text at the speech decoder: each group is sent as soon as it is complete,
     without waiting for the audio of the groups before it (so the decoder has the next text
-    queued when it finishes a chunk); the audio comes back in order, as events."""
+    queued when it finishes a chunk); the audio comes back in order, as events, each chunk as
+    soon as the decoder has rendered it (a call that renders several, as the reply's tail
+    does, hands out the first while the next renders)."""
 
     def __init__(self, speech: SpeechStream, stats: _TurnStats) -> None:
         self.speech = speech
         self.stats = stats
         self.context = otel_context.get_current()
-        self.in_flight: deque[asyncio.Task[list[np.ndarray]]] = deque()
+        self.in_flight: deque[_SpeechCall] = deque()
 
     @property
-    def head(self) -> asyncio.Task[list[np.ndarray]] | None:
-        return self.in_flight[0] if self.in_flight else None
+    def head(self) -> asyncio.Future[None] | None:
+        """Done when the oldest call has audio to hand out (a chunk arrived, or it ended);
+        None when no call is in flight."""
+        if not self.in_flight:
+            return None
+        call = self.in_flight[0]
+        if call.progress is None or call.progress.done():
+            call.progress = asyncio.get_running_loop().create_future()
+        if (call.task is not None and call.task.done()) or len(call.arrived) > call.handed_out:
+            call.wake()
+        return call.progress
 
     def send(self, pending: list[tuple[int, torch.Tensor]], final: bool = False) -> None:
         ids = [token for token, _ in pending]
         hidden = torch.stack([h for _, h in pending]) if pending else torch.zeros(0)
         pending.clear()
+        call = _SpeechCall()
         # Tasks start in the order they are created: the requests go out in this order.
-        self.in_flight.append(asyncio.ensure_future(self._call(ids, hidden, final)))
+        call.task = asyncio.ensure_future(self._call(ids, hidden, final, call))
+        call.task.add_done_callback(call.wake)
+        self.in_flight.append(call)
 
-    async def _call(self, ids: list[int], hidden: torch.Tensor, final: bool) -> list[np.ndarray]:
+    async def _call(
+        self, ids: list[int], hidden: torch.Tensor, final: bool, call: _SpeechCall
+    ) -> list[np.ndarray]:
         span = tracer().start_span("speech_decode", context=self.context)
         with trace.use_span(span, end_on_exit=True):
             started = time.perf_counter()
-            arrays = await self.speech.push_text(ids, hidden) if ids else []
+            arrays = await self.speech.push_text(ids, hidden, call.add) if ids else []
             if final:
-                arrays += await self.speech.finish()
+                arrays += await self.speech.finish(call.add)
             self.stats.add("speech", started)
             return arrays
 
     def ready(self) -> list[AudioChunk]:
-        """The audio of the requests answered so far, in order (raises a request's error)."""
-        chunks, stats = [], self.stats
-        while self.in_flight and self.in_flight[0].done():
-            for samples in self.in_flight.popleft().result():
-                chunks.append(
-                    AudioChunk(to_pcm16(samples), stats.audio_chunks, text_tokens=stats.completion)
-                )
-                stats.audio_chunks += 1
-                stats.audio_samples += samples.size
-                stats.mark_first_audio()
+        """The audio rendered so far, in order: whole calls answered, and the chunks of the
+        oldest call still rendering (raises a call's error)."""
+        chunks: list[AudioChunk] = []
+        while self.in_flight:
+            call = self.in_flight[0]
+            assert call.task is not None
+            if call.task.done():
+                samples = call.task.result()[call.handed_out :]
+                self.in_flight.popleft()
+            else:
+                samples = call.arrived[call.handed_out :]
+                call.handed_out = len(call.arrived)
+            chunks += [self._event(s) for s in samples]
+            if not call.task.done():
+                break
         return chunks
+
+    def _event(self, samples: np.ndarray) -> AudioChunk:
+        stats = self.stats
+        chunk = AudioChunk(to_pcm16(samples), stats.audio_chunks, text_tokens=stats.completion)
+        stats.audio_chunks += 1
+        stats.audio_samples += samples.size
+        stats.mark_first_audio()
+        return chunk
 
     def abandon(self) -> None:
         """A cancelled or failed turn: nobody waits for the rest (the stream's close discards
         it at the decoder)."""
-        for task in self.in_flight:
-            task.cancel()
-            task.add_done_callback(_retrieve)
+        for call in self.in_flight:
+            assert call.task is not None
+            call.task.cancel()
+            call.task.add_done_callback(_retrieve)
         self.in_flight.clear()
 
 

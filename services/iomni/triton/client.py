@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from iomni import background
 from iomni.errors import ErrorCode, InvalidInput, IomniError, Unavailable, error_for
-from iomni.parts import GenerationRequest, LLMStep, SpeechOptions
+from iomni.parts import ChunkCallback, GenerationRequest, LLMStep, SpeechOptions
 from iomni.telemetry.tracing import context_headers
 from iomni.triton.tensors import (
     AUDIO,
@@ -345,7 +345,12 @@ class TritonSpeech:
         self._last_sent = False  # END went out: the stream ends with its answer
 
     async def _send(
-        self, ids: Sequence[int], hidden: torch.Tensor, end: bool, discard: bool = False
+        self,
+        ids: Sequence[int],
+        hidden: torch.Tensor,
+        end: bool,
+        discard: bool = False,
+        on_chunk: ChunkCallback | None = None,
     ) -> list[np.ndarray]:
         width = hidden.shape[-1] if hidden.numel() else 1
         inputs = [
@@ -357,7 +362,7 @@ class TritonSpeech:
             inputs.append(_tensor(SPEAKER_WAV, wav, "BYTES"))
         if self._last_sent or (self._reader is not None and self._reader.done()):
             raise Unavailable(f"speech sequence {self.sequence_id} is closed or its stream failed")
-        answer = _Answer(asyncio.get_running_loop().create_future())
+        answer = _Answer(asyncio.get_running_loop().create_future(), on_chunk)
         self._answers.append(answer)
         self._outbox.put_nowait(
             {
@@ -402,7 +407,7 @@ class TritonSpeech:
                 failed = stream_error(result, SPEECH_DECODER)
                 audio = result.as_numpy(AUDIO) if failed is None else None
                 if audio is not None and audio.size:
-                    answer.chunks.append(audio.reshape(-1).copy())
+                    answer.add(audio.reshape(-1).copy())
                 if failed is not None or _final(result):
                     self._answers.popleft().settle(failed)
                     if not self._answers and self._last_sent:
@@ -419,13 +424,18 @@ class TritonSpeech:
         while self._answers:
             self._answers.popleft().settle(error)
 
-    async def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
-        return await self._send(token_ids, hidden, end=False)
+    async def push_text(
+        self,
+        token_ids: Sequence[int],
+        hidden: torch.Tensor,
+        on_chunk: ChunkCallback | None = None,
+    ) -> list[np.ndarray]:
+        return await self._send(token_ids, hidden, end=False, on_chunk=on_chunk)
 
-    async def finish(self) -> list[np.ndarray]:
+    async def finish(self, on_chunk: ChunkCallback | None = None) -> list[np.ndarray]:
         if self.ended:
             return []
-        return await self._send([], torch.zeros(0), end=True)
+        return await self._send([], torch.zeros(0), end=True, on_chunk=on_chunk)
 
     async def close(self) -> None:
         """Free the server's sequence state if the reply was not finished (barge-in). The
@@ -447,7 +457,13 @@ class _Answer:
     """The audio of one speech request, gathered until its final response."""
 
     future: asyncio.Future[list[np.ndarray]]
+    on_chunk: ChunkCallback | None = None
     chunks: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, chunk: np.ndarray) -> None:
+        self.chunks.append(chunk)
+        if self.on_chunk is not None and not self.future.done():
+            self.on_chunk(chunk)
 
     def settle(self, error: IomniError | None) -> None:
         if self.future.done():

@@ -20,7 +20,7 @@ from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
-from iomni.model.speech.stream import SAMPLES_PER_TOKEN
+from iomni.model.speech.stream import SAMPLES_PER_TOKEN, to_pcm16
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
 
@@ -81,9 +81,9 @@ class PacedParts(InProcessParts):
         speech = await super().open_speech(options)
         push = speech.push_text
 
-        async def slow(ids, hidden):  # type: ignore[no-untyped-def]
+        async def slow(ids, hidden, on_chunk=None):  # type: ignore[no-untyped-def]
             await asyncio.sleep(self.speech_s)
-            return await push(ids, hidden)
+            return await push(ids, hidden, on_chunk)
 
         speech.push_text = slow  # type: ignore[method-assign]
         return speech
@@ -209,3 +209,45 @@ async def test_a_short_first_chunk_set_by_environment_speaks_after_the_first_gro
     assert [len(first.pcm) // 2 for first in firsts] == [
         (tokens - 4) * SAMPLES_PER_TOKEN for tokens in (25, 10)
     ]
+
+
+async def test_a_chunk_goes_out_while_its_call_still_renders_the_next(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    """The reply's tail renders as several chunks in one call: the first is handed out while
+    the call renders the next, not when the call returns them all."""
+    tail = [np.full(2400, 0.1, np.float32), np.full(2400, 0.2, np.float32)]
+    first_out = asyncio.Event()
+    waited: list[str] = []
+
+    class TwoChunkTail(InProcessParts):
+        async def open_speech(self, options: SpeechOptions):  # type: ignore[no-untyped-def]
+            speech = await super().open_speech(options)
+
+            async def finish(on_chunk=None):  # type: ignore[no-untyped-def]
+                on_chunk(tail[0])
+                try:
+                    await asyncio.wait_for(first_out.wait(), 5)
+                    waited.append("first chunk out")
+                except TimeoutError:
+                    waited.append("timed out")
+                on_chunk(tail[1])
+                return list(tail)
+
+            speech.finish = finish  # type: ignore[method-assign]
+            return speech
+
+    request = TurnRequest(
+        user=Message("user", (TextPart("Say something"),)),
+        params=GREEDY,
+        speech=SpeechOptions(seed=1),
+    )
+    pcm = []
+    async for event in TurnEngine(TwoChunkTail(tiny), processor).start(request).events():
+        if isinstance(event, AudioChunk):
+            pcm.append(event.pcm)
+            if event.pcm == to_pcm16(tail[0]):
+                first_out.set()
+    assert waited == ["first chunk out"]
+    assert pcm[-2:] == [to_pcm16(t) for t in tail]  # each once, in order
+    assert pcm.count(to_pcm16(tail[0])) == 1

@@ -8,7 +8,7 @@ chunk seams. The final call renders what is left with no look-ahead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,9 +89,14 @@ class SpeechSession:
     @torch.inference_mode()
     def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:
         """Feed LLM text tokens with their hidden states; return audio that became ready."""
+        return list(self.iter_text(token_ids, hidden))
+
+    def iter_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> Iterator[np.ndarray]:
+        """`push_text`, each chunk yielded as soon as it is rendered (call under
+        `torch.inference_mode`)."""
         self.add_text(token_ids, hidden)
         decode_together([self])
-        return self.render_ready()
+        yield from self.iter_ready()
 
     def add_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> int:
         """Queue text for `decode_together` (which may batch it with other replies'); returns
@@ -105,15 +110,20 @@ class SpeechSession:
         """Render the chunks whose speech tokens (and look-ahead) are decoded; with a mark
         from `add_text`, only those the text up to it makes ready (what that call would have
         rendered alone, so each request's answer is as early as if served alone)."""
+        return list(self.iter_ready(text_mark))
+
+    def iter_ready(self, text_mark: int | None = None) -> Iterator[np.ndarray]:
+        """`render_ready`, each chunk yielded as soon as it is rendered (call under
+        `torch.inference_mode`)."""
         decoded = len(self.tokens)
         if text_mark is not None:
             decoded = min(decoded, self.lm_decoder.speech_tokens_for(text_mark))
-        chunks = []
         lookahead = self.settings.lookahead
         while decoded >= (end := self.settings.chunk_end(self.offset)) + lookahead:
-            chunks.append(self._render(end + lookahead, final=False))
+            chunk = self._render(end + lookahead, final=False)
             self.offset = end
-        return [c for c in chunks if c.size]
+            if chunk.size:
+                yield chunk
 
     def first_chunk_upto(self, text_mark: int) -> int | None:
         """The tokens the first chunk's render takes, if the text up to `text_mark` makes the
@@ -127,15 +137,24 @@ class SpeechSession:
     @torch.inference_mode()
     def finish(self) -> list[np.ndarray]:
         """The text is complete: decode the tail and render everything left."""
+        return list(self.iter_finish())
+
+    def iter_finish(self) -> Iterator[np.ndarray]:
+        """`finish`, each chunk yielded as soon as it is rendered (call under
+        `torch.inference_mode`). The tail is cut into chunks as if its tokens had streamed
+        in: rendered whole, the last chunk of a reply was up to two seconds of audio in one
+        render, the largest wait between its chunks."""
         if self.done:
-            return []
+            return
         self.done = True
         self.tokens += self.lm_decoder.finish()
+        yield from self.iter_ready()
         if len(self.tokens) == self.offset:
-            return []
+            return
         chunk = self._render(len(self.tokens), final=True)
         self.offset = len(self.tokens)
-        return [chunk] if chunk.size else []
+        if chunk.size:
+            yield chunk
 
     def _render(self, upto: int, final: bool) -> np.ndarray:
         # Only new chunks are computed: the flow keeps the states of those it rendered before.

@@ -12,6 +12,7 @@ rendered.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -256,29 +257,30 @@ class TritonPythonModel:
             return _Decoded(request, session, session.add_text(ids, torch.from_numpy(hidden)))
 
     def _answer(self, decoded: _Decoded, corr: Any) -> tuple[float, bool]:
-        """Render what the request's text made ready and send it; returns (seconds of audio
-        sent, whether the sequence ended)."""
+        """Render what the request's text made ready, sending each chunk as soon as it is
+        rendered, then an empty final response; returns (seconds of audio sent, whether the
+        sequence ended)."""
         request, session = decoded.request, decoded.session
         pb_utils = pb()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         end = bool(input_array(request, END).reshape(-1)[0])
-        with torch.inference_mode():
-            chunks = session.render_ready(decoded.mark)
-            if end:
-                chunks += session.finish()
-                self._free(corr)
-            else:
-                self._touch(corr, session)
-        if not chunks:
-            chunks = [np.zeros(0, np.float32)]
         sender = request.get_response_sender()
-        for index, chunk in enumerate(chunks):
-            tensor = pb_utils.Tensor(AUDIO, chunk.astype(np.float32).reshape(1, -1))
-            sender.send(
-                pb_utils.InferenceResponse(output_tensors=[tensor]),
-                flags=final if index == len(chunks) - 1 else 0,
-            )
-        return sum(c.size for c in chunks) / SAMPLE_RATE, end
+        samples = 0
+        with torch.inference_mode():
+            chunks = session.iter_ready(decoded.mark)
+            for chunk in itertools.chain(chunks, session.iter_finish() if end else ()):
+                tensor = pb_utils.Tensor(AUDIO, chunk.astype(np.float32).reshape(1, -1))
+                sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
+                samples += chunk.size
+        if end:
+            self._free(corr)
+        else:
+            self._touch(corr, session)
+        empty = pb_utils.Tensor(AUDIO, np.zeros((1, 0), np.float32))
+        sender.send(
+            pb_utils.InferenceResponse(output_tensors=[empty]),
+            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
+        return samples / SAMPLE_RATE, end
 
     def _open(self, request: Any, corr: Any) -> SpeechSession:
         wav = input_array(request, SPEAKER_WAV, optional=True)

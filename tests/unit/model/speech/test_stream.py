@@ -50,6 +50,18 @@ def test_first_audio_needs_two_text_groups(tiny: LoadedCheckpoint) -> None:
     assert [c.size for c in chunks[2]] == [24000]
 
 
+def test_the_tail_comes_in_one_second_chunks(tiny: LoadedCheckpoint) -> None:
+    """The speech after the text ends is cut as if its tokens had streamed in (one render of
+    it all was the longest wait between a reply's chunks); the mel stays exact
+    (`test_streamed_audio_matches_one_shot`)."""
+    s, chunks = speak(tiny, 17)
+    tail = chunks[-1]
+    assert len(tail) >= 2
+    assert [c.size for c in tail[:-1]] == [24000] * (len(tail) - 1)
+    assert 0 < tail[-1].size <= 24000 + 3 * SAMPLES_PER_TOKEN
+    assert s.offset == len(s.tokens) and s.finish() == []
+
+
 def test_same_seed_same_audio(tiny: LoadedCheckpoint) -> None:
     a = np.concatenate([c for g in speak(tiny, 12, seed=5)[1] for c in g])
     b = np.concatenate([c for g in speak(tiny, 12, seed=5)[1] for c in g])
