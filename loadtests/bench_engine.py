@@ -42,11 +42,6 @@ VARIANTS = {
 }
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 class Stamps:
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -101,10 +96,10 @@ def inter_token_latency(lm, prefill_chunk: int | None) -> dict:  # type: ignore[
     first_token_ms = [(s.times[0] - joined_at) * 1000 for s in joining]
     return {
         "undisturbed_p50_ms": statistics.median(before),
-        "undisturbed_p95_ms": percentile(before, 0.95),
-        "joining_p95_ms": percentile(during, 0.95),
+        "undisturbed_p95_ms": harness.percentile(before, 0.95),
+        "joining_p95_ms": harness.percentile(during, 0.95),
         "joining_max_ms": max(during),
-        "p95_ratio": percentile(during, 0.95) / percentile(before, 0.95),
+        "p95_ratio": harness.percentile(during, 0.95) / harness.percentile(before, 0.95),
         "joining_first_token_ms": first_token_ms,
     }
 

@@ -32,13 +32,10 @@ import grpc
 
 from iomni.auth import write_dev_tenant
 from iomni.client import AsyncDialogueClient, chat_request
-from iomni.engine.events import AudioChunk
-from iomni.engine.parts import InProcessParts, SpeechOptions
-from iomni.engine.turn import TurnEngine, TurnRequest
+from iomni.engine.parts import InProcessParts
+from iomni.engine.turn import TurnEngine
 from iomni.model.checkpoint import load_checkpoint
-from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
-from iomni.model.sampling import SamplingParams
 from iomni.triton.server import TritonPorts, TritonServer
 from iomni.v1 import dialogue_pb2 as pb
 from loadtests import harness
@@ -52,11 +49,6 @@ SESSIONS = (1, 4, 8, 16)
 MIN_SAMPLES = 8
 SIDE_BY_SIDE = 5  # gateway and in-process turns, alternated
 GAP_PAIRS = 2  # audio-gap measurements (alone, then while images), one after the other
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 PROMPT_TOKENS: list[int] = []  # of every measured gateway turn
@@ -119,22 +111,6 @@ async def gateway_ttfa(client: AsyncDialogueClient, text: str) -> float:
             first = time.perf_counter() - started
         if response.WhichOneof("payload") == "done":
             PROMPT_TOKENS.append(response.done.usage.prompt_tokens)
-    return (first or float("nan")) * 1000
-
-
-async def inprocess_ttfa(engine: TurnEngine, text: str) -> float:
-    request = TurnRequest(
-        user=Message("user", (TextPart(text),)),
-        speech=SpeechOptions(),
-        params=SamplingParams(temperature=0.0, max_new_tokens=TOKENS),
-    )
-    started = time.perf_counter()
-    first = None
-    # Read the turn to its end, as `gateway_ttfa` does: a turn left at its first audio would
-    # still be rendering its next chunks when the next one starts.
-    async for event in engine.start(request).events():
-        if first is None and isinstance(event, AudioChunk):
-            first = time.perf_counter() - started
     return (first or float("nan")) * 1000
 
 
@@ -331,7 +307,7 @@ async def measure_gaps(target: str, meter: CpuMeter) -> dict:
         },
         "silence_heard_ms": silences,  # the most over the pairs
         "get_session_ms": {
-            key: {"p50": percentile(samples, 0.5), "max": max(samples)}
+            key: {"p50": harness.percentile(samples, 0.5), "max": max(samples)}
             for key, samples in probes.items()
         },
         "images_profile": _profile(used_total, busy_total),
@@ -345,11 +321,12 @@ async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
     via_gateway, local = [], []
     async with AsyncDialogueClient(target, KEY) as client:
         await gateway_ttfa(client, "warm up")
-        await inprocess_ttfa(engine, "warm up")
+        await harness.inprocess_turn(engine, "warm up", TOKENS)
         # Alternated, so that a slower minute of a shared machine weighs on both sides.
         for i in range(SIDE_BY_SIDE):
             via_gateway.append(await gateway_ttfa(client, f"q{i}"))
-            local.append(await inprocess_ttfa(engine, f"q{i}"))
+            turn = await harness.inprocess_turn(engine, f"q{i}", TOKENS)
+            local.append(turn["first_audio_ms"])
     results = {
         "ttfa_gateway_ms": statistics.median(via_gateway),
         "ttfa_in_process_ms": statistics.median(local),
@@ -362,8 +339,8 @@ async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
         replies, passes = meter.speech_passes()
         replies, passes = replies - replies_before, passes - passes_before
         results[f"sessions_{sessions}"] = {
-            "p50_ms": percentile(samples, 0.5),
-            "p95_ms": percentile(samples, 0.95),
+            "p50_ms": harness.percentile(samples, 0.5),
+            "p95_ms": harness.percentile(samples, 0.95),
             "samples": len(samples),
             "profile": _profile(used, busy),
             "replies_per_speech_lm_pass": replies / passes if passes else 0.0,
@@ -375,10 +352,10 @@ async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
     for label, sessions in (("alone", 1), ("under_load", 8)):
         cancels, stops = await cancel_latency(target, repeats=3, sessions=sessions)
         results[f"cancel_{label}"] = {
-            "to_last_audio_p50_ms": percentile(cancels, 0.5),
-            "to_last_audio_p95_ms": percentile(cancels, 0.95),
-            "to_done_p50_ms": percentile(stops, 0.5),
-            "to_done_p95_ms": percentile(stops, 0.95),
+            "to_last_audio_p50_ms": harness.percentile(cancels, 0.5),
+            "to_last_audio_p95_ms": harness.percentile(cancels, 0.95),
+            "to_done_p50_ms": harness.percentile(stops, 0.5),
+            "to_done_p95_ms": harness.percentile(stops, 0.95),
             "samples": len(stops),
         }
     results.update(await measure_gaps(target, meter))
@@ -395,8 +372,11 @@ async def measure_settings(target: str) -> dict:
         await gateway_ttfa(client, "warm up")
     alone = await concurrent(target, 1, rounds=MIN_SAMPLES)
     loaded = await concurrent(target, 8)
-    result = {"p50_at_1_ms": percentile(alone, 0.5), "p95_at_8_ms": percentile(loaded, 0.95)}
-    result["p50_at_8_ms"] = percentile(loaded, 0.5)
+    result = {
+        "p50_at_1_ms": harness.percentile(alone, 0.5),
+        "p95_at_8_ms": harness.percentile(loaded, 0.95),
+    }
+    result["p50_at_8_ms"] = harness.percentile(loaded, 0.5)
     result["p95_at_8_over_p50_at_1"] = result["p95_at_8_ms"] / result["p50_at_1_ms"]
     return result
 

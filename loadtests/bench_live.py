@@ -24,7 +24,7 @@ from iomni.client import AsyncDialogueClient
 from iomni.testing.speech import RATE, pcm, silence, spoken
 from iomni.v1 import dialogue_pb2 as pb
 from loadtests import harness
-from loadtests.bench_gateway import KEY, gateway_stack, percentile
+from loadtests.bench_gateway import KEY, gateway_stack
 
 TOKENS = 24
 CHUNK_S = 0.04
@@ -111,8 +111,8 @@ async def measure(target: str) -> dict:
         audio_s = harness.scrape(METRICS, INPUT_SECONDS) - audio_before
     results: dict = {
         mode: {
-            "p50_ms": percentile(values, 0.5),
-            "p95_ms": percentile(values, 0.95),
+            "p50_ms": harness.percentile(values, 0.5),
+            "p95_ms": harness.percentile(values, 0.95),
             "samples": values,
         }
         for mode, values in runs.items()

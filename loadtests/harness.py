@@ -1,14 +1,20 @@
 """What every benchmark and suite in loadtests/ starts with: its command line, the generated
-checkpoint it runs on, a throwaway Redis."""
+checkpoint it runs on, a throwaway Redis, percentiles, one timed in-process turn."""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
+from iomni.engine.events import AudioChunk, TurnDone
+from iomni.engine.parts import SpeechOptions
+from iomni.engine.turn import TurnEngine, TurnRequest
+from iomni.model.conversation import Message, TextPart
 from iomni.model.generate import make_checkpoint
+from iomni.model.sampling import SamplingParams
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -63,6 +69,30 @@ def silence_heard(chunks: list[tuple[float, float]]) -> float:
             played_until = arrived
         played_until += seconds
     return silence
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def inprocess_turn(engine: TurnEngine, text: str, max_new_tokens: int) -> dict[str, float]:
+    """One spoken greedy turn: first audio (ms from the start) and the prompt's token count.
+    The turn is read to its end: one left at its first audio would still be rendering its
+    next chunks when the next one starts."""
+    request = TurnRequest(
+        user=Message("user", (TextPart(text),)),
+        speech=SpeechOptions(),
+        params=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+    )
+    started = time.perf_counter()
+    first, prompt_tokens = None, 0
+    async for event in engine.start(request).events():
+        if first is None and isinstance(event, AudioChunk):
+            first = time.perf_counter() - started
+        if isinstance(event, TurnDone):
+            prompt_tokens = event.usage.prompt_tokens
+    return {"first_audio_ms": (first or float("nan")) * 1000, "prompt_tokens": prompt_tokens}
 
 
 def publish(out: Path, name: str, lines: list[str]) -> None:

@@ -353,14 +353,15 @@ class ContinuousBatcher:
 
     def _embed(self, ids: list[int], start: int, media: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """Embeddings of ids[start:], media rows spliced at their placeholders."""
-        suffix = torch.tensor(ids[start:], dtype=torch.long)
-        embeds = self.lm.get_input_embeddings()(suffix.unsqueeze(0))
+        table = self.lm.get_input_embeddings()
+        suffix = torch.tensor(ids[start:], dtype=torch.long, device=table.weight.device)
+        embeds = table(suffix.unsqueeze(0))
         for token_id, rows in media.items():
             mask = suffix == token_id
             count = int(mask.sum())
             if count:
                 offset = sum(1 for t in ids[:start] if t == token_id)
-                embeds[0, mask] = rows[offset : offset + count].to(embeds.dtype)
+                embeds[0, mask] = rows[offset : offset + count].to(embeds)
         return embeds
 
     def _choose(
@@ -405,8 +406,9 @@ class ContinuousBatcher:
         return True
 
     def _forward(self, batch: list[_Active]) -> None:
-        tokens = torch.tensor([[s.next_token] for s in batch])
-        embeds = self.lm.get_input_embeddings()(tokens)
+        table = self.lm.get_input_embeddings()
+        tokens = torch.tensor([[s.next_token] for s in batch], device=table.weight.device)
+        embeds = table(tokens)
         for seq in batch:
             seq.fed.append(seq.next_token)
         if len(batch) == 1:

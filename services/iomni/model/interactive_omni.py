@@ -96,15 +96,15 @@ class InteractiveOmniModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(tiles, 3, H, W) -> (tiles, num_image_token, H_llm)."""
         self._require("vision")
-        pixels = pixel_values.to(self.mlp1[1].weight.dtype)
+        pixels = pixel_values.to(self.mlp1[1].weight)  # its device and dtype
         return encode_tiles(self.vision_model, self.mlp1, self.config, pixels)
 
     @torch.inference_mode()
     def encode_audio(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Log-mel windows (128, T_i) -> per-window (tokens_i, H_llm)."""
         self._require("audio")
-        dtype = self.mlp2[1].weight.dtype
-        return encode_windows(self.audio_model, self.mlp2, [w.to(dtype) for w in windows])
+        weight = self.mlp2[1].weight
+        return encode_windows(self.audio_model, self.mlp2, [w.to(weight) for w in windows])
 
     def inputs_embeds(
         self, input_ids: torch.Tensor, media: Mapping[int, torch.Tensor]

@@ -41,19 +41,19 @@ class BatchCache:
                 keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
                 values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
             layers.append((torch.cat(keys), torch.cat(values)))
-        mask = torch.ones(len(batch), longest, dtype=torch.long)
+        mask = torch.ones(len(batch), longest, dtype=torch.long, device=layers[0][0].device)
         for row, pad in enumerate(pads):
             mask[row, :pad] = 0
         return cls(list(batch), growing_cache(layers), pads, mask, lengths)
 
     def grow_mask(self) -> torch.Tensor:
         """The mask for one more token per row (and remember it)."""
-        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
         return self.mask
 
     def positions(self) -> torch.Tensor:
         """Each row's own next position; counts the token this step adds."""
-        positions = torch.tensor([[length] for length in self.lengths])
+        positions = torch.tensor([[length] for length in self.lengths], device=self.mask.device)
         self.lengths = [length + 1 for length in self.lengths]
         return positions
 

@@ -52,7 +52,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """Pick the next token id from (V,) logits: temperature, then top-k, then top-p."""
     if params.greedy:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    # The generator lives on the CPU (seeded draws are the same on every device).
+    scores = logits.float().cpu() / params.temperature
     # Work on the top-k candidates only: sorting the whole vocabulary each step is slow.
     k = min(params.top_k, scores.shape[-1]) if params.top_k else scores.shape[-1]
     candidates, ids = torch.topk(scores, k)  # sorted, descending

@@ -75,7 +75,7 @@ class SpeechSession:
     ) -> None:
         self.flow = flow
         self.settings = settings or SpeechSettings()
-        self.speaker = speaker.reshape(1, -1).to(next(flow.parameters()).dtype)
+        self.speaker = speaker.reshape(1, -1).to(next(flow.parameters()))
         self.lm_decoder = BistreamDecoder(voicelm, torch.Generator().manual_seed(seed))
         self.vocoder = HiFTStreamer(hift, torch.Generator().manual_seed(seed + 1))
         self.flow_stream = FlowStream(flow, self.speaker, steps=self.settings.flow_steps)
@@ -165,7 +165,7 @@ class SpeechSession:
             start, mel = self.flow_stream.render(self.tokens[:upto], finalize=final)
         ratio = self.flow_stream.ratio
         wav = self.vocoder.push(mel[:, :, ratio * (self.offset - start) :], final=final)
-        samples = wav.reshape(-1).float().numpy()
+        samples = wav.reshape(-1).float().cpu().numpy()
         self.samples_out += samples.size
         return samples
 

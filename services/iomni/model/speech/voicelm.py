@@ -117,7 +117,7 @@ class VoiceLM(nn.Module):
         table = self.llm.model.get_input_embeddings()
         ids = torch.tensor(list(token_ids), dtype=torch.long, device=table.weight.device)
         text = table(ids)
-        return self.adaptor(hidden.to(text.dtype), text).unsqueeze(0)
+        return self.adaptor(hidden.to(text), text).unsqueeze(0)  # text's device and dtype
 
     def marker(self, index: int) -> torch.Tensor:
         return self.llm_embedding.weight[index].reshape(1, 1, -1)
@@ -138,7 +138,7 @@ def ras_sample(
 ) -> int:
     """Repetition-aware sampling (CosyVoice2): nucleus draw, redraw from the full
     distribution when the token already appears in the recent window."""
-    logp = logp.clone()
+    logp = logp.to("cpu", copy=True)  # the generator lives on the CPU, whatever the device
     for token in forbid:
         logp[token] = float("-inf")
     probs = logp.exp()
