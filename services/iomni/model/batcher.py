@@ -365,10 +365,19 @@ class ContinuousBatcher:
         return embeds
 
     def _choose(
-        self, seq: _Active, hidden: torch.Tensor, logits: torch.Tensor | None = None
+        self,
+        seq: _Active,
+        hidden: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        argmax: int | None = None,
     ) -> None:
-        logits = self.lm.lm_head(hidden).float() if logits is None else logits
-        seq.next_token = sample_next(logits, seq.request.params, seq.generator)
+        """Pick the sequence's next token (`argmax`: its greedy pick, already on the host)."""
+        params = seq.request.params
+        if params.greedy and argmax is not None:
+            seq.next_token = argmax
+        else:
+            logits = self.lm.lm_head(hidden).float() if logits is None else logits
+            seq.next_token = sample_next(logits, params, seq.generator)
         seq.hidden = hidden.float() if seq.request.return_hidden else None
 
     def _step(self) -> None:
@@ -431,8 +440,11 @@ class ContinuousBatcher:
         state.cache = out.cache
         hidden = out.last_hidden_state[:, -1]
         logits = self.lm.lm_head(hidden).float()  # one matmul: the vocab weight is read once
+        # The batch's greedy picks in one copy to the host: on a GPU, each row's own
+        # `int(argmax)` would wait for the device once more.
+        argmax = logits.argmax(-1).tolist()
         for row, seq in enumerate(batch):
-            self._choose(seq, hidden[row], logits[row])
+            self._choose(seq, hidden[row], logits[row], argmax[row])
 
     def _unbatch(self) -> None:
         """Hand each sequence of the batch its own cache back (the batch is changing)."""

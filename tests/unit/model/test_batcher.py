@@ -117,6 +117,28 @@ def test_concurrent_sequences_share_steps_and_match_alone(
     assert batcher.metrics.generated_tokens == sum(len(out.tokens) for out in outs)
 
 
+def test_a_sampled_reply_in_a_batch_draws_as_if_alone(
+    tiny: LoadedCheckpoint, batcher: ContinuousBatcher
+) -> None:
+    """Greedy rows take the batch's argmax; a seeded sampled row still draws from its own
+    generator, the same tokens as alone."""
+    sampled = SamplingParams(temperature=1.0, top_k=0, seed=7, max_new_tokens=12)
+    alone = submit(batcher, prompt(9, 4), sampled)
+    assert alone.done.wait(60)
+    greedy = [prompt(n, seed) for seed, n in ((5, 14), (6, 30))]
+    outs = [
+        submit(batcher, ids, SamplingParams(temperature=0.0, max_new_tokens=12)) for ids in greedy
+    ]
+    beside = submit(batcher, prompt(9, 4), sampled)
+    for out in [*outs, beside]:
+        assert out.done.wait(60)
+    assert beside.tokens == alone.tokens
+    assert beside.tokens != reference(tiny, prompt(9, 4), 12)  # it did sample
+    for ids, out in zip(greedy, outs, strict=True):
+        assert out.tokens == reference(tiny, ids, 12)
+    assert max(e.batch_size for e in beside.events) >= 2
+
+
 def test_sequences_leaving_and_joining_the_batch_keep_their_hidden_states(
     tiny: LoadedCheckpoint, batcher: ContinuousBatcher
 ) -> None:

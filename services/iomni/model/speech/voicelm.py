@@ -272,7 +272,8 @@ def decode_groups(decoders: Sequence[BistreamDecoder]) -> list[list[int]]:
             batch.cache, last = out.cache, out.last_hidden_state[:, -1]
         if step + 1 == per_group:
             break  # the group's last token is fed, not followed: a forced fill asks for text
-        logp = F.log_softmax(lm.llm_decoder(last).float(), dim=-1)
+        # All rows to the host in one copy (sampling runs there): one wait for a GPU per step.
+        logp = F.log_softmax(lm.llm_decoder(last).float(), dim=-1).cpu()
         for row, decoder in enumerate(decoders):
             tokens[row].append(decoder._sample(logp[row]))
     if batch is not None:
