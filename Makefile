@@ -103,6 +103,7 @@ bench: setup
 	$(PY) -m loadtests.bench_gateway --out docs/benchmarks
 	$(PY) -m loadtests.bench_streams --out docs/benchmarks
 	$(PY) -m loadtests.bench_live --out docs/benchmarks
+	$(PY) -m loadtests.bench_gpu --out docs/benchmarks  # on a CUDA machine only; says so elsewhere
 
 # Reliability (docs/reliability.md): bounded, re-runnable, never part of `make test`.
 FUZZ_EXAMPLES ?= 20000

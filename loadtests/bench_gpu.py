@@ -117,7 +117,12 @@ def measure(result: dict, name: str, fn: Callable[[], dict], save: Callable[[], 
 
 
 def bench_size(
-    result: dict, path: Path, device: str, dtype: torch.dtype, save: Callable[[], None]
+    result: dict,
+    path: Path,
+    device: str,
+    dtype: torch.dtype,
+    save: Callable[[], None],
+    cudnn_ab: bool = False,
 ) -> None:
     """Fill `result` with one size's figures, saving after each."""
     started = time.perf_counter()
@@ -146,11 +151,31 @@ def bench_size(
     def memory() -> dict:
         return {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
+    def without_cudnn() -> dict:
+        """Decode at 8 and a short utterance's RTF with and without cuDNN (attention and
+        convolutions): it builds a plan per new shape, and every decode step's KV length and
+        every speech chunk's length is new."""
+        short = speech_rtf(checkpoint, 50)["speech_rtf"]
+        torch.backends.cudnn.enabled = False
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            eight = asyncio.run(decode_streams(parts, CONCURRENT))
+            return {
+                "speech_rtf_50_tokens": short,
+                "cudnn_off_speech_rtf_50_tokens": speech_rtf(checkpoint, 50)["speech_rtf"],
+                f"cudnn_off_decode_tokens_per_s_at_{CONCURRENT}": eight["tokens_per_s"],
+            }
+        finally:
+            torch.backends.cudnn.enabled = True
+            torch.backends.cuda.enable_cudnn_sdp(True)
+
     measure(result, "decode", lambda: asyncio.run(decode()), save)
     measure(result, "speech_rtf", rtf, save)
     measure(result, "first_audio", lambda: asyncio.run(first_audio(engine)), save)
     if torch.cuda.is_available():
         measure(result, "memory", memory, save)
+        if cudnn_ab:
+            measure(result, "without_cudnn", without_cudnn, save)
     asyncio.run(parts.close())
 
 
@@ -210,6 +235,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    parser.add_argument(
+        "--cudnn-ab", action="store_true", help="also measure decode at 8 and RTF without cuDNN"
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here, nothing measured")
@@ -245,7 +273,7 @@ def main() -> None:
             write_report(meta, results, args.out)
 
         try:
-            bench_size(results[size], path, args.device, DTYPES[args.dtype], save)
+            bench_size(results[size], path, args.device, DTYPES[args.dtype], save, args.cudnn_ab)
         except Exception as exc:
             traceback.print_exc()
             results[size].setdefault("errors", {})["load"] = f"{type(exc).__name__}: {exc}"
