@@ -179,18 +179,11 @@ def bench_size(
     asyncio.run(parts.close())
 
 
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
-    return str(value)
-
-
 def write_report(meta: dict, results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n"
     )
-    keys = sorted({k for r in results.values() for k in r if k != "errors"})
     lines = [
         f"# In-process engine on {meta['gpu']} ({meta['dtype']})",
         "",
@@ -208,12 +201,8 @@ def write_report(meta: dict, results: dict, out: Path) -> None:
         f"- Speech RTF: the speech decoder alone (voice LM, flow, vocoder) on "
         f"{SPEECH_TEXT_TOKENS} text tokens, wall time / audio time.",
         "",
-        "| metric | " + " | ".join(results) + " |",
-        "|---|" + "---|" * len(results),
+        *harness.metric_table(results),
     ]
-    for key in keys:
-        cells = [_cell(r[key]) if key in r else "" for r in results.values()]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     for size, result in results.items():
         for name, error in result.get("errors", {}).items():
             lines.append(f"\n{size}, {name}: not measured: {error}")

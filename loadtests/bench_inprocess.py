@@ -165,10 +165,6 @@ def bench_size(size: str, root: Path) -> dict:
     return result
 
 
-def _cell(value: float) -> str:
-    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
-
-
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -182,7 +178,6 @@ def write_report(results: dict, out: Path) -> None:
     (out / "inprocess.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
     )
-    keys = sorted({k for r in results.values() for k in r})
     lines = [
         "# In-process benchmark (CPU)",
         "",
@@ -190,12 +185,8 @@ def write_report(results: dict, out: Path) -> None:
         f"{meta['torch']} ({meta['torch_threads']} threads). Random weights; timings are "
         "medians after a warm-up. Regenerate with `make bench`.",
         "",
-        "| metric | " + " | ".join(results) + " |",
-        "|---|" + "---|" * len(results),
+        *harness.metric_table(results),
     ]
-    for key in keys:
-        cells = [_cell(r[key]) if key in r else "" for r in results.values()]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     harness.publish(out, "inprocess", lines)
 
 

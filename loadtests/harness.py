@@ -95,6 +95,23 @@ async def inprocess_turn(engine: TurnEngine, text: str, max_new_tokens: int) -> 
     return {"first_audio_ms": (first or float("nan")) * 1000, "prompt_tokens": prompt_tokens}
 
 
+def cell(value: object) -> str:
+    """A figure for a table: one decimal from 10 up, three significant digits below."""
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def metric_table(results: dict[str, dict]) -> list[str]:
+    """Markdown rows: one per metric (sorted), one column per result set; `errors` left out."""
+    keys = sorted({k for r in results.values() for k in r if k != "errors"})
+    lines = ["| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for key in keys:
+        cells = [cell(r[key]) if key in r else "" for r in results.values()]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def publish(out: Path, name: str, lines: list[str]) -> None:
     """Write a result page (docs/benchmarks/NAME.md) and show it."""
     text = "\n".join(lines)
