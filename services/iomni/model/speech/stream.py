@@ -100,21 +100,16 @@ class SpeechSession:
 
     def add_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> int:
         """Queue text for `decode_together` (which may batch it with other replies'); returns
-        the text tokens received so far, a mark for `render_ready`."""
+        the text tokens received so far, a mark for `iter_ready`."""
         self.lm_decoder.add_text(token_ids, hidden)
         self.text_tokens += len(token_ids)
         return self.text_tokens
 
-    @torch.inference_mode()
-    def render_ready(self, text_mark: int | None = None) -> list[np.ndarray]:
-        """Render the chunks whose speech tokens (and look-ahead) are decoded; with a mark
-        from `add_text`, only those the text up to it makes ready (what that call would have
-        rendered alone, so each request's answer is as early as if served alone)."""
-        return list(self.iter_ready(text_mark))
-
     def iter_ready(self, text_mark: int | None = None) -> Iterator[np.ndarray]:
-        """`render_ready`, each chunk yielded as soon as it is rendered (call under
-        `torch.inference_mode`)."""
+        """Render the chunks whose speech tokens (and look-ahead) are decoded, each yielded as
+        soon as it is rendered (call under `torch.inference_mode`); with a mark from
+        `add_text`, only those the text up to it makes ready (what that call would have
+        rendered alone, so each request's answer is as early as if served alone)."""
         decoded = len(self.tokens)
         if text_mark is not None:
             decoded = min(decoded, self.lm_decoder.speech_tokens_for(text_mark))
@@ -182,8 +177,8 @@ def decode_together(sessions: Sequence[SpeechSession]) -> None:
 def render_first_together(marked: Sequence[tuple[SpeechSession, int]]) -> list[int]:
     """Render the flow of the first chunks the text marks make ready, the sessions' together
     (`FlowStream.render_first_together`: cheaper per reply on CPU); each session's
-    `render_ready` then only vocodes its own. Sessions with a single ready first chunk, or
-    whose first chunk is not ready, are left to `render_ready`. Returns the replies in each
+    `iter_ready` then only vocodes its own. Sessions with a single ready first chunk, or
+    whose first chunk is not ready, are left to `iter_ready`. Returns the replies in each
     batched pass."""
     ready: dict[SpeechSettings, dict[SpeechSession, int]] = {}  # settings fix upto and grid
     passes = []

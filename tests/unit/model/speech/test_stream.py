@@ -164,8 +164,9 @@ def test_replies_rendering_first_chunks_together_sound_as_if_alone(
         ]
         decode_together([s for s, _ in marks])
         render_first_together(marks)
-        for s, mark in marks:
-            audio[sessions.index(s)] += s.render_ready(mark)
+        with torch.inference_mode():
+            for s, mark in marks:
+                audio[sessions.index(s)] += list(s.iter_ready(mark))
     for index, s in enumerate(sessions):
         audio[index] += s.finish()
     assert batched_passes == [3]  # all three first chunks, in one pass
