@@ -12,9 +12,8 @@ here, most urgent reply first, each reply's requests in order:
 3. replies already playing, least audio left at the client first (seconds sent minus seconds
    since their first audio), so the stream closest to running dry is fed first.
 
-A chunk's render cannot be interrupted (a request that renders several hands over between
-them: `requeue` with the audio it sent), so starting a playing reply's chunk just before a new
-reply's next text arrives makes that reply's first audio wait a whole chunk. While a reply on this
+A render cannot be interrupted, so starting a playing reply's chunk just before a new reply's
+next text arrives makes that reply's first audio wait a whole chunk. While a reply on this
 instance still has no audio, a playing reply with more than `reserve_s` of audio left at its
 client therefore waits (the instance idles briefly) until its reserve runs down to `reserve_s`.
 
