@@ -110,29 +110,24 @@ class SpeechQueue:
             if reply is None:
                 return
             reply.serving = max(0, reply.serving - 1)
-            self._count_audio(reply, audio_s)
+            if audio_s > 0:
+                if reply.first_audio_at is None:
+                    reply.first_audio_at = self._clock()
+                reply.audio_s += audio_s
             if ended and not reply.pending:
                 del self._replies[key]
             self._ready.notify()
 
-    def requeue(self, key: Any, request: Any, audio_s: float = 0.0) -> None:
-        """Give back a taken request not served yet, or served in part (`audio_s` seconds of
-        audio sent so far), to be taken again first for its reply (requeue a reply's requests
-        last to first). Counts as its `done`."""
+    def requeue(self, key: Any, request: Any) -> None:
+        """Give back a taken request not served yet, to be taken again first for its reply
+        (requeue a reply's requests last to first). Counts as its `done`."""
         with self._ready:
             reply = self._replies.get(key)
             if reply is None:
                 reply = self._replies[key] = _Reply(arrived=self._clock())
             reply.pending.appendleft((request, False))
             reply.serving = max(0, reply.serving - 1)
-            self._count_audio(reply, audio_s)
             self._ready.notify()
-
-    def _count_audio(self, reply: _Reply, audio_s: float) -> None:
-        if audio_s > 0:
-            if reply.first_audio_at is None:
-                reply.first_audio_at = self._clock()
-            reply.audio_s += audio_s
 
     def first_audio_waiting(self) -> bool:
         """Whether a reply without audio has a request that nobody is serving."""

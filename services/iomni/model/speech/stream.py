@@ -83,8 +83,7 @@ class SpeechSession:
         self.text_tokens = 0  # text tokens received
         self.offset = 0  # tokens already rendered to audio
         self.samples_out = 0
-        self.done = False  # no more text: finishing, finished or closed
-        self.tail_decoded = False  # `iter_finish` decoded the tail and is rendering it
+        self.done = False
         self.first_mel: tuple[int, torch.Tensor] | None = None  # (upto, mel) rendered in a batch
 
     @torch.inference_mode()
@@ -139,13 +138,11 @@ class SpeechSession:
         """`finish`, each chunk yielded as soon as it is rendered (call under
         `torch.inference_mode`). The tail is cut into chunks as if its tokens had streamed
         in: rendered whole, the last chunk of a reply was up to two seconds of audio in one
-        render, the largest wait between its chunks. Resumable: left after a chunk, a later
-        call renders the rest (the speech decoder hands over to a reply without audio)."""
-        if not self.tail_decoded:
-            if self.done:  # closed before it finished
-                return
-            self.done = self.tail_decoded = True
-            self.tokens += self.lm_decoder.finish()
+        render, the largest wait between its chunks."""
+        if self.done:
+            return
+        self.done = True
+        self.tokens += self.lm_decoder.finish()
         yield from self.iter_ready()
         if len(self.tokens) == self.offset:
             return

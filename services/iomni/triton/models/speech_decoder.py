@@ -88,16 +88,6 @@ class _Decoded:
         return self.request.get_response_sender()
 
 
-@dataclass(frozen=True)
-class _Answer:
-    """What answering a request did: seconds of audio sent, whether the sequence ended, and
-    whether the request is finished (else it handed over between chunks)."""
-
-    audio_s: float
-    ended: bool
-    complete: bool = True
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.loaded = load_part(args, "speech")
@@ -211,20 +201,16 @@ class TritonPythonModel:
                 for deferred in reversed(texted[index:]):
                     self.queue.requeue(*deferred)
                 return
-            answer = _Answer(0.0, True, True)
+            audio_s, ended = 0.0, True
             try:
                 if corr in failed:
                     raise Unavailable(f"an earlier request of speech sequence {corr!r} failed")
-                answer = self._answer(decoded, corr)
+                audio_s, ended = self._answer(decoded, corr)
             except Exception as exc:
                 failed.add(corr)
                 self._fail(corr, decoded, exc, done=False)
-            if not answer.complete:  # handed over between chunks: the rest comes later
-                for deferred in reversed(texted[index + 1 :]):
-                    self.queue.requeue(*deferred)
-                self.queue.requeue(corr, decoded, answer.audio_s)
-                return
-            self.queue.done(corr, answer.audio_s, answer.ended)
+            finally:
+                self.queue.done(corr, audio_s, ended)
 
     def _fail(self, corr: Any, request: Any, exc: BaseException, done: bool = True) -> None:
         self._free(corr)
@@ -270,11 +256,10 @@ class TritonPythonModel:
         with torch.inference_mode():
             return _Decoded(request, session, session.add_text(ids, torch.from_numpy(hidden)))
 
-    def _answer(self, decoded: _Decoded, corr: Any) -> _Answer:
+    def _answer(self, decoded: _Decoded, corr: Any) -> tuple[float, bool]:
         """Render what the request's text made ready, sending each chunk as soon as it is
-        rendered, then an empty final response. A chunk cannot be interrupted, but between
-        two the request hands over to a reply still waiting for its first audio: it goes back
-        to the queue unfinished (the session resumes where it stopped)."""
+        rendered, then an empty final response; returns (seconds of audio sent, whether the
+        sequence ended)."""
         request, session = decoded.request, decoded.session
         pb_utils = pb()
         end = bool(input_array(request, END).reshape(-1)[0])
@@ -286,9 +271,6 @@ class TritonPythonModel:
                 tensor = pb_utils.Tensor(AUDIO, chunk.astype(np.float32).reshape(1, -1))
                 sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
                 samples += chunk.size
-                if self.queue.first_audio_waiting():
-                    self._touch(corr, session)
-                    return _Answer(samples / SAMPLE_RATE, False, complete=False)
         if end:
             self._free(corr)
         else:
@@ -298,7 +280,7 @@ class TritonPythonModel:
             pb_utils.InferenceResponse(output_tensors=[empty]),
             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
         )
-        return _Answer(samples / SAMPLE_RATE, end)
+        return samples / SAMPLE_RATE, end
 
     def _open(self, request: Any, corr: Any) -> SpeechSession:
         wav = input_array(request, SPEAKER_WAV, optional=True)
