@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from iomni.engine.parts import GenerationRequest, InProcessParts
+from iomni.engine.parts import InProcessParts
 from iomni.engine.turn import TurnEngine
 from iomni.model.checkpoint import load_checkpoint
 from iomni.model.generate import make_checkpoint
 from iomni.model.processor import Processor
-from iomni.model.sampling import SamplingParams
 from loadtests import harness
 from loadtests.bench_inprocess import speech_rtf
 
@@ -49,30 +48,10 @@ def synchronize() -> None:
 
 
 async def decode_streams(parts: InProcessParts, streams: int) -> dict[str, float]:
-    """`streams` greedy generations at once: tokens / wall time from the start, prefill
-    included (as bench_triton counts), and the slowest stream's own decode rate."""
-
-    async def one(index: int) -> tuple[int, float]:
-        request = GenerationRequest(
-            input_ids=[1000 + (index * 7919 + i) % 5000 for i in range(PROMPT_TOKENS)],
-            media={},
-            params=SamplingParams(temperature=0.0, max_new_tokens=DECODE_TOKENS),
-            stop_ids=[],
-        )
-        first, count = 0.0, 0
-        async for _ in parts.generate(request):
-            count += 1
-            if count == 1:
-                first = time.perf_counter()
-        return count, (count - 1) / (time.perf_counter() - first)
-
-    started = time.perf_counter()
-    runs = await asyncio.gather(*(one(i) for i in range(streams)))
-    wall = time.perf_counter() - started
-    return {
-        "tokens_per_s": sum(count for count, _ in runs) / wall,
-        "per_stream_tokens_per_s": min(rate for _, rate in runs),
-    }
+    """Aggregate and slowest-stream decode rates (hidden states on, as a spoken turn has)."""
+    return await harness.decode_rate(
+        parts, streams, PROMPT_TOKENS, DECODE_TOKENS, return_hidden=True
+    )
 
 
 async def first_audio(engine: TurnEngine) -> dict[str, float]:
@@ -141,7 +120,7 @@ def bench_size(
             "decode_tokens_per_s_at_1": one["tokens_per_s"],
             f"decode_tokens_per_s_at_{CONCURRENT}": eight["tokens_per_s"],
             f"decode_gain_at_{CONCURRENT}": eight["tokens_per_s"] / one["tokens_per_s"],
-            f"decode_slowest_stream_at_{CONCURRENT}": eight["per_stream_tokens_per_s"],
+            f"decode_slowest_stream_at_{CONCURRENT}": eight["slowest_stream_tokens_per_s"],
         }
 
     def rtf() -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from iomni.engine.events import TurnDone
-from iomni.engine.parts import GenerationRequest, InProcessParts, SpeechOptions
+from iomni.engine.parts import InProcessParts, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.model.checkpoint import fingerprint, load_checkpoint
 from iomni.model.conversation import MediaPart, Message, TextPart
@@ -65,22 +65,6 @@ async def turn_timings(engine: TurnEngine, repeats: int) -> dict[str, float]:
     }
 
 
-async def tokens_per_second(parts: TritonParts, streams: int, tokens: int = 64) -> float:
-    async def one(seed: int) -> int:
-        request = GenerationRequest(
-            input_ids=[1000 + seed] * 32,
-            media={},
-            stop_ids=[],
-            params=SamplingParams(temperature=0.0, max_new_tokens=tokens),
-            return_hidden=False,
-        )
-        return sum([1 async for _ in parts.generate(request)])
-
-    started = time.perf_counter()
-    counts = await asyncio.gather(*(one(i) for i in range(streams)))
-    return sum(counts) / (time.perf_counter() - started)
-
-
 async def measure(server: TritonServer, checkpoint: Path, repeats: int) -> dict:
     processor = Processor.from_checkpoint(checkpoint)
     special = processor.tokenizer.special
@@ -98,7 +82,7 @@ async def measure(server: TritonServer, checkpoint: Path, repeats: int) -> dict:
     results["ratio"] = {
         k: results["triton"][k] / results["in_process"][k] for k in results["triton"]
     }
-    rates = {n: await tokens_per_second(remote, n) for n in (1, 4, 8)}
+    rates = {n: (await harness.decode_rate(remote, n))["tokens_per_s"] for n in (1, 4, 8)}
     results["llm_tokens_per_s"] = {str(n): r for n, r in rates.items()}
     results["batching_gain"] = {str(n): rates[n] / rates[1] for n in (4, 8)}
     await remote.close()

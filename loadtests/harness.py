@@ -4,17 +4,19 @@ checkpoint it runs on, a throwaway Redis, percentiles, one timed in-process turn
 from __future__ import annotations
 
 import argparse
+import asyncio
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 from iomni.engine.events import AudioChunk, TurnDone
-from iomni.engine.parts import SpeechOptions
+from iomni.engine.parts import GenerationRequest, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.model.conversation import Message, TextPart
 from iomni.model.generate import make_checkpoint
 from iomni.model.sampling import SamplingParams
+from iomni.parts import ModelParts
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -110,6 +112,40 @@ def metric_table(results: dict[str, dict]) -> list[str]:
         cells = [cell(r[key]) if key in r else "" for r in results.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
+
+
+async def decode_rate(
+    parts: ModelParts,
+    streams: int,
+    prompt_tokens: int = 32,
+    new_tokens: int = 64,
+    return_hidden: bool = False,
+) -> dict[str, float]:
+    """`streams` greedy generations at once: tokens / wall time from the start, prefill
+    included, and the slowest stream's own rate after its first token."""
+
+    async def one(seed: int) -> tuple[int, float]:
+        request = GenerationRequest(
+            input_ids=[1000 + seed] * prompt_tokens,
+            media={},
+            stop_ids=[],
+            params=SamplingParams(temperature=0.0, max_new_tokens=new_tokens),
+            return_hidden=return_hidden,
+        )
+        first, count = 0.0, 0
+        async for _ in parts.generate(request):
+            count += 1
+            if count == 1:
+                first = time.perf_counter()
+        return count, (count - 1) / max(time.perf_counter() - first, 1e-9)
+
+    started = time.perf_counter()
+    runs = await asyncio.gather(*(one(i) for i in range(streams)))
+    wall = time.perf_counter() - started
+    return {
+        "tokens_per_s": sum(count for count, _ in runs) / wall,
+        "slowest_stream_tokens_per_s": min(rate for _, rate in runs),
+    }
 
 
 def publish(out: Path, name: str, lines: list[str]) -> None:
