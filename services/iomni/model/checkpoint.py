@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from iomni.errors import CheckpointError
 from iomni.model.config import InteractiveOmniConfig
+from iomni.model.llm import pack_vocab_projection
 from iomni.model.interactive_omni import (
     ALL_PARTS,
     PART_GROUPS,
@@ -213,7 +214,8 @@ def load_checkpoint(
         _set_parameter(model, name, model.get_parameter(source))
     _materialise_buffers(model, device)
     if device == "cpu" and hasattr(model, "language_model"):
-        _vocab_columns_first(model.language_model.lm_head.weight)
+        if not pack_vocab_projection(model.language_model):
+            _vocab_columns_first(model.language_model.lm_head.weight)
     model.eval()
     return LoadedCheckpoint(path, config, model, report, fingerprint(path))
 
@@ -234,13 +236,14 @@ def _read_tensors(
 
 
 def _vocab_columns_first(weight: torch.nn.Parameter) -> None:
-    """Store the output projection [vocab, hidden] column-major (same shape and values).
+    """Where the projection cannot be prepacked (a non-float32 CPU load, a torch without
+    oneDNN), store it [vocab, hidden] column-major (same shape and values).
 
     On CPU, `F.linear` with a row-major [151936, D] weight takes a slow GEMM path: measured on
-    `small` (D 256, one core) 20 ms for one row and 45 ms for eight. Column-major, the same
-    product is the plain x @ W.T and takes 10 and 32 ms; the projection is most of an LLM step
-    there. A tied embedding shares the parameter, and a row lookup from this layout is as exact
-    (it only gathers strided values)."""
+    `small` (D 256, one core) 12 ms for one row and 19 ms for eight; column-major, the same
+    product is the plain x @ W.T and takes 5.3 and 17-19 ms. A tied embedding shares the
+    parameter, and a row lookup from this layout is as exact (it only gathers strided
+    values)."""
     weight.data = weight.data.t().contiguous().t()
 
 

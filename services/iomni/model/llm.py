@@ -64,6 +64,59 @@ def forward(
     return StepOutput(logits=logits, hidden=hidden), out.cache
 
 
+class PackedVocabProjection(torch.nn.Module):
+    """`lm_head` on CPU through oneDNN's prepacked GEMM (same weight, same values).
+
+    Measured on `small` (hidden 256, vocabulary 151936, one core): 4.7 ms for one row and
+    7.1 ms for eight, against 5.3 and 17-19 ms for `F.linear` over the best plain layout (and
+    12 and 19 ms over the row-major one); the projection is most of a CPU decode step, so this
+    is what lets eight streams share a step. The packed copy costs one more vocabulary matrix
+    of memory (155 MB on `small`). `weight` stays the module's parameter, shared with a tied
+    embedding; anything but a float32 CPU input (a GPU move, an export trace) takes the plain
+    `F.linear`.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, packed: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._packed = packed  # not a buffer: the state dict stays the checkpoint's
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self._can_pack(hidden):
+            return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        rows = hidden.reshape(-1, self.in_features)
+        logits = torch.ops.mkldnn._linear_pointwise(rows, self._packed, self.bias, "none", [], "")
+        return logits.reshape(*hidden.shape[:-1], self.out_features)
+
+    def _can_pack(self, hidden: torch.Tensor) -> bool:
+        plain = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        cpu = hidden.device.type == "cpu" and self.weight.device.type == "cpu"
+        return not plain and cpu and hidden.dtype == self.weight.dtype == torch.float32
+
+
+# The batch size oneDNN is told to pack for: measured, packing for 8 rows serves 1 to 16 rows
+# as fast as packing for each (packing for 1 makes 8 rows 1.7x slower).
+PACK_ROWS = 8
+
+
+def pack_vocab_projection(language_model: Qwen3ForCausalLM) -> bool:
+    """Give a float32 CPU model the prepacked projection; False (and the model unchanged)
+    where this torch build cannot pack."""
+    head = language_model.lm_head
+    if not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
+        return False
+    if head.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), PACK_ROWS)
+    except (AttributeError, RuntimeError):
+        return False
+    language_model.lm_head = PackedVocabProjection(head, packed)
+    return True
+
+
 def embed_token(language_model: Qwen3ForCausalLM, token_id: int) -> torch.Tensor:
     ids = torch.tensor([[token_id]], device=language_model.device)
     return language_model.get_input_embeddings()(ids)

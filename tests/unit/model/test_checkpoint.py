@@ -28,6 +28,7 @@ from iomni.model.checkpoint import (
 )
 from iomni.model.config import InteractiveOmniConfig
 from iomni.model.generate import make_checkpoint
+from iomni.model.llm import PackedVocabProjection
 from iomni.model.presets import preset_config
 
 QKV = "vision_model.encoder.layers.0.attn.qkv.weight"
@@ -346,16 +347,31 @@ def test_tiny_checkpoint_uses_random_tensor(tiny: LoadedCheckpoint) -> None:
     assert torch.allclose(state[POSITIONS], _sinusoids(*state[POSITIONS].shape))
 
 
-def test_cpu_load_stores_the_vocab_projection_column_major(tiny: LoadedCheckpoint) -> None:
-    # The layout that makes the projection a fast GEMM on CPU: same values, same tie.
-    weight = tiny.model.language_model.lm_head.weight
-    vocab, hidden = weight.shape
-    assert weight.stride() == (1, vocab)
+def test_cpu_load_prepacks_the_vocab_projection(tiny: LoadedCheckpoint) -> None:
+    # oneDNN's packed GEMM serves every batch size: same values, same tie, same state dict.
+    head = tiny.model.language_model.lm_head
+    assert isinstance(head, PackedVocabProjection)
     assert _lm_tied(tiny)
-    hidden_states = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0))
-    row_major = weight.detach().contiguous()
-    logits = tiny.model.language_model.lm_head(hidden_states)
-    torch.testing.assert_close(logits, hidden_states @ row_major.t(), rtol=1e-5, atol=1e-4)
+    row_major = head.weight.detach().contiguous()
+    vocab, hidden = row_major.shape
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((hidden,), (1, hidden), (3, hidden), (2, 5, hidden), (16, hidden)):
+        states = torch.randn(*shape, generator=generator)
+        logits = head(states)
+        assert logits.shape == (*shape[:-1], vocab)
+        torch.testing.assert_close(logits, states @ row_major.t(), rtol=1e-5, atol=1e-4)
     ids = torch.tensor([0, 7, vocab - 1])
-    embedded = tiny.model.language_model.model.embed_tokens(ids)
-    assert torch.equal(embedded, row_major[ids])
+    assert torch.equal(tiny.model.language_model.model.embed_tokens(ids), row_major[ids])
+    assert "language_model.lm_head.weight" in tiny.model.state_dict()
+
+
+def test_a_load_that_cannot_pack_stores_the_projection_column_major(tiny_dir: Path) -> None:
+    loaded = load_checkpoint(tiny_dir, dtype=torch.bfloat16)
+    head = loaded.model.language_model.lm_head
+    assert type(head) is torch.nn.Linear
+    vocab, hidden = head.weight.shape
+    assert head.weight.stride() == (1, vocab)
+    assert _lm_tied(loaded)
+    states = torch.randn(3, hidden, dtype=torch.bfloat16)
+    expected = states.float() @ head.weight.detach().float().t()
+    torch.testing.assert_close(head(states).float(), expected, rtol=2e-2, atol=2e-2)
