@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 
 from iomni.errors import CheckpointError
 from iomni.model.config import InteractiveOmniConfig
-from iomni.model.llm import pack_vocab_projection
 from iomni.model.interactive_omni import (
     ALL_PARTS,
     PART_GROUPS,
@@ -31,6 +30,7 @@ from iomni.model.interactive_omni import (
     parameters_by_part,
     tied_parameters,
 )
+from iomni.model.llm import pack_vocab_projection
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,9 @@ def load_checkpoint(
     for name, source in tied.items():
         _set_parameter(model, name, model.get_parameter(source))
     _materialise_buffers(model, device)
-    if device == "cpu" and hasattr(model, "language_model"):
-        if not pack_vocab_projection(model.language_model):
-            _vocab_columns_first(model.language_model.lm_head.weight)
+    cpu_llm = device == "cpu" and hasattr(model, "language_model")
+    if cpu_llm and not pack_vocab_projection(model.language_model):
+        _vocab_columns_first(model.language_model.lm_head.weight)
     model.eval()
     return LoadedCheckpoint(path, config, model, report, fingerprint(path))
 
