@@ -33,7 +33,13 @@ log = logging.getLogger(__name__)
 # 0.75 -> 2.41x, 0.6 -> 2.09x, 0.5 -> 1.87x, 0.4 -> 1.54x; the first joiner's first token
 # 1.9 / 2.5 / 3.8 / 5.9 s. We hold 2x for running streams and take the slower join.
 PREFILL_SHARE = 0.5
-SHORT_PROMPT_STEPS = 2  # a new prompt prefilled whole if it costs at most this many steps
+# A new prompt is short, and prefilled whole, if it costs at most this many decode steps or
+# this many ms; short ones waiting together go in together, up to the burst limits per loop
+# turn. The floors in ms matter while the batch is small: at one stream a step of `small` is
+# 9 ms on CPU, so a 110-token prompt (22 ms) went in 22-token bites, and through the gateway
+# 8 turns sent at once got their first tokens up to 800 ms apart.
+SHORT_PROMPT_STEPS, SHORT_PROMPT_MS = 2, 50.0
+SHORT_BURST_STEPS, SHORT_BURST_MS = 8, 200.0
 
 
 @dataclass(frozen=True)
@@ -188,8 +194,9 @@ class ContinuousBatcher:
         it runs; `prefill_chunk` fixes the number instead), then runs the decode step. A
         running stream's next token is thus at most about twice as late as undisturbed while a
         long prompt joins, and a new turn still gets a share of every step (`PREFILL_SHARE`).
-        A short new prompt (at most `SHORT_PROMPT_STEPS` steps of prefill) goes in whole, one
-        per loop turn. With nothing decoding, a prompt is prefilled whole."""
+        A short new prompt (at most `SHORT_PROMPT_STEPS` steps or `SHORT_PROMPT_MS` of
+        prefill) goes in whole, with the short ones waiting behind it up to the burst limits.
+        With nothing decoding, a prompt is prefilled whole."""
         self.prefill_chunk = prefill_chunk
         self._prefilling: list[_Prefill] = []
         self._step_ms = 0.0  # decode step time, moving average
@@ -308,14 +315,24 @@ class ContinuousBatcher:
         if not self._step_ms or not self._prefill_token_ms:
             return 64  # no measurements yet: a small first bite
         share = int(PREFILL_SHARE * self._step_ms / self._prefill_token_ms)
-        # A new prompt that costs at most SHORT_PROMPT_STEPS decode steps goes in whole. In
-        # bites, a burst of 8 short text turns (small, CPU) got their first tokens up to 1.5 s
-        # apart, to spare the running streams - themselves replies a second old - a step each.
-        oldest = self._prefilling[0]
-        prompt = oldest.embeds.shape[1]
-        cost_ms = prompt * self._prefill_token_ms
-        short = not oldest.fed and cost_ms <= SHORT_PROMPT_STEPS * self._step_ms
-        return max(16, share, prompt if short else 0)
+        return max(16, share, self._short_prompts())
+
+    def _short_prompts(self) -> int:
+        """Tokens of the new short prompts at the head of the queue, which go in whole this
+        loop turn (the first short one always). In bites, a burst of 8 short text turns
+        (small, CPU) got their first tokens up to 1.5 s apart, to spare the running streams -
+        themselves replies a second old - a step each."""
+        one = max(SHORT_PROMPT_STEPS * self._step_ms, SHORT_PROMPT_MS)
+        burst = max(SHORT_BURST_STEPS * self._step_ms, SHORT_BURST_MS)
+        tokens = 0
+        for job in self._prefilling:
+            prompt = job.embeds.shape[1]
+            if job.fed or prompt * self._prefill_token_ms > one:
+                break
+            if tokens and (tokens + prompt) * self._prefill_token_ms > burst:
+                break
+            tokens += prompt
+        return tokens
 
     def _prefill_some(self) -> None:
         """Prefill up to the chunk budget, oldest prompt first; finished ones start decoding."""

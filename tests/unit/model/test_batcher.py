@@ -260,8 +260,9 @@ def test_running_streams_keep_decoding_while_a_prompt_is_prefilled(
 
 def test_a_short_new_prompt_is_prefilled_whole_a_long_one_in_bites(tiny: LoadedCheckpoint) -> None:
     """Measured: a decode step 30 ms, a prompt token 0.3 ms. Half a step is 50 tokens; a new
-    prompt that costs at most two steps (200 tokens) goes in whole; a long one, or what is left
-    of one already started, takes the half-step bite."""
+    prompt that costs at most two steps (200 tokens) or 50 ms goes in whole, with the short
+    ones behind it up to 8 steps' or 200 ms' worth; a long one, or what is left of one already
+    started, takes the half-step bite."""
     b = ContinuousBatcher(tiny.model.language_model)  # not started: the policy alone
     b._active = [object()]  # type: ignore[list-item]  # something is decoding
     b._step_ms, b._prefill_token_ms = 30.0, 0.3
@@ -280,5 +281,19 @@ def test_a_short_new_prompt_is_prefilled_whole_a_long_one_in_bites(tiny: LoadedC
     assert b._chunk_budget() == 50
     b._prefilling = waiting(3000, fed=2900)  # the rest of a long prompt: still bites
     assert b._chunk_budget() == 50
+    # Short ones waiting together go in together, up to 8 steps (800 tokens): 7 of 8 here.
+    b._prefilling = [job for _ in range(8) for job in waiting(110)]
+    assert b._chunk_budget() == 770
+    b._prefilling = waiting(110) + waiting(3000) + waiting(110)  # up to the first long one
+    assert b._chunk_budget() == 110
+    b._prefilling = waiting(3000) + waiting(110)  # a long one first: its bite
+    assert b._chunk_budget() == 50
+    # One fast stream (9 ms steps, 0.2 ms a token): a 110-token prompt (22 ms) is still short
+    # (at most 50 ms), and 8 together (176 ms) go in one turn (at most 200 ms).
+    b._step_ms, b._prefill_token_ms = 9.0, 0.2
+    b._prefilling = [job for _ in range(8) for job in waiting(110)]
+    assert b._chunk_budget() == 880
+    b._prefilling = waiting(300)  # 60 ms: a bite of half a step
+    assert b._chunk_budget() == 22
     b._active = []
     assert b._chunk_budget() >= 3000  # nobody decoding: whole
