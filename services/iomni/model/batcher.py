@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, Qwen3ForCausalLM
 
 from iomni.errors import Internal, IomniError, Unavailable
-from iomni.model.kv_cache import BatchCache, growing_cache
+from iomni.model.kv_cache import BatchCache, as_growing, growing_cache
 from iomni.model.sampling import SamplingParams, make_generator, sample_next
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,14 @@ log = logging.getLogger(__name__)
 # finished prompt joining the batch costs a re-pack, so the share leaves room for both. Running
 # streams' p95 inter-token latency with 3k-token prompts joining, ÷ undisturbed (CPU, `small`):
 # 0.75 -> 2.41x, 0.6 -> 2.09x, 0.5 -> 1.87x, 0.4 -> 1.54x; the first joiner's first token
-# 1.9 / 2.5 / 3.8 / 5.9 s. We hold 2x for running streams and take the slower join.
+# 1.9 / 2.5 / 3.8 / 5.9 s. We hold 2x for running streams and take the slower join. Once the
+# vocabulary projection was packed, a step took 9 ms instead of ~25, and a bite's fixed cost
+# binds instead (see MIN_BITE).
 PREFILL_SHARE = 0.5
+# The smallest bite. A forward of `small` costs ~3 ms whatever its length, so below this a bite
+# buys little prompt for its cost; 16 tokens cost 5.5 ms against a 9 ms step, which puts the
+# running streams' p95 at about 2x (1.9-2.2x measured) where steps are this fast.
+MIN_BITE = 16
 # A new prompt is short, and prefilled whole, if it costs at most this many decode steps or
 # this many ms; short ones waiting together go in together, up to the burst limits per loop
 # turn. The floors in ms matter while the batch is small: at one stream a step of `small` is
@@ -315,7 +321,7 @@ class ContinuousBatcher:
         if not self._step_ms or not self._prefill_token_ms:
             return 64  # no measurements yet: a small first bite
         share = int(PREFILL_SHARE * self._step_ms / self._prefill_token_ms)
-        return max(16, share, self._short_prompts())
+        return max(MIN_BITE, share, self._short_prompts())
 
     def _short_prompts(self) -> int:
         """Tokens of the new short prompts at the head of the queue, which go in whole this
@@ -354,7 +360,7 @@ class ContinuousBatcher:
                 continue
             # The latest chunk, not an average: a token costs more as the prompt grows.
             self._prefill_token_ms = (time.perf_counter() - started) * 1000 / take
-            job.cache, job.fed, budget = out.cache, job.fed + take, budget - take
+            job.cache, job.fed, budget = as_growing(out.cache), job.fed + take, budget - take
             if job.fed == job.embeds.shape[1]:
                 self._prefilling.pop(0)
                 self._begin_decoding(job, out.last_hidden_state[0, -1])

@@ -106,3 +106,13 @@ def growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCac
     cache = DynamicCache()
     cache.layers = [_GrowingLayer(k, v) for k, v in layers]
     return cache
+
+
+def as_growing(cache: DynamicCache) -> DynamicCache:
+    """`cache` with growing layers (the same tensors, no copy): a prompt prefilled in chunks
+    then appends each chunk in place. With transformers' concatenating layers a 16-token
+    chunk at position 2500 of `small` cost 9-15 ms instead of 6 (the copy grows with the
+    prompt)."""
+    if all(isinstance(layer, _GrowingLayer) for layer in cache.layers):
+        return cache
+    return growing_cache([(layer.keys, layer.values) for layer in cache.layers])
