@@ -74,6 +74,17 @@ def test_profiles_differ_where_they_should(tmp_path: Path) -> None:
     assert not (tmp_path / "gpu" / "vision_encoder" / "1" / "model.py").exists()
 
 
+def test_cpu_priorities_put_playing_audio_first() -> None:
+    """On one saturated host the speech decoder outranks the llm (text runs ahead of audio),
+    which outranks encoding uploads."""
+
+    def nice(model: str) -> int:
+        parameters = parse(REPOSITORY / model / "config.pbtxt").parameters
+        return int(parameters["nice"].string_value) if "nice" in parameters else 0
+
+    assert nice("speech_decoder") < nice("llm") < nice("vision_encoder")
+
+
 def test_model_files_are_thin() -> None:
     for model in MODELS:
         source = (REPOSITORY / model / "1" / "model.py").read_text()
