@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, Qwen3ForCausalLM
 
 from iomni.errors import Internal, IomniError, Unavailable
-from iomni.model.kv_cache import BatchCache, as_growing, growing_cache
+from iomni.model.kv_cache import BatchCache, as_growing
 from iomni.model.sampling import SamplingParams, make_generator, sample_next
 
 log = logging.getLogger(__name__)
@@ -366,8 +366,8 @@ class ContinuousBatcher:
                 self._begin_decoding(job, out.last_hidden_state[0, -1])
 
     def _begin_decoding(self, job: _Prefill, hidden: torch.Tensor) -> None:
-        cache = growing_cache([(layer.keys, layer.values) for layer in job.cache.layers])
-        seq = _Active(job.request, cache, job.ids, make_generator(job.request.params))
+        # Already growing (`_prefill_some`): the first decode steps append into its headroom.
+        seq = _Active(job.request, job.cache, job.ids, make_generator(job.request.params))
         self._choose(seq, hidden)
         prefill_ms = (time.perf_counter() - job.started) * 1000
         seq.first_event = {"reused_tokens": job.reused, "prefill_ms": prefill_ms}
