@@ -22,23 +22,23 @@ from transformers import DynamicCache, Qwen3ForCausalLM
 
 from iomni.errors import Internal, IomniError, Unavailable
 from iomni.model.kv_cache import BatchCache, as_growing
+from iomni.model.llm import TokenGroup, forward_groups, prefix_causal_mask
 from iomni.model.sampling import SamplingParams, make_generator, sample_next
 
 log = logging.getLogger(__name__)
 
 # Prompt tokens prefilled per loop turn while streams decode, as a share of one decode step's
-# time. Chunk costs are estimates (a later chunk of a long prompt attends to more keys) and a
-# finished prompt joining the batch costs a re-pack, so the share leaves room for both. Running
-# streams' p95 inter-token latency with 3k-token prompts joining, ÷ undisturbed (CPU, `small`):
-# 0.75 -> 2.41x, 0.6 -> 2.09x, 0.5 -> 1.87x, 0.4 -> 1.54x; the first joiner's first token
-# 1.9 / 2.5 / 3.8 / 5.9 s. We hold 2x for running streams and take the slower join. Once the
-# vocabulary projection was packed, a step took 9 ms instead of ~25, and a bite's fixed cost
-# binds instead (see MIN_BITE).
+# time. Chunk costs are estimates (a later chunk of a long prompt attends to more keys), so the
+# share leaves room. Running streams' p95 inter-token latency with 3k-token prompts joining,
+# ÷ undisturbed (CPU, `small`, when a chunk still had a forward of its own): 0.75 -> 2.41x,
+# 0.6 -> 2.09x, 0.5 -> 1.87x, 0.4 -> 1.54x; the first joiner's first token 1.9 / 2.5 / 3.8 /
+# 5.9 s. We hold 2x for running streams and take the slower join.
 PREFILL_SHARE = 0.5
-# The smallest bite. A forward of `small` costs ~3 ms whatever its length, so below this a bite
-# buys little prompt for its cost; 16 tokens cost 5.5 ms against a 9 ms step, which puts the
-# running streams' p95 at about 2x (1.9-2.2x measured) where steps are this fast.
-MIN_BITE = 16
+# The smallest bite. A chunk with a forward of its own cost ~3 ms whatever its length, and 16
+# tokens were the floor (5.5 ms against a 9 ms step: 1.9-2.2x). Riding in the decode step's
+# forward, a chunk costs about its attention and little more, so the floor is lower: 3k-token
+# prompts joining 4 streams, p95 ÷ undisturbed 1.41-1.49x with 8, 1.21-1.95x with 16.
+MIN_BITE = 8
 # A new prompt is short, and prefilled whole, if it costs at most this many decode steps or
 # this many ms; short ones waiting together go in together, up to the burst limits per loop
 # turn. The floors in ms matter while the batch is small: at one stream a step of `small` is
@@ -191,19 +191,29 @@ class ContinuousBatcher:
         metrics: BatcherMetrics | None = None,
         drain_deadline: Callable[[], float | None] = lambda: None,
         prefill_chunk: int | None = None,
+        pack_rows: bool | None = None,
     ) -> None:
         """`drain_deadline` returns a time.time() deadline once the server is shutting down:
         new sequences are refused, active ones run until it and are then cut.
 
         Prefill is chunked so it never stalls decoding: while sequences are decoding, each loop
-        turn prefills at most as many prompt tokens as take about one decode step (measured as
-        it runs; `prefill_chunk` fixes the number instead), then runs the decode step. A
-        running stream's next token is thus at most about twice as late as undisturbed while a
+        turn prefills at most the prompt tokens that cost about half a decode step (measured as
+        it runs; `prefill_chunk` fixes the number instead), in the same forward as the decode
+        step. A running stream's next token is thus about 1.5x as late as undisturbed while a
         long prompt joins, and a new turn still gets a share of every step (`PREFILL_SHARE`).
         A short new prompt (at most `SHORT_PROMPT_STEPS` steps or `SHORT_PROMPT_MS` of
         prefill) goes in whole, with the short ones waiting behind it up to the burst limits.
-        With nothing decoding, a prompt is prefilled whole."""
+        With nothing decoding, a prompt is prefilled whole.
+
+        Decoding sequences attend each on its own KV (`pack_rows` False, the default on CPU):
+        on CPU that is faster than one padded batch (8 rows of 100-800 tokens, `small`: a step
+        3.8 ms against 4.4, 5.1 against 12.7 when one row holds 3000 tokens) and never repacks
+        (11-24 ms each time the batch changed). With `pack_rows` (the default on an
+        accelerator, where one kernel launch per layer matters more than padding) their caches
+        are left-padded into one batch, repacked when the batch changes."""
         self.prefill_chunk = prefill_chunk
+        device = language_model.get_input_embeddings().weight.device
+        self.pack_rows = device.type != "cpu" if pack_rows is None else pack_rows
         self._prefilling: list[_Prefill] = []
         self._step_ms = 0.0  # decode step time, moving average
         self._prefill_token_ms = 0.0  # prefill time per token, moving average
@@ -242,11 +252,7 @@ class ContinuousBatcher:
                     if self._draining():
                         continue
                     self._admit(block=not (self._active or self._prefilling))
-                    self._drop_cancelled()
-                    if self._prefilling:
-                        self._prefill_some()
-                    if self._active:
-                        self._step()
+                    self._turn()
                 except Exception as exc:  # a dead loop would hang every client
                     log.exception("llm batcher step failed")
                     self._fail_all(Internal(f"internal error in the llm batcher: {exc}"))
@@ -266,11 +272,7 @@ class ContinuousBatcher:
         if busy and time.time() >= deadline:
             self._fail_all(Unavailable("the llm shut down before the reply finished"))
         if self._active or self._prefilling:
-            self._drop_cancelled()
-            if self._prefilling:
-                self._prefill_some()
-            if self._active:
-                self._step()
+            self._turn()
         else:
             time.sleep(self.idle_wait_s)
         return True
@@ -340,35 +342,52 @@ class ContinuousBatcher:
             tokens += prompt
         return tokens
 
-    def _prefill_some(self) -> None:
-        """Prefill up to the chunk budget, oldest prompt first; finished ones start decoding."""
-        budget = self._chunk_budget()
-        while self._prefilling and budget > 0:
-            job = self._prefilling[0]
-            take = min(budget, job.embeds.shape[1] - job.fed)
-            started = time.perf_counter()
-            try:
-                out = self.lm.model(
-                    inputs_embeds=job.embeds[:, job.fed : job.fed + take],
-                    cache=job.cache,
-                    use_cache=True,
-                )
-            except Exception as exc:
-                log.exception("prefill failed")
-                self._prefilling.pop(0)
-                job.request.emit(StepEvent(-1, None, 0, error=Internal(f"prefill failed: {exc}")))
-                continue
-            # The latest chunk, not an average: a token costs more as the prompt grows.
-            self._prefill_token_ms = (time.perf_counter() - started) * 1000 / take
-            job.cache, job.fed, budget = as_growing(out.cache), job.fed + take, budget - take
-            if job.fed == job.embeds.shape[1]:
-                self._prefilling.pop(0)
-                self._begin_decoding(job, out.last_hidden_state[0, -1])
+    def _turn(self) -> None:
+        """One loop turn: every decoding sequence's pending token goes out, then ONE forward
+        runs their next step together with this turn's prompt chunks (`forward_groups`: the
+        weights are read once, where a chunk's own forward used to cost the running streams a
+        second pass over them)."""
+        self._drop_cancelled()
+        bites = self._bites()
+        started = time.perf_counter()
+        decoding = self._emit_all() if self._active else []
+        if decoding or bites:
+            self._forward(decoding, bites)
+        self._measure(bool(decoding), sum(take for _, take in bites), started)
 
-    def _begin_decoding(self, job: _Prefill, hidden: torch.Tensor) -> None:
-        # Already growing (`_prefill_some`): the first decode steps append into its headroom.
+    def _bites(self) -> list[tuple[_Prefill, int]]:
+        """(prompt, tokens) to prefill this turn: up to the chunk budget, oldest prompt first."""
+        budget = self._chunk_budget() if self._prefilling else 0
+        bites = []
+        for job in self._prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, job.embeds.shape[1] - job.fed)
+            bites.append((job, take))
+            budget -= take
+        return bites
+
+    def _measure(self, decoded: bool, prefilled: int, started: float) -> None:
+        """Keep the step time and the per-token prefill cost the chunk budget is made of; a
+        turn with both charges the prefill what it cost beyond a plain step."""
+        elapsed = (time.perf_counter() - started) * 1000
+        if not prefilled:
+            if decoded:
+                self._step_ms = _average(self._step_ms, elapsed)
+            return
+        # A noisy step can make a chunk look free; never below a quarter step, so the next
+        # budget at most doubles.
+        extra = max(elapsed - self._step_ms, self._step_ms / 4) if decoded else elapsed
+        # A token costs more as the prompt grows, so the recent turns weigh most.
+        sample = extra / prefilled
+        self._prefill_token_ms = _average(self._prefill_token_ms, sample, weight=0.5)
+
+    def _begin_decoding(
+        self, job: _Prefill, hidden: torch.Tensor, logits: torch.Tensor, argmax: int
+    ) -> None:
+        # Already growing (`_forward`): the first decode steps append into its headroom.
         seq = _Active(job.request, job.cache, job.ids, make_generator(job.request.params))
-        self._choose(seq, hidden)
+        self._choose(seq, hidden, logits, argmax)
         prefill_ms = (time.perf_counter() - job.started) * 1000
         seq.first_event = {"reused_tokens": job.reused, "prefill_ms": prefill_ms}
         self.metrics.on_first_token(prefill_ms)
@@ -391,35 +410,22 @@ class ContinuousBatcher:
         self,
         seq: _Active,
         hidden: torch.Tensor,
-        logits: torch.Tensor | None = None,
-        argmax: int | None = None,
+        logits: torch.Tensor,
+        argmax: int,
     ) -> None:
         """Pick the sequence's next token (`argmax`: its greedy pick, already on the host)."""
         params = seq.request.params
-        if params.greedy and argmax is not None:
-            seq.next_token = argmax
-        else:
-            logits = self.lm.lm_head(hidden).float() if logits is None else logits
-            seq.next_token = sample_next(logits, params, seq.generator)
+        seq.next_token = argmax if params.greedy else sample_next(logits, params, seq.generator)
         seq.hidden = hidden.float() if seq.request.return_hidden else None
 
-    def _step(self) -> None:
-        """Emit every sequence's pending token, then one batched forward for the survivors."""
-        started = time.perf_counter()
-        self._decode_step()
-        self._step_ms = _average(self._step_ms, (time.perf_counter() - started) * 1000)
-
-    def _decode_step(self) -> None:
+    def _emit_all(self) -> list[_Active]:
+        """Emit every decoding sequence's pending token; those not finished decode on."""
         batch = len(self._active)
         self.metrics.on_step(batch)
-        survivors = []
-        for seq in self._active:
-            if self._emit_pending(seq, batch):
-                survivors.append(seq)
+        survivors = [seq for seq in self._active if self._emit_pending(seq, batch)]
         self.metrics.on_tokens(batch)
         self._active = survivors
-        if survivors:
-            self._forward(survivors)
+        return survivors
 
     def _emit_pending(self, seq: _Active, batch: int) -> bool:
         request = seq.request
@@ -437,37 +443,61 @@ class ContinuousBatcher:
             return False
         return True
 
-    def _forward(self, batch: list[_Active]) -> None:
+    def _forward(self, decoding: list[_Active], bites: list[tuple[_Prefill, int]]) -> None:
+        groups = self._decode_groups(decoding) if decoding else []
+        decode_groups = len(groups)
+        for job, take in bites:
+            cached = job.cache.get_seq_length()
+            groups.append(
+                TokenGroup(
+                    job.embeds[:, job.fed : job.fed + take],
+                    job.cache,
+                    torch.arange(cached, cached + take, device=job.embeds.device)[None],
+                    prefix_causal_mask(cached, take, job.embeds.device),
+                )
+            )
+        hidden = forward_groups(self.lm.model, groups)
+        finished = []
+        for (job, take), out in zip(bites, hidden[decode_groups:], strict=True):
+            job.cache, job.fed = as_growing(job.cache), job.fed + take
+            if job.fed == job.embeds.shape[1]:
+                finished.append((job, out[0, -1]))
+        # Every row that needs logits in one projection: its weight is read once.
+        rows = [row for out in hidden[:decode_groups] for row in out[:, -1]]
+        rows += [last for _, last in finished]
+        if not rows:
+            return
+        logits = self.lm.lm_head(torch.stack(rows)).float()
+        # The greedy picks in one copy to the host: on a GPU, each row's own `int(argmax)`
+        # would wait for the device once more.
+        argmax = logits.argmax(-1).tolist()
+        for row, seq in enumerate(decoding):
+            self._choose(seq, rows[row], logits[row], argmax[row])
+        for row, (job, last) in enumerate(finished, start=len(decoding)):
+            self._prefilling.remove(job)
+            self._begin_decoding(job, last, logits[row], argmax[row])
+
+    def _decode_groups(self, batch: list[_Active]) -> list[TokenGroup]:
+        """The decoding sequences' next tokens: a group per sequence on its own KV, or, with
+        `pack_rows`, one group on the batch's KV left-padded into one (repacked when the batch
+        changes)."""
         table = self.lm.get_input_embeddings()
         tokens = torch.tensor([[s.next_token] for s in batch], device=table.weight.device)
         embeds = table(tokens)
         for seq in batch:
             seq.fed.append(seq.next_token)
-        if len(batch) == 1:
+        if not self.pack_rows or len(batch) == 1:
             self._unbatch()
-            out = self.lm.model(inputs_embeds=embeds, cache=batch[0].cache, use_cache=True)
-            batch[0].cache = out.cache
-            self._choose(batch[0], out.last_hidden_state[0, -1])
-            return
+            return [
+                TokenGroup(embeds[row : row + 1], seq.cache, _next_position(seq.cache))
+                for row, seq in enumerate(batch)
+            ]
         if self._batch is None or self._batch.rows != batch:
             self._unbatch()
             self._batch = BatchCache.pack(batch)
         state = self._batch
-        out = self.lm.model(
-            inputs_embeds=embeds,
-            attention_mask=state.grow_mask(),
-            position_ids=state.positions(),
-            cache=state.cache,
-            use_cache=True,
-        )
-        state.cache = out.cache
-        hidden = out.last_hidden_state[:, -1]
-        logits = self.lm.lm_head(hidden).float()  # one matmul: the vocab weight is read once
-        # The batch's greedy picks in one copy to the host: on a GPU, each row's own
-        # `int(argmax)` would wait for the device once more.
-        argmax = logits.argmax(-1).tolist()
-        for row, seq in enumerate(batch):
-            self._choose(seq, hidden[row], logits[row], argmax[row])
+        mask = state.grow_mask().bool()[:, None, None, :]
+        return [TokenGroup(embeds, state.cache, state.positions(), mask)]
 
     def _unbatch(self) -> None:
         """Hand each sequence of the batch its own cache back (the batch is changing)."""
@@ -512,6 +542,10 @@ class ContinuousBatcher:
         self._active = []
         self._prefilling = []
         self._batch = None
+
+
+def _next_position(cache: DynamicCache) -> torch.Tensor:
+    return torch.tensor([[cache.get_seq_length()]], device=cache.layers[0].keys.device)
 
 
 def _average(current: float, sample: float, weight: float = 0.2) -> float:

@@ -7,11 +7,12 @@ hidden state of the position that predicted each token.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from iomni.errors import Internal
 
@@ -120,3 +121,82 @@ def pack_vocab_projection(language_model: Qwen3ForCausalLM) -> bool:
 def embed_token(language_model: Qwen3ForCausalLM, token_id: int) -> torch.Tensor:
     ids = torch.tensor([[token_id]], device=language_model.device)
     return language_model.get_input_embeddings()(ids)
+
+
+@dataclass
+class TokenGroup:
+    """Tokens that attend within one KV cache: a decode batch (B rows of one token, caches
+    left-padded into one) or a chunk of one prompt (1 row of n tokens)."""
+
+    embeds: torch.Tensor  # (B, n, H)
+    cache: DynamicCache
+    positions: torch.Tensor  # (B, n) rotary positions
+    # (B, 1, n, keys after this update) True where a query may attend. None: causal within
+    # the group, which for n > 1 needs an empty cache (`prefix_causal_mask` decides).
+    mask: torch.Tensor | None = None
+
+
+def prefix_causal_mask(cached: int, new: int, device: torch.device) -> torch.Tensor | None:
+    """Mask for `new` tokens appended after `cached` ones: each sees the prefix and itself
+    (None where SDPA's own causal mask says the same, which lets it skip masked blocks)."""
+    if new == 1 or cached == 0:
+        return None
+    return torch.ones(new, cached + new, dtype=torch.bool, device=device).tril(cached)[None, None]
+
+
+def forward_groups(body: Qwen3Model, groups: Sequence[TokenGroup]) -> list[torch.Tensor]:
+    """One pass of the decoder for several groups of tokens, each attending only within its
+    own cache; returns each group's post-norm hidden states (B, n, H).
+
+    The linear layers (projections, MLP, norms) run once over every group's tokens, so their
+    weights are read once; only attention runs per group. This is how a prompt's prefill
+    chunk rides along with the running streams' decode step instead of a forward of its own:
+    transformers has no forward for such a mixed batch. The arithmetic is Qwen3's decoder
+    layer (q/k norms, rotary embedding, grouped-query SDPA) on the module's own weights."""
+    sizes = [g.embeds.shape[0] * g.embeds.shape[1] for g in groups]
+    hidden = torch.cat([g.embeds.reshape(-1, g.embeds.shape[-1]) for g in groups])
+    positions = torch.cat([g.positions.reshape(-1) for g in groups])
+    cos, sin = body.rotary_emb(hidden, positions[None])
+    rotary = (cos[0], sin[0])  # (tokens, head_dim)
+    for layer in body.layers:
+        attention = _grouped_attention(
+            layer.self_attn, layer.input_layernorm(hidden), rotary, groups, sizes
+        )
+        hidden = hidden + attention
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = body.norm(hidden)
+    return [
+        part.reshape(g.embeds.shape) for part, g in zip(hidden.split(sizes), groups, strict=True)
+    ]
+
+
+def _grouped_attention(
+    attention: torch.nn.Module,
+    hidden: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    groups: Sequence[TokenGroup],
+    sizes: list[int],
+) -> torch.Tensor:
+    tokens, head_dim = hidden.shape[0], attention.head_dim
+    query = attention.q_norm(attention.q_proj(hidden).view(tokens, -1, head_dim))
+    key = attention.k_norm(attention.k_proj(hidden).view(tokens, -1, head_dim))
+    value = attention.v_proj(hidden).view(tokens, -1, head_dim)
+    query, key = apply_rotary_pos_emb(query, key, *rotary, unsqueeze_dim=1)
+    outputs = []
+    for g, q, k, v in zip(
+        groups, query.split(sizes), key.split(sizes), value.split(sizes), strict=True
+    ):
+        rows, length = g.embeds.shape[:2]
+        q, k, v = (t.view(rows, length, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        keys, values = g.cache.update(k, v, attention.layer_idx)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=g.mask,
+            is_causal=g.mask is None and length > 1,
+            scale=attention.scaling,
+            enable_gqa=True,
+        )
+        outputs.append(out.transpose(1, 2).reshape(rows * length, -1))
+    return attention.o_proj(torch.cat(outputs))

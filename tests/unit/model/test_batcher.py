@@ -8,18 +8,28 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from iomni.model import batcher as batcher_module
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent, _Prefill
 from iomni.model.checkpoint import LoadedCheckpoint
-from iomni.model.llm import embed_token, forward
+from iomni.model.llm import embed_token, forward, forward_groups
 from iomni.model.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 IMG = 151671
 
 
+# Decoding sequences each on their own KV (CPU's default) or left-padded into one batch (an
+# accelerator's): every test runs both ways.
+@pytest.fixture(params=[False, True], ids=["own-kv", "packed"])
+def pack_rows(request: pytest.FixtureRequest) -> bool:
+    return request.param
+
+
 @pytest.fixture
-def batcher(tiny: LoadedCheckpoint) -> Iterator[ContinuousBatcher]:
-    b = ContinuousBatcher(tiny.model.language_model, max_batch=8, idle_wait_s=0.01)
+def batcher(tiny: LoadedCheckpoint, pack_rows: bool) -> Iterator[ContinuousBatcher]:
+    b = ContinuousBatcher(
+        tiny.model.language_model, max_batch=8, idle_wait_s=0.01, pack_rows=pack_rows
+    )
     b.start()
     yield b
     b.stop()
@@ -216,9 +226,15 @@ def test_changed_media_is_not_reused(tiny: LoadedCheckpoint, batcher: Continuous
 
 
 @pytest.fixture
-def chunked(tiny: LoadedCheckpoint) -> Iterator[ContinuousBatcher]:
+def chunked(tiny: LoadedCheckpoint, pack_rows: bool) -> Iterator[ContinuousBatcher]:
     """Prefill in chunks of 7 tokens whenever something is decoding."""
-    b = ContinuousBatcher(tiny.model.language_model, max_batch=8, idle_wait_s=0.01, prefill_chunk=7)
+    b = ContinuousBatcher(
+        tiny.model.language_model,
+        max_batch=8,
+        idle_wait_s=0.01,
+        prefill_chunk=7,
+        pack_rows=pack_rows,
+    )
     b.start()
     yield b
     b.stop()
@@ -227,8 +243,9 @@ def chunked(tiny: LoadedCheckpoint) -> Iterator[ContinuousBatcher]:
 def test_chunked_prefill_gives_the_same_tokens(
     chunked: ContinuousBatcher, tiny: LoadedCheckpoint
 ) -> None:
-    """A long prompt prefilled 7 tokens at a time while others decode: the same greedy tokens
-    as one forward over the whole prompt, for it and for the streams it joined."""
+    """A long prompt prefilled 7 tokens at a time while others decode: the same greedy tokens,
+    and the hidden states they were chosen from, as one forward over the whole prompt, for it
+    and for the streams it joined."""
     long_params = SamplingParams(temperature=0.0, max_new_tokens=40)
     running = [submit(chunked, prompt(12, seed), long_params) for seed in range(2)]
     while not all(r.tokens for r in running):
@@ -236,9 +253,13 @@ def test_chunked_prefill_gives_the_same_tokens(
     joining = submit(chunked, prompt(150, 9))
     for out in [*running, joining]:
         assert out.done.wait(120)
-    assert joining.tokens == reference(tiny, prompt(150, 9))
-    for seed, out in enumerate(running):
-        assert out.tokens == reference(tiny, prompt(12, seed), n=40)
+    for ids, out, n in [(prompt(150, 9), joining, 8)] + [
+        (prompt(12, seed), out, 40) for seed, out in enumerate(running)
+    ]:
+        tokens, hidden = reference_steps(tiny, ids, n)
+        assert out.tokens == tokens
+        got = torch.stack([e.hidden for e in out.events if e.token_id >= 0])
+        torch.testing.assert_close(got, torch.stack(hidden), atol=1e-4, rtol=1e-4)
 
 
 def test_running_streams_keep_decoding_while_a_prompt_is_prefilled(
@@ -256,6 +277,29 @@ def test_running_streams_keep_decoding_while_a_prompt_is_prefilled(
     during = len(running.tokens) - before
     assert during >= 10  # one decode step per prefill chunk, give or take admission timing
     assert joining.done.wait(60) and running.done.wait(120)
+
+
+def test_a_prompt_chunk_rides_in_the_decode_step(
+    chunked: ContinuousBatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a stream decodes, each chunk of a joining prompt goes through the same forward as
+    the stream's next token, not a forward of its own."""
+    passes: list[list[tuple[int, int]]] = []  # each forward: (rows, tokens) of every group
+
+    def recording(body, groups):  # type: ignore[no-untyped-def]
+        passes.append([tuple(g.embeds.shape[:2]) for g in groups])
+        return forward_groups(body, groups)
+
+    monkeypatch.setattr(batcher_module, "forward_groups", recording)
+    running = submit(chunked, prompt(10, 1), SamplingParams(temperature=0.0, max_new_tokens=200))
+    while len(running.tokens) < 3:
+        threading.Event().wait(0.005)
+    joining = submit(chunked, prompt(140, 2))  # 20 chunks of 7
+    assert joining.done.wait(60) and running.done.wait(120)
+    chunks = [p for p in passes if any(tokens == 7 for _, tokens in p)]
+    assert len(chunks) >= 19
+    # Every chunk shared its forward with the running stream's token (one row of one token).
+    assert all((1, 1) in p for p in chunks), chunks
 
 
 def test_a_short_new_prompt_is_prefilled_whole_a_long_one_in_bites(tiny: LoadedCheckpoint) -> None:
