@@ -178,8 +178,10 @@ def _grouped_attention(
     sizes: list[int],
 ) -> torch.Tensor:
     tokens, head_dim = hidden.shape[0], attention.head_dim
-    query = attention.q_norm(attention.q_proj(hidden).view(tokens, -1, head_dim))
-    key = attention.k_norm(attention.k_proj(hidden).view(tokens, -1, head_dim))
+    query = attention.q_proj(hidden).view(tokens, -1, head_dim)
+    key = attention.k_proj(hidden).view(tokens, -1, head_dim)
+    if hasattr(attention, "q_norm"):  # Qwen3 normalises each head; Qwen2 does not
+        query, key = attention.q_norm(query), attention.k_norm(key)
     value = attention.v_proj(hidden).view(tokens, -1, head_dim)
     query, key = apply_rotary_pos_emb(query, key, *rotary, unsqueeze_dim=1)
     outputs = []

@@ -138,21 +138,23 @@ def ras_sample(
 ) -> int:
     """Repetition-aware sampling (CosyVoice2): nucleus draw, redraw from the full
     distribution when the token already appears in the recent window."""
-    logp = logp.to("cpu", copy=True)  # the generator lives on the CPU, whatever the device
-    for token in forbid:
-        logp[token] = float("-inf")
-    probs = logp.exp()
-    top, order = probs.topk(min(config.top_k, probs.numel()))
+    logp = logp.cpu()  # the generator lives on the CPU, whatever the device
+    # The nucleus lies in the top-k of what is allowed: the k + len(forbid) best hold it.
+    best, order = logp.topk(min(config.top_k + len(forbid), logp.numel()))
+    allowed = [i for i, token in enumerate(order.tolist()) if token not in forbid][: config.top_k]
+    top, order = best[allowed].exp(), order[allowed]
     keep = (top.cumsum(0) - top) < config.top_p
     keep[0] = True
-    # `torch.multinomial(p, 1)` is argmax(p / q), q ~ Exp(1) drawn for every entry. Drawing the
-    # same q from the generator and looking only at the top-k (the only entries the nucleus can
-    # pick) gives the same token as a multinomial over the sorted vocabulary, without the sort.
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    token = int(order[torch.argmax((top * keep) / q[: top.numel()])])
+    nucleus = top[keep]  # a prefix: the cumulative sum only grows
+    # CosyVoice's `multinomial(1)` over the nucleus, as torch draws it: argmax(p / q) with
+    # q ~ Exp(1), one per nucleus entry, from the same generator. (Drawing q for the whole
+    # vocabulary, as this did before, gave the same distribution at 100 us a token.)
+    q = torch.empty_like(nucleus).exponential_(1, generator=generator)
+    token = int(order[torch.argmax(nucleus / q)])
     window = list(recent)[-config.win_size :]
     if window.count(token) >= config.win_size * config.tau_r:
-        probs[token] = 0.0  # HEAD behaviour: the repeated id cannot be redrawn
+        probs = logp.exp()
+        probs[[*forbid, token]] = 0.0  # HEAD behaviour: the repeated id cannot be redrawn
         token = int(torch.multinomial(probs, 1, generator=generator))
     return token
 

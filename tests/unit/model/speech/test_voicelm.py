@@ -125,7 +125,8 @@ def test_ras_respects_top_k(top_k: int) -> None:
 def nucleus_by_sorting(
     logp: torch.Tensor, config: RasConfig, generator: torch.Generator, forbid: list[int]
 ) -> int:
-    """The reference draw: sort the vocabulary, keep the nucleus, one multinomial over it."""
+    """The reference draw (CosyVoice2's `nucleus_sampling`): sort the vocabulary, keep the
+    nucleus, one multinomial over the nucleus alone."""
     probs = logp.clone()
     probs[forbid] = float("-inf")
     probs = probs.exp()
@@ -133,7 +134,7 @@ def nucleus_by_sorting(
     keep = (ordered.cumsum(0) - ordered) < config.top_p
     keep[config.top_k :] = False
     keep[0] = True
-    return int(order[torch.multinomial(ordered * keep, 1, generator=generator)])
+    return int(order[keep][torch.multinomial(ordered[keep], 1, generator=generator)])
 
 
 def test_ras_draws_the_token_a_multinomial_over_the_sorted_nucleus_draws() -> None:
