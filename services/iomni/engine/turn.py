@@ -414,17 +414,22 @@ class Turn:
 
     async def _resolve_media(self, messages: Sequence[Message]) -> _MediaState:
         state = _MediaState()
-        new_parts = [p for p in self.request.user.media if p.data is not None]
+        parts = _unique_media(messages)
+        cached_rows = {
+            p.ident: await self.engine.embeddings.get(self.engine.media_key(p)) for p in parts
+        }
         # Decode the new turn's media first: a bad file fails fast, before any encoding. Decoding
         # is CPU work: off the event loop, so other sessions' streams keep flowing meanwhile,
-        # and at low priority, so it does not take the cores from audio being rendered.
+        # and at low priority, so it does not take the cores from audio being rendered. Bytes
+        # whose embeddings are cached decoded fine before (same sha256) and are not decoded
+        # again: a client that sends its history's images with every turn pays for them once.
         prepared = {
             p.ident: await background.run(prepare, self.engine.processor, p, p.data)  # type: ignore[arg-type]
-            for p in new_parts
+            for p in self.request.user.media
+            if p.data is not None and cached_rows.get(p.ident) is None
         }
-        for part in _unique_media(messages):
-            key = self.engine.media_key(part)
-            cached = await self.engine.embeddings.get(key)
+        for part in parts:
+            cached = cached_rows[part.ident]
             if cached is not None:
                 state.rows[part.ident] = cached
                 state.hits += 1
@@ -433,11 +438,11 @@ class Turn:
                 prepare, self.engine.processor, part, await self._load_bytes(part)
             )
             rows = await self.engine.encode(part, item, state.timings_ms)
-            await self.engine.embeddings.put(key, rows)
+            await self.engine.embeddings.put(self.engine.media_key(part), rows)
             state.rows[part.ident] = rows
             state.encoded += 1
         if self.engine.media is not None:
-            for part in new_parts:
+            for part in [p for p in self.request.user.media if p.data is not None]:
                 await self.engine.media.put(part.sha256, part.data)  # type: ignore[arg-type]
         return state
 

@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from iomni.engine import turn as turn_module
 from iomni.engine.cache import MemoryMediaStore
 from iomni.engine.events import TextDelta, TurnDone, TurnEvent
 from iomni.engine.parts import GenerationRequest, InProcessParts, LLMStep
@@ -137,6 +138,29 @@ async def test_earlier_media_is_not_reencoded(engine: TurnEngine, parts: Recordi
     assert parts.image_calls == 1 and parts.audio_calls == 1
     assert done.usage.media_cache_hits == 2
     assert done.usage.image_tokens > 0 and done.usage.audio_tokens == 25
+
+
+async def test_resent_media_is_not_decoded_again(
+    engine: TurnEngine, parts: RecordingParts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends the same image bytes with every turn (its history, or a new
+    session): the first turn decodes and encodes them, later ones find the embeddings cached
+    and skip the decoding too; other bytes are still decoded."""
+    decoded: list[str] = []
+    real_prepare = turn_module.prepare
+
+    def counting(processor, part, data):  # type: ignore[no-untyped-def]
+        decoded.append(part.sha256)
+        return real_prepare(processor, part, data)
+
+    monkeypatch.setattr(turn_module, "prepare", counting)
+    image = png()
+    for text in ("one", "two"):
+        _, done = await run(engine, user(MediaPart.from_bytes("image", image), TextPart(text)))
+    assert done.usage.media_cache_hits == 1 and parts.image_calls == 1
+    other = MediaPart.from_bytes("image", png(seed=1))
+    await run(engine, user(MediaPart.from_bytes("image", image), other, TextPart("three")))
+    assert decoded == [MediaPart.from_bytes("image", image).sha256, other.sha256]
 
 
 async def test_history_media_is_reencoded_from_store_after_cache_loss(
