@@ -83,7 +83,7 @@ class _Active:
     first_event: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `_prefilling.remove` must not compare tensors
 class _Prefill:
     """A sequence whose prompt is being prefilled, a chunk per loop turn."""
 
@@ -211,6 +211,8 @@ class ContinuousBatcher:
         (11-24 ms each time the batch changed). With `pack_rows` (the default on an
         accelerator, where one kernel launch per layer matters more than padding) their caches
         are left-padded into one batch, repacked when the batch changes."""
+        if getattr(language_model.model, "has_sliding_layers", False):
+            raise Internal("the llm batcher does not support sliding-window attention layers")
         self.prefill_chunk = prefill_chunk
         device = language_model.get_input_embeddings().weight.device
         self.pack_rows = device.type != "cpu" if pack_rows is None else pack_rows

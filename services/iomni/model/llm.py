@@ -125,8 +125,9 @@ def embed_token(language_model: Qwen3ForCausalLM, token_id: int) -> torch.Tensor
 
 @dataclass
 class TokenGroup:
-    """Tokens that attend within one KV cache: a decode batch (B rows of one token, caches
-    left-padded into one) or a chunk of one prompt (1 row of n tokens)."""
+    """Tokens that attend within one KV cache: one decoding sequence's next token, a decode
+    batch (B rows of one token, their caches left-padded into one), or a chunk of one prompt
+    (1 row of n tokens)."""
 
     embeds: torch.Tensor  # (B, n, H)
     cache: DynamicCache
@@ -152,7 +153,8 @@ def forward_groups(body: Qwen3Model, groups: Sequence[TokenGroup]) -> list[torch
     weights are read once; only attention runs per group. This is how a prompt's prefill
     chunk rides along with the running streams' decode step instead of a forward of its own:
     transformers has no forward for such a mixed batch. The arithmetic is Qwen3's decoder
-    layer (q/k norms, rotary embedding, grouped-query SDPA) on the module's own weights."""
+    layer (q/k norms, rotary embedding, grouped-query SDPA) on the module's own weights;
+    sliding-window layers are not handled (`ContinuousBatcher` refuses such a model)."""
     sizes = [g.embeds.shape[0] * g.embeds.shape[1] for g in groups]
     hidden = torch.cat([g.embeds.reshape(-1, g.embeds.shape[-1]) for g in groups])
     positions = torch.cat([g.positions.reshape(-1) for g in groups])
@@ -178,10 +180,8 @@ def _grouped_attention(
     sizes: list[int],
 ) -> torch.Tensor:
     tokens, head_dim = hidden.shape[0], attention.head_dim
-    query = attention.q_proj(hidden).view(tokens, -1, head_dim)
-    key = attention.k_proj(hidden).view(tokens, -1, head_dim)
-    if hasattr(attention, "q_norm"):  # Qwen3 normalises each head; Qwen2 does not
-        query, key = attention.q_norm(query), attention.k_norm(key)
+    query = attention.q_norm(attention.q_proj(hidden).view(tokens, -1, head_dim))
+    key = attention.k_norm(attention.k_proj(hidden).view(tokens, -1, head_dim))
     value = attention.v_proj(hidden).view(tokens, -1, head_dim)
     query, key = apply_rotary_pos_emb(query, key, *rotary, unsqueeze_dim=1)
     outputs = []

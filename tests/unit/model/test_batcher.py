@@ -7,11 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from transformers import Qwen3Config
 
+from iomni.errors import Internal
 from iomni.model import batcher as batcher_module
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent, _Prefill
 from iomni.model.checkpoint import LoadedCheckpoint
-from iomni.model.llm import embed_token, forward, forward_groups
+from iomni.model.llm import build_language_model, embed_token, forward, forward_groups
 from iomni.model.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
@@ -341,3 +343,22 @@ def test_a_short_new_prompt_is_prefilled_whole_a_long_one_in_bites(tiny: LoadedC
     assert b._chunk_budget() == 22
     b._active = []
     assert b._chunk_budget() >= 3000  # nobody decoding: whole
+
+
+def test_a_model_with_sliding_window_layers_is_refused() -> None:
+    """The batcher's mixed forward has no sliding-window attention: such a model fails at
+    load with a message, not with wrong tokens."""
+    config = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+    )
+    with pytest.raises(Internal, match="sliding-window"):
+        ContinuousBatcher(build_language_model(config))
