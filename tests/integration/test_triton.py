@@ -23,6 +23,7 @@ from iomni.model.sampling import SamplingParams
 from iomni.triton.client import TritonParts
 from iomni.triton.server import TritonServer
 from iomni.triton.tensors import AUDIO_EMBEDS, IMAGE_EMBEDS
+from tests.integration.conftest import free_ports
 from tests.integration.prom import Scrape, delta
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
@@ -359,3 +360,17 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (600, 400), (30, 120, 200)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+async def test_an_encoder_without_a_server_is_unavailable_naming_the_model() -> None:
+    """Encoder requests go out pre-serialized on a channel of their own: a server that is not
+    there is still the project's Unavailable, after the retries, naming the model."""
+    port = free_ports(1)[0]
+    parts = TritonParts(f"127.0.0.1:{port}", "tiny", {}, timeout_s=5, retries=1)
+    try:
+        with pytest.raises(Unavailable, match="Triton model 'vision_encoder'"):
+            await parts.encode_images(torch.randn(3, 3, 448, 448))
+        with pytest.raises(Unavailable, match="Triton model 'audio_encoder'"):
+            await parts.encode_audio([torch.randn(128, 100)])
+    finally:
+        await parts.close()
