@@ -374,3 +374,17 @@ async def test_an_encoder_without_a_server_is_unavailable_naming_the_model() -> 
             await parts.encode_audio([torch.randn(128, 100)])
     finally:
         await parts.close()
+
+
+async def test_static_headers_in_any_case_go_out_with_encoder_requests(
+    triton: TritonServer, tiny: LoadedCheckpoint
+) -> None:
+    """gRPC refuses metadata keys with capitals; tritonclient lowers them, and so must the
+    pre-serialized encoder requests, or a configured header breaks every image."""
+    parts = TritonParts(triton.grpc_url, "tiny", {}, headers={"X-Iomni-Caller": "test"})
+    try:
+        pixels = torch.randn(1, 3, 448, 448)
+        rows = await parts.encode_images(pixels)
+        torch.testing.assert_close(rows, tiny.model.encode_images(pixels), atol=1e-4, rtol=1e-4)
+    finally:
+        await parts.close()

@@ -193,6 +193,10 @@ class TritonParts:
             await channel.close()
         self._channels.clear()
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        # gRPC metadata keys are lowercase (tritonclient lowers them for its own calls).
+        return tuple((key.lower(), value) for key, value in self.call_headers().items())
+
     def call_headers(self) -> dict[str, str]:
         """Static headers plus the current W3C trace context."""
         return {**self.headers, **context_headers()}
@@ -238,9 +242,7 @@ class TritonParts:
         )
         for attempt in range(self.retries + 1):
             try:
-                response = await call(
-                    request, timeout=self.timeout_s, metadata=tuple(self.call_headers().items())
-                )
+                response = await call(request, timeout=self.timeout_s, metadata=self._metadata())
                 return InferResult(response).as_numpy(output)
             except grpc.RpcError as exc:
                 await self._backoff(attempt, translate(exc, model))
