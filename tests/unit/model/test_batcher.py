@@ -345,20 +345,12 @@ def test_a_short_new_prompt_is_prefilled_whole_a_long_one_in_bites(tiny: LoadedC
     assert b._chunk_budget() >= 3000  # nobody decoding: whole
 
 
-def test_a_model_with_sliding_window_layers_is_refused() -> None:
+def test_a_model_with_sliding_window_layers_is_refused(tiny: LoadedCheckpoint) -> None:
     """The batcher's mixed forward has no sliding-window attention: such a model fails at
     load with a message, not with wrong tokens."""
-    config = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        use_sliding_window=True,
-        sliding_window=8,
-        max_window_layers=1,
-    )
+    settings = tiny.config.llm_config.to_dict()
+    settings.pop("layer_types")  # derived from the window settings below
+    settings.update(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    config = Qwen3Config(**settings)
     with pytest.raises(Internal, match="sliding-window"):
         ContinuousBatcher(build_language_model(config))
