@@ -414,6 +414,7 @@ class Turn:
 
     async def _resolve_media(self, messages: Sequence[Message]) -> _MediaState:
         state = _MediaState()
+        new_parts = [p for p in self.request.user.media if p.data is not None]
         parts = _unique_media(messages)
         cached_rows = {
             p.ident: await self.engine.embeddings.get(self.engine.media_key(p)) for p in parts
@@ -425,8 +426,8 @@ class Turn:
         # again: a client that sends its history's images with every turn pays for them once.
         prepared = {
             p.ident: await background.run(prepare, self.engine.processor, p, p.data)  # type: ignore[arg-type]
-            for p in self.request.user.media
-            if p.data is not None and cached_rows.get(p.ident) is None
+            for p in new_parts
+            if cached_rows.get(p.ident) is None
         }
         for part in parts:
             cached = cached_rows[part.ident]
@@ -442,7 +443,7 @@ class Turn:
             state.rows[part.ident] = rows
             state.encoded += 1
         if self.engine.media is not None:
-            for part in [p for p in self.request.user.media if p.data is not None]:
+            for part in new_parts:
                 await self.engine.media.put(part.sha256, part.data)  # type: ignore[arg-type]
         return state
 

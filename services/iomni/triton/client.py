@@ -168,12 +168,25 @@ class TritonParts:
         self.model_urls: dict[str, str] = dict(model_urls or {})
         self._clients: dict[str, grpcclient.InferenceServerClient] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}  # for pre-serialized requests
+        self._model_infer: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
 
     def client_at(self, url: str) -> grpcclient.InferenceServerClient:
         # Created on first use: a grpc.aio channel belongs to the event loop that made it.
         if url not in self._clients:
             self._clients[url] = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         return self._clients[url]
+
+    def _model_infer_at(self, url: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        """ModelInfer taking an already serialized request (made on first use, like a client)."""
+        if url not in self._model_infer:
+            channel = grpc.aio.insecure_channel(url, options=CHANNEL_ARGS)
+            self._channels[url] = channel
+            self._model_infer[url] = channel.unary_unary(
+                MODEL_INFER,
+                request_serializer=None,  # the request is already bytes
+                response_deserializer=service_pb2.ModelInferResponse.FromString,
+            )
+        return self._model_infer[url]
 
     def url_for(self, model: str) -> str:
         return self.model_urls.get(model, self.url)
@@ -192,6 +205,7 @@ class TritonParts:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._model_infer.clear()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         # gRPC metadata keys are lowercase (tritonclient lowers them for its own calls).
@@ -232,14 +246,7 @@ class TritonParts:
     async def _infer(self, model: str, name: str, array: np.ndarray, output: str) -> np.ndarray:
         """An encoder request (one FP32 input): serialized off the event loop, sent as bytes."""
         request = await background.run(_infer_request, model, name, array, output)
-        url = self.url_for(model)
-        if url not in self._channels:  # made on first use: a channel belongs to its loop
-            self._channels[url] = grpc.aio.insecure_channel(url, options=CHANNEL_ARGS)
-        call = self._channels[url].unary_unary(
-            MODEL_INFER,
-            request_serializer=None,  # the request is already bytes
-            response_deserializer=service_pb2.ModelInferResponse.FromString,
-        )
+        call = self._model_infer_at(self.url_for(model))
         for attempt in range(self.retries + 1):
             try:
                 response = await call(request, timeout=self.timeout_s, metadata=self._metadata())
