@@ -120,6 +120,12 @@ class SpeechSession:
             if chunk.size:
                 yield chunk
 
+    def first_chunk_text_in(self) -> bool:
+        """Whether the text received so far makes the first chunk ready once decoded, and
+        that chunk is not rendered yet: more text can wait until it is."""
+        upto = self.settings.chunk_end(0) + self.settings.lookahead
+        return not self.offset and self.lm_decoder.speech_tokens_for(self.text_tokens) >= upto
+
     def first_chunk_upto(self, text_mark: int) -> int | None:
         """The tokens the first chunk's render takes, if the text up to `text_mark` makes the
         first chunk ready and nothing is rendered yet; else None."""

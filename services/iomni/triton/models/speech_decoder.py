@@ -166,21 +166,27 @@ class TritonPythonModel:
         return len(self.sessions)
 
     def _serve_batch(self, batch: list[tuple[Any, Any]]) -> None:
-        """Take each request's text, decode all of it together (`decode_together`), render
+        """Take each request's text (a reply without audio: up to its first chunk's; what
+        is beyond goes back to the queue), decode all of it together (`decode_together`), render
         the flow of the first chunks it makes ready together (`render_first_together`), then
         render and answer each request, most urgent first. A reply that starts meanwhile
         does not wait for the whole batch: the requests not rendered yet go back to the
         queue, their text decoded (`_Decoded`), and the next batch starts with the new one."""
         texted: list[tuple[Any, _Decoded]] = []
+        later: list[tuple[Any, Any]] = []
         for corr, request in batch:
             try:
                 if isinstance(request, _Decoded):
                     if not self._answered_cancel(request.request, corr):
                         texted.append((corr, request))
+                elif any(key == corr for key, _ in texted) and self._has_first_chunk_text(corr):
+                    later.append((corr, request))
                 elif (decoded := self._take_text(request, corr)) is not None:
                     texted.append((corr, decoded))
             except Exception as exc:
                 self._fail(corr, request, exc)
+        for corr, request in reversed(later):
+            self.queue.requeue(corr, request)
         sessions = list({id(d.session): d.session for _, d in texted}.values())
         if sessions and server_alive():
             self._batch_replies.observe(len(sessions))
@@ -228,6 +234,15 @@ class TritonPythonModel:
         request.get_response_sender().send(error, flags=pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         self.queue.done(corr, 0.0, True)
         return True
+
+    def _has_first_chunk_text(self, corr: Any) -> bool:
+        """Whether the reply has no audio yet and the text its first chunk needs is in. A
+        reply without audio brings two requests, that text; when an earlier batch decoded
+        the first, the first of these completes it, and the second would add a decode round
+        and render the reply's second chunk before the other replies' first ones."""
+        with self.lock:
+            entry = self.sessions.get(corr)
+        return entry is not None and entry[0].first_chunk_text_in()
 
     def _take_text(self, request: Any, corr: Any) -> _Decoded | None:
         """Queue the request's text on its session (decoded by the batch's pass); None when

@@ -50,6 +50,22 @@ def test_first_audio_needs_two_text_groups(tiny: LoadedCheckpoint) -> None:
     assert [c.size for c in chunks[2]] == [24000]
 
 
+def test_first_chunk_text_is_in_from_the_second_group_until_the_chunk_renders(
+    tiny: LoadedCheckpoint,
+) -> None:
+    """What the speech decoder asks before taking more of a reply's text into a batch."""
+    s = session(tiny)
+    ids, hidden = text(12, tiny.config.llm_hidden_size)
+    seen = []
+    with torch.inference_mode():
+        for start in (0, 5, 10):
+            s.add_text(ids[start : start + 5], hidden[start : start + 5])
+            seen.append(s.first_chunk_text_in())
+            decode_together([s])
+            list(s.iter_ready(s.text_tokens))
+    assert seen == [False, True, False]  # the third: the first chunk was rendered
+
+
 def test_the_tail_comes_in_one_second_chunks(tiny: LoadedCheckpoint) -> None:
     """The speech after the text ends is cut as if its tokens had streamed in (one render of
     it all was the longest wait between a reply's chunks); the mel stays exact
