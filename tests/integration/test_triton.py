@@ -20,6 +20,7 @@ from iomni.model.checkpoint import LoadedCheckpoint, fingerprint
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
+from iomni.triton import client as triton_client
 from iomni.triton.client import TritonParts
 from iomni.triton.server import TritonServer
 from iomni.triton.tensors import AUDIO_EMBEDS, IMAGE_EMBEDS
@@ -70,9 +71,17 @@ async def test_all_models_answer(
     await triton_parts.close()
 
 
+@pytest.mark.parametrize("off_loop", [False, True], ids=["llm-request-on-loop", "off-loop"])
 async def test_turn_through_triton_equals_in_process(
-    triton_parts: TritonParts, tiny: LoadedCheckpoint, processor: Processor
+    triton_parts: TritonParts,
+    tiny: LoadedCheckpoint,
+    processor: Processor,
+    off_loop: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Off the loop: the LLM request, built in the media pool as a large one is."""
+    if off_loop:
+        monkeypatch.setattr(triton_client, "OFFLOAD_BYTES", 0)
     image = MediaPart.from_bytes("image", _png())
     user = Message("user", (image, TextPart("What is in the picture?")))
 
@@ -376,15 +385,24 @@ async def test_an_encoder_without_a_server_is_unavailable_naming_the_model() -> 
         await parts.close()
 
 
-async def test_static_headers_in_any_case_go_out_with_encoder_requests(
+async def test_static_headers_in_any_case_go_out_with_preserialized_requests(
     triton: TritonServer, tiny: LoadedCheckpoint
 ) -> None:
     """gRPC refuses metadata keys with capitals; tritonclient lowers them, and so must the
-    pre-serialized encoder requests, or a configured header breaks every image."""
+    pre-serialized encoder and LLM requests, or a configured header breaks every turn."""
     parts = TritonParts(triton.grpc_url, "tiny", {}, headers={"X-Iomni-Caller": "test"})
     try:
         pixels = torch.randn(1, 3, 448, 448)
         rows = await parts.encode_images(pixels)
         torch.testing.assert_close(rows, tiny.model.encode_images(pixels), atol=1e-4, rtol=1e-4)
+        request = GenerationRequest(
+            input_ids=[1, 2, 3],
+            media={},
+            params=GREEDY,
+            stop_ids=[],
+            trace_headers={"Traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        )
+        steps = [step async for step in parts.generate(request)]
+        assert len(steps) == GREEDY.max_new_tokens
     finally:
         await parts.close()

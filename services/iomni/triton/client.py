@@ -61,6 +61,7 @@ MAX_TILES = CONTRACTS[VISION_MODEL].max_batch_size
 # 2-tile requests sent together stall it 4-10 ms and finish sooner.
 TILES_PER_REQUEST = 2
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 LLM_OUTPUTS = (
     TOKEN_ID,
     HIDDEN,
@@ -91,7 +92,7 @@ def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
     return tensor
 
 
-OFFLOAD_BYTES = 1 << 20  # packing a larger tensor leaves the event loop
+OFFLOAD_BYTES = 1 << 20  # a larger LLM request is built off the event loop
 
 
 def _infer_request(model: str, name: str, array: np.ndarray, output: str) -> bytes:
@@ -104,12 +105,26 @@ def _infer_request(model: str, name: str, array: np.ndarray, output: str) -> byt
     return request.SerializeToString()
 
 
-async def _packed(name: str, array: np.ndarray, dtype: str) -> InferInput:
-    """`_tensor`, off the event loop when large: image tiles are tens of MB, and packing them
-    on the loop stalls every other session's stream on this gateway."""
-    if array.nbytes > OFFLOAD_BYTES:
-        return await background.run(_tensor, name, array, dtype)
-    return _tensor(name, array, dtype)
+def _llm_request(inputs: list[tuple[str, np.ndarray, str]], params: dict[str, Any]) -> bytes:
+    """The LLM's request, serialized (off the event loop when it carries media: a turn's
+    embedding rows are MBs on the larger checkpoints, more with video)."""
+    request = service_pb2.ModelInferRequest(model_name=LLM)
+    for name, array, dtype in inputs:
+        request.inputs.add(name=name, datatype=dtype, shape=array.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    for name in LLM_OUTPUTS:
+        request.outputs.add(name=name)
+    for key, value in params.items():
+        parameter = request.parameters[key]
+        if isinstance(value, bool):  # before int: a bool is an int
+            parameter.bool_param = value
+        elif isinstance(value, int):
+            parameter.int64_param = value
+        elif isinstance(value, float):
+            parameter.double_param = value
+        else:
+            parameter.string_param = str(value)
+    return request.SerializeToString()
 
 
 class LLMRouter(Protocol):
@@ -169,6 +184,7 @@ class TritonParts:
         self._clients: dict[str, grpcclient.InferenceServerClient] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}  # for pre-serialized requests
         self._model_infer: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._model_stream_infer: dict[str, grpc.aio.StreamStreamMultiCallable] = {}
 
     def client_at(self, url: str) -> grpcclient.InferenceServerClient:
         # Created on first use: a grpc.aio channel belongs to the event loop that made it.
@@ -176,17 +192,31 @@ class TritonParts:
             self._clients[url] = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         return self._clients[url]
 
+    def _channel_at(self, url: str) -> grpc.aio.Channel:
+        """The channel for already serialized requests (made on first use, like a client)."""
+        if url not in self._channels:
+            self._channels[url] = grpc.aio.insecure_channel(url, options=CHANNEL_ARGS)
+        return self._channels[url]
+
     def _model_infer_at(self, url: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        """ModelInfer taking an already serialized request (made on first use, like a client)."""
+        """ModelInfer taking an already serialized request."""
         if url not in self._model_infer:
-            channel = grpc.aio.insecure_channel(url, options=CHANNEL_ARGS)
-            self._channels[url] = channel
-            self._model_infer[url] = channel.unary_unary(
+            self._model_infer[url] = self._channel_at(url).unary_unary(
                 MODEL_INFER,
                 request_serializer=None,  # the request is already bytes
                 response_deserializer=service_pb2.ModelInferResponse.FromString,
             )
         return self._model_infer[url]
+
+    def _model_stream_infer_at(self, url: str) -> grpc.aio.StreamStreamMultiCallable:
+        """ModelStreamInfer taking already serialized requests."""
+        if url not in self._model_stream_infer:
+            self._model_stream_infer[url] = self._channel_at(url).stream_stream(
+                MODEL_STREAM_INFER,
+                request_serializer=None,
+                response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+            )
+        return self._model_stream_infer[url]
 
     def url_for(self, model: str) -> str:
         return self.model_urls.get(model, self.url)
@@ -206,10 +236,12 @@ class TritonParts:
             await channel.close()
         self._channels.clear()
         self._model_infer.clear()
+        self._model_stream_infer.clear()
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
+    def _metadata(self, extra: dict[str, str] | None = None) -> tuple[tuple[str, str], ...]:
         # gRPC metadata keys are lowercase (tritonclient lowers them for its own calls).
-        return tuple((key.lower(), value) for key, value in self.call_headers().items())
+        headers = {**self.call_headers(), **(extra or {})}
+        return tuple((key.lower(), value) for key, value in headers.items())
 
     def call_headers(self) -> dict[str, str]:
         """Static headers plus the current W3C trace context."""
@@ -277,10 +309,9 @@ class TritonParts:
         return [t for t in out if t is not None]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[LLMStep]:
-        inputs = [_tensor(INPUT_IDS, np.asarray(request.input_ids, dtype=np.int64), "INT64")]
-        for name, rows in self._media_inputs(request):
-            inputs.append(await _packed(name, rows, "FP32"))
-        params = {
+        inputs = [(INPUT_IDS, np.asarray(request.input_ids, dtype=np.int64), "INT64")]
+        inputs += [(name, rows, "FP32") for name, rows in self._media_inputs(request)]
+        params: dict[str, Any] = {
             "temperature": request.params.temperature,
             "top_p": request.params.top_p,
             "top_k": request.params.top_k,
@@ -290,18 +321,16 @@ class TritonParts:
         }
         if request.params.seed is not None:
             params["seed"] = request.params.seed
-        call = {
-            "model_name": LLM,
-            "inputs": inputs,
-            "outputs": [InferRequestedOutput(n) for n in LLM_OUTPUTS],
-            "parameters": params,
-        }
-        headers = {**self.call_headers(), **request.trace_headers}
+        if sum(array.nbytes for _, array, _ in inputs) > OFFLOAD_BYTES:
+            call = await background.run(_llm_request, inputs, params)
+        else:
+            call = _llm_request(inputs, params)
+        metadata = self._metadata(request.trace_headers)
         url = await self._llm_url(request.session_id)
         for attempt in range(self.retries + 1):
             steps = 0
             try:
-                async for step in self._llm_stream(url, call, headers):
+                async for step in self._llm_stream(url, call, metadata):
                     steps += 1
                     yield step
                 return
@@ -311,16 +340,14 @@ class TritonParts:
                 await self._backoff(attempt, exc)
 
     async def _llm_stream(
-        self, url: str, call: dict[str, Any], headers: dict[str, str]
+        self, url: str, call: bytes, metadata: tuple[tuple[str, str], ...]
     ) -> AsyncIterator[LLMStep]:
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield call
-
-        stream = self.client_at(url).stream_infer(requests(), headers=headers)
+        stream = self._model_stream_infer_at(url)(iter([call]), metadata=metadata)
         try:
-            async for result, error in stream:
-                if error is not None:
-                    raise translate(error, LLM)
+            async for response in stream:
+                if response.error_message:
+                    raise translate(InferenceServerException(msg=response.error_message), LLM)
+                result = InferResult(response.infer_response)
                 failed = stream_error(result, LLM)
                 if failed is not None:
                     raise failed
