@@ -1,4 +1,6 @@
-"""`TritonParts`: the engine's `ModelParts` over tritonclient's asyncio gRPC client.
+"""`TritonParts`: the engine's `ModelParts` over Triton's gRPC API. Encoder and LLM requests are
+built here from tritonclient's protobufs and sent as bytes (large ones built off the event
+loop); health checks and the speech stream use tritonclient's asyncio client.
 
 Encoders are plain requests (retried on UNAVAILABLE: they are idempotent); the LLM and the
 speech decoder are streams. Closing the LLM generator cancels its stream, which Triton turns
