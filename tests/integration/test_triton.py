@@ -371,9 +371,9 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
-async def test_an_encoder_without_a_server_is_unavailable_naming_the_model() -> None:
-    """Encoder requests go out pre-serialized on a channel of their own: a server that is not
-    there is still the project's Unavailable, after the retries, naming the model."""
+async def test_a_part_without_a_server_is_unavailable_naming_the_model() -> None:
+    """Encoder and LLM requests go out pre-serialized on a channel of their own: a server that
+    is not there is still the project's Unavailable, after the retries, naming the model."""
     port = free_ports(1)[0]
     parts = TritonParts(f"127.0.0.1:{port}", "tiny", {}, timeout_s=5, retries=1)
     try:
@@ -381,6 +381,9 @@ async def test_an_encoder_without_a_server_is_unavailable_naming_the_model() -> 
             await parts.encode_images(torch.randn(3, 3, 448, 448))
         with pytest.raises(Unavailable, match="Triton model 'audio_encoder'"):
             await parts.encode_audio([torch.randn(128, 100)])
+        request = GenerationRequest(input_ids=[1, 2], media={}, params=GREEDY, stop_ids=[])
+        with pytest.raises(Unavailable, match="Triton model 'llm'"):
+            [step async for step in parts.generate(request)]
     finally:
         await parts.close()
 
