@@ -97,26 +97,22 @@ def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
 OFFLOAD_BYTES = 1 << 20  # a larger LLM request is built off the event loop
 
 
-def _infer_request(model: str, name: str, array: np.ndarray, output: str) -> bytes:
-    """A one-input ModelInfer request, serialized: built off the event loop, where a
-    tritonclient call would build and serialize it (two copies of tens of MB) on it."""
+def _request(
+    model: str,
+    inputs: Sequence[tuple[str, np.ndarray, str]],
+    outputs: Sequence[str],
+    params: dict[str, Any] | None = None,
+) -> bytes:
+    """A ModelInfer request, serialized: built where the caller runs it (off the event loop
+    for large tensors), where a tritonclient call would build and serialize it (two copies of
+    tens of MB) on the loop."""
     request = service_pb2.ModelInferRequest(model_name=model)
-    request.inputs.add(name=name, datatype="FP32", shape=array.shape)
-    request.raw_input_contents.append(np.ascontiguousarray(array, dtype=np.float32).tobytes())
-    request.outputs.add(name=output)
-    return request.SerializeToString()
-
-
-def _llm_request(inputs: list[tuple[str, np.ndarray, str]], params: dict[str, Any]) -> bytes:
-    """The LLM's request, serialized (off the event loop when it carries media: a turn's
-    embedding rows are MBs on the larger checkpoints, more with video)."""
-    request = service_pb2.ModelInferRequest(model_name=LLM)
     for name, array, dtype in inputs:
         request.inputs.add(name=name, datatype=dtype, shape=array.shape)
         request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
-    for name in LLM_OUTPUTS:
+    for name in outputs:
         request.outputs.add(name=name)
-    for key, value in params.items():
+    for key, value in (params or {}).items():
         parameter = request.parameters[key]
         if isinstance(value, bool):  # before int: a bool is an int
             parameter.bool_param = value
@@ -279,7 +275,7 @@ class TritonParts:
 
     async def _infer(self, model: str, name: str, array: np.ndarray, output: str) -> np.ndarray:
         """An encoder request (one FP32 input): serialized off the event loop, sent as bytes."""
-        request = await background.run(_infer_request, model, name, array, output)
+        request = await background.run(_request, model, [(name, array, "FP32")], (output,))
         call = self._model_infer_at(self.url_for(model))
         for attempt in range(self.retries + 1):
             try:
@@ -324,9 +320,9 @@ class TritonParts:
         if request.params.seed is not None:
             params["seed"] = request.params.seed
         if sum(array.nbytes for _, array, _ in inputs) > OFFLOAD_BYTES:
-            call = await background.run(_llm_request, inputs, params)
+            call = await background.run(_request, LLM, inputs, LLM_OUTPUTS, params)
         else:
-            call = _llm_request(inputs, params)
+            call = _request(LLM, inputs, LLM_OUTPUTS, params)
         metadata = self._metadata(request.trace_headers)
         url = await self._llm_url(request.session_id)
         for attempt in range(self.retries + 1):
