@@ -4,7 +4,8 @@
 protocol over the network. Nothing above this interface knows which one it talks to. The LLM
 runs in the same continuous batcher as the `llm` Triton model (its own thread: concurrent
 turns share decode steps, a session's KV cache is reused on its next turn, and decoding goes
-on while the speech decoder renders, since torch releases the GIL).
+on while the speech decoder renders). On CPU the speech decoder renders in a child process
+(`speech_worker`): in one process the two threads' Python took turns on the interpreter lock.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ import torch
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.speech.speaker import SpeakerEncoder
+from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import (
     ChunkCallback,
@@ -41,7 +44,11 @@ class InProcessParts:
         max_batch: int = 16,
         kv_cache_tokens: int = 65536,
         speech: SpeechSettings | None = None,
+        speech_process: bool | None = None,
     ) -> None:
+        """`speech_process`: render speech in a child process (`SpeechWorker`); None: on CPU
+        (on an accelerator the thread's Python waits less, and the child would hold a second
+        copy of the speech parts on the device)."""
         # The batcher's thread and the speech decoder work side by side; with all cores each,
         # their intra-op threads oversubscribe the machine (2 cores: TTFA 1080 ms at 2 threads
         # each, 955 ms at 1). Torch's thread count is per process: half the cores each.
@@ -54,6 +61,22 @@ class InProcessParts:
         self._speaker: SpeakerEncoder | None = None
         self._batcher_options = {"max_batch": max_batch, "kv_cache_tokens": kv_cache_tokens}
         self._batcher: ContinuousBatcher | None = None
+        flow = getattr(checkpoint.model, "flow", None)  # absent when loaded without speech
+        weight = next(flow.parameters()) if flow is not None else torch.empty(0)
+        if speech_process is None:
+            speech_process = flow is not None and weight.device.type == "cpu"
+        self._worker_spec = (
+            WorkerSpec(
+                checkpoint=str(Path(checkpoint.path).resolve()),
+                fingerprint=checkpoint.fingerprint,
+                dtype=str(weight.dtype).removeprefix("torch."),
+                device=str(weight.device),
+                threads=torch.get_num_threads(),
+                settings=self.speech_settings,
+            )
+            if speech_process
+            else None
+        )
 
     def _llm(self) -> ContinuousBatcher:
         if self._batcher is None:
@@ -114,11 +137,15 @@ class InProcessParts:
 
     async def open_speech(self, options: SpeechOptions) -> SpeechStream:
         model = self.model
-        if options.speaker_wav is None:
-            speaker = model.default_speaker_embedding.detach()
-        else:
+        speaker = None
+        if options.speaker_wav is not None:
             encoder = await asyncio.to_thread(self._speaker_encoder)
             speaker = await asyncio.to_thread(encoder.embed, options.speaker_wav)
+        if self._worker_spec is not None:
+            worker = await asyncio.to_thread(SpeechWorker.shared, self._worker_spec)
+            return WorkerSpeech(worker, speaker, options.seed)
+        if speaker is None:
+            speaker = model.default_speaker_embedding.detach()
         session = SpeechSession(
             model.voicelm,
             model.flow,

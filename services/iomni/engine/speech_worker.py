@@ -1,0 +1,374 @@
+"""The embedded engine's speech decoder, in a child process of its own.
+
+In one process the LLM's batcher thread and the speech decoder's thread both run Python
+between their torch ops, and each waits for the other's interpreter lock: on `small`, 2 cores,
+a spoken turn's first audio came 282 ms after the turn began while the LLM went on decoding
+the reply's remaining text beside the first chunk's render, 241 ms when it had stopped at the
+10th token. The platform renders in the speech decoder's own process and did not pay this, so
+the embedded engine was no faster than the platform despite having no network in between.
+
+`SpeechWorker` is that process for `InProcessParts`: it loads the checkpoint's speech parts
+and renders each reply in the order its calls arrive, one call at a time (as the in-thread
+path did). Text and the LLM's hidden states go in, and each rendered chunk comes back as soon
+as it exists. A reply closed by a barge-in has its queued calls answered empty at once, and
+the render in progress stops at its next chunk.
+
+The child is started with `python -m`, not `multiprocessing`, so that nothing re-imports the
+caller's main module. It exits when its pipe closes (the parent exited, even killed). One
+worker serves every `InProcessParts` of a process that loads the same checkpoint with the
+same settings; it lives until the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from iomni.errors import Internal, IomniError, Unavailable
+from iomni.model.checkpoint import load_checkpoint
+from iomni.model.speech.stream import SpeechSession, SpeechSettings
+from iomni.parts import ChunkCallback
+
+log = logging.getLogger(__name__)
+
+LOAD_TIMEOUT_S = 300.0  # a 4b checkpoint's speech parts from a slow disk
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the child loads: one worker per distinct spec in a process."""
+
+    checkpoint: str
+    fingerprint: str
+    dtype: str  # torch dtype name, e.g. "float32"
+    device: str
+    threads: int
+    settings: SpeechSettings = field(default_factory=SpeechSettings)
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "settings": dataclasses.asdict(self.settings)})
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        fields = json.loads(text)
+        return cls(**{**fields, "settings": SpeechSettings(**fields["settings"])})
+
+
+@dataclass
+class _Call:
+    """One push_text or finish awaiting its chunks, on the event loop that made it."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[np.ndarray]]
+    on_chunk: ChunkCallback | None
+    chunks: list[np.ndarray] = field(default_factory=list)
+
+    def deliver(self, kind: str, value: Any) -> None:  # on self.loop
+        if self.future.done():
+            return
+        if kind == "chunk":
+            self.chunks.append(value)
+            if self.on_chunk is not None:
+                self.on_chunk(value)
+        elif kind == "done":
+            self.future.set_result(self.chunks)
+        else:
+            self.future.set_exception(value)
+
+
+class SpeechWorker:
+    _shared: ClassVar[dict[WorkerSpec, SpeechWorker]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def shared(cls, spec: WorkerSpec) -> SpeechWorker:
+        """The process's worker for `spec`, started (blocking, seconds) if there is none or the
+        last one exited."""
+        with cls._shared_lock:
+            worker = cls._shared.get(spec)
+            if worker is None or not worker.alive:
+                worker = cls._shared[spec] = cls(spec)
+            return worker
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(theirs.fileno()), spec.to_json()],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=_child_env(),
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._calls: dict[int, _Call] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._exited: str | None = None
+        self._await_ready()
+        self._reader = threading.Thread(target=self._read, name="speech-worker", daemon=True)
+        self._reader.start()
+        atexit.register(self.stop)
+
+    def _await_ready(self) -> None:
+        try:
+            ready = self._conn.poll(LOAD_TIMEOUT_S)
+            kind, _, detail = self._conn.recv() if ready else ("timeout", 0, None)
+        except (EOFError, OSError):
+            kind, detail = "exited", None
+        if kind == "ready":
+            return
+        self.stop()
+        if kind == "failed":
+            raise detail
+        raise Unavailable(
+            f"the speech decoder's process did not start ({kind}, exit code "
+            f"{self._process.returncode}); its error is above in this process's stderr"
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self._exited is None and self._process.poll() is None
+
+    def open(self, speaker: torch.Tensor | None, seed: int) -> int:
+        """A new reply; `speaker` None uses the checkpoint's default voice."""
+        session_id = next(self._ids)
+        vector = None if speaker is None else speaker.detach().float().cpu().numpy()
+        self._send(("open", session_id, vector, seed))
+        return session_id
+
+    async def render(
+        self,
+        session_id: int,
+        token_ids: Sequence[int] | None,
+        hidden: torch.Tensor | None,
+        on_chunk: ChunkCallback | None,
+    ) -> list[np.ndarray]:
+        """Text for a reply (token_ids None: the reply's end); its chunks once rendered."""
+        loop = asyncio.get_running_loop()
+        call_id = next(self._ids)
+        call = _Call(loop, loop.create_future(), on_chunk)
+        self._calls[call_id] = call
+        try:
+            if token_ids is None:
+                self._send(("finish", session_id, call_id))
+            else:
+                rows = hidden.detach().float().cpu().numpy()  # type: ignore[union-attr]
+                self._send(("text", session_id, call_id, list(token_ids), rows))
+            return await call.future
+        finally:
+            self._calls.pop(call_id, None)
+
+    def close(self, session_id: int) -> None:
+        with contextlib.suppress(Unavailable):
+            self._send(("close", session_id))
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            if self._exited is not None:
+                raise Unavailable(self._exited)
+            try:
+                self._conn.send(message)
+            except OSError as exc:
+                raise Unavailable(f"the speech decoder's process is gone ({exc})") from exc
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, call_id, value = self._conn.recv()
+            except (EOFError, OSError):
+                self._fail_all()
+                return
+            call = self._calls.get(call_id)
+            if call is not None:
+                with contextlib.suppress(RuntimeError):  # that loop has closed
+                    call.loop.call_soon_threadsafe(call.deliver, kind, value)
+
+    def _fail_all(self) -> None:
+        code = self._process.wait()
+        with self._send_lock:
+            self._exited = (
+                f"the speech decoder's process exited (code {code}); the next reply starts a "
+                "new one"
+            )
+        if code not in (0, -signal.SIGTERM):
+            log.error("%s", self._exited)
+        for call in list(self._calls.values()):
+            with contextlib.suppress(RuntimeError):
+                call.loop.call_soon_threadsafe(call.deliver, "error", Unavailable(self._exited))
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, Unavailable):
+            self._send(("stop", 0))
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._conn.close()
+
+
+class WorkerSpeech:
+    """One reply's `SpeechStream` rendered by a `SpeechWorker`."""
+
+    def __init__(self, worker: SpeechWorker, speaker: torch.Tensor | None, seed: int) -> None:
+        self.worker = worker
+        self.session_id = worker.open(speaker, seed)
+        self._closed = False
+
+    async def push_text(
+        self, token_ids: Sequence[int], hidden: torch.Tensor, on_chunk: ChunkCallback | None = None
+    ) -> list[np.ndarray]:
+        if self._closed:
+            return []
+        return await self.worker.render(self.session_id, token_ids, hidden, on_chunk)
+
+    async def finish(self, on_chunk: ChunkCallback | None = None) -> list[np.ndarray]:
+        if self._closed:
+            return []
+        return await self.worker.render(self.session_id, None, None, on_chunk)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.worker.close(self.session_id)
+
+
+def _child_env() -> dict[str, str]:
+    """The parent's environment, with the directory `iomni` was imported from first on the
+    path (the parent may have found it through sys.path rather than PYTHONPATH)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, path) if p)}
+
+
+# ---- the child ---------------------------------------------------------------------------
+
+
+class _Renderer:
+    """The child's loop: replies' calls in arrival order, closes applied before anything
+    queued behind them is rendered."""
+
+    def __init__(self, conn: Connection, spec: WorkerSpec) -> None:
+        loaded = load_checkpoint(
+            spec.checkpoint, dtype=getattr(torch, spec.dtype), device=spec.device, parts=("speech",)
+        )
+        self.model = loaded.model
+        self.spec = spec
+        self.conn = conn
+        self.sessions: dict[int, SpeechSession] = {}
+        self.queue: deque[tuple] = deque()
+
+    def serve(self) -> None:
+        self.conn.send(("ready", 0, None))
+        while True:
+            if not self.queue:
+                self._handle(self.conn.recv())
+            self._drain()
+            if self.queue:
+                self._run(self.queue.popleft())
+
+    def _drain(self) -> None:
+        while self.conn.poll():
+            self._handle(self.conn.recv())
+
+    def _handle(self, message: tuple) -> None:
+        kind, session_id = message[0], message[1]
+        if kind == "open":
+            self.sessions[session_id] = self._session(*message[2:])
+        elif kind in ("text", "finish"):
+            self.queue.append(message)
+        elif kind == "close":
+            self._close(session_id)
+        elif kind == "stop":
+            raise SystemExit(0)
+
+    def _session(self, speaker: np.ndarray | None, seed: int) -> SpeechSession:
+        model = self.model
+        vector = model.default_speaker_embedding if speaker is None else torch.from_numpy(speaker)
+        return SpeechSession(
+            model.voicelm, model.flow, model.hifigan, vector, seed=seed, settings=self.spec.settings
+        )
+
+    def _close(self, session_id: int) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            session.done = True
+        for message in [m for m in self.queue if m[1] == session_id]:
+            self.queue.remove(message)
+            self.conn.send(("done", message[2], None))
+
+    def _run(self, message: tuple) -> None:
+        kind, session_id, call_id = message[:3]
+        try:
+            self._stream(session_id, kind, call_id, message[3:])
+            self.conn.send(("done", call_id, None))
+        except Exception as exc:  # the parent raises it in the turn that made the call
+            self.conn.send(("error", call_id, _picklable(exc)))
+
+    def _stream(self, session_id: int, kind: str, call_id: int, args: tuple) -> None:
+        session = self.sessions.get(session_id)
+        if session is None or session.done:  # closed by a barge-in, or finished
+            return
+        if kind == "text":
+            token_ids, rows = args
+            hidden = torch.from_numpy(rows).to(self.spec.device, getattr(torch, self.spec.dtype))
+            chunks = session.iter_text(token_ids, hidden)
+        else:
+            chunks = session.iter_finish()
+        for chunk in chunks:
+            self.conn.send(("chunk", call_id, chunk))
+            self._drain()
+            if session_id not in self.sessions:  # closed meanwhile: the rest is not wanted
+                return
+        if kind == "finish":
+            self.sessions.pop(session_id, None)
+
+
+def _picklable(exc: Exception) -> Exception:
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        return Internal(f"speech decoder: {type(exc).__name__}: {exc}")
+    return exc
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; Ctrl-C reaches both
+    logging.basicConfig(level=logging.WARNING)
+    conn = Connection(int(argv[0]))
+    spec = WorkerSpec.from_json(argv[1])
+    torch.set_num_threads(spec.threads)
+    try:
+        renderer = _Renderer(conn, spec)
+    except Exception as exc:
+        error = exc if isinstance(exc, IomniError) else Internal(f"{type(exc).__name__}: {exc}")
+        conn.send(("failed", 0, _picklable(error)))
+        return
+    with contextlib.suppress(EOFError, OSError), torch.inference_mode():
+        renderer.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,205 @@
+"""The embedded engine's speech decoder in a child process (`SpeechWorker`): the same audio as
+the in-thread path, barge-in, and what happens when the child fails or its parent dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iomni.engine.events import AudioChunk, TextDelta
+from iomni.engine.parts import InProcessParts
+from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
+from iomni.engine.turn import TurnEngine, TurnRequest
+from iomni.errors import CheckpointError, Unavailable
+from iomni.model.checkpoint import LoadedCheckpoint
+from iomni.model.conversation import Message, TextPart
+from iomni.model.processor import Processor
+from iomni.model.sampling import SamplingParams
+from iomni.model.speech.speaker import SpeakerEncoder
+from iomni.model.speech.stream import SpeechSession
+from iomni.parts import SpeechOptions
+from iomni.testing.speech import wav_bytes
+
+
+def voice(seconds: float = 2.0, rate: int = 16000) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    return wav_bytes(0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)), rate)
+
+
+def spec_of(parts: InProcessParts) -> WorkerSpec:
+    assert parts._worker_spec is not None
+    return parts._worker_spec
+
+
+async def spoken_turn(
+    parts: InProcessParts, processor: Processor, speech: SpeechOptions
+) -> tuple[str, list[tuple[bytes, int]]]:
+    request = TurnRequest(
+        user=Message("user", (TextPart("Tell me about the sea"),)),
+        params=SamplingParams(temperature=0.8, seed=7, max_new_tokens=40),
+        speech=speech,
+    )
+    text, audio = [], []
+    async for event in TurnEngine(parts, processor).start(request).events():
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        elif isinstance(event, AudioChunk):
+            audio.append((event.pcm, event.text_tokens))
+    return "".join(text), audio
+
+
+async def test_the_worker_speaks_exactly_as_the_thread_did(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    speech = SpeechOptions(seed=3)
+    in_thread = InProcessParts(tiny, speech_process=False)
+    in_child = InProcessParts(tiny)
+    assert in_thread._worker_spec is None and in_child._worker_spec is not None  # CPU default
+    text, audio = await spoken_turn(in_thread, processor, speech)
+    assert len(audio) >= 4
+    assert await spoken_turn(in_child, processor, speech) == (text, audio)
+
+
+async def test_a_cloned_voice_reaches_the_worker_exactly(tiny: LoadedCheckpoint) -> None:
+    """One embedding for both sides: CAM++ on onnxruntime is not bit-reproducible run to run
+    (its reductions are threaded), so each side embedding the reference would differ anyway."""
+    speaker = SpeakerEncoder.from_checkpoint(tiny.path).embed(voice())
+    model = tiny.model
+    session = SpeechSession(model.voicelm, model.flow, model.hifigan, speaker, seed=3)
+    reply = WorkerSpeech(SpeechWorker.shared(spec_of(InProcessParts(tiny))), speaker, seed=3)
+    in_thread, in_child = [], []
+    with torch.inference_mode():
+        for group in range(6):
+            rows = hidden_rows(tiny, 5, seed=group)
+            in_thread += session.push_text([11, 12, 13, 14, 15], rows)
+            in_child += await reply.push_text([11, 12, 13, 14, 15], rows)
+        in_thread += list(session.iter_finish())
+    in_child += await reply.finish()
+    assert len(in_thread) >= 2 and len(in_child) == len(in_thread)
+    for ours, theirs in zip(in_child, in_thread, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def hidden_rows(tiny: LoadedCheckpoint, count: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, tiny.config.llm_config.hidden_size, generator=generator)
+
+
+async def test_a_closed_reply_renders_nothing_more(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    worker = SpeechWorker.shared(spec_of(InProcessParts(tiny)))
+    whole = WorkerSpeech(worker, None, seed=1)
+    groups = [whole.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5)) for _ in range(8)]
+    rendered = sum(len(chunks) for chunks in await asyncio.gather(*groups))
+    assert rendered >= 2
+
+    barged = WorkerSpeech(worker, None, seed=1)
+    groups = [
+        asyncio.ensure_future(barged.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5)))
+        for _ in range(8)
+    ]
+    await asyncio.sleep(0)  # the calls are sent, and the close right behind them
+    await barged.close()
+    after_close = await asyncio.wait_for(asyncio.gather(*groups), 30)
+    assert sum(len(chunks) for chunks in after_close) < rendered
+    assert await barged.push_text([11], hidden_rows(tiny, 1)) == []
+    assert await barged.finish() == []
+
+
+async def test_a_reply_closed_while_it_renders_stops_at_the_next_chunk(
+    tiny: LoadedCheckpoint,
+) -> None:
+    worker = SpeechWorker.shared(spec_of(InProcessParts(tiny)))
+    ids, rows = list(range(11, 91)), hidden_rows(tiny, 80)  # one call, many chunks
+    whole = await WorkerSpeech(worker, None, seed=1).push_text(ids, rows)
+    assert len(whole) >= 8
+
+    reply = WorkerSpeech(worker, None, seed=1)
+    closing: list[asyncio.Task] = []
+    chunks = await reply.push_text(
+        ids, rows, on_chunk=lambda _: closing.append(asyncio.ensure_future(reply.close()))
+    )
+    assert 1 <= len(chunks) < len(whole) // 2  # the close reaches the child within a chunk or two
+    await asyncio.gather(*closing)
+
+
+async def test_a_render_that_fails_fails_its_turn_and_the_worker_serves_on(
+    tiny: LoadedCheckpoint,
+) -> None:
+    worker = SpeechWorker.shared(spec_of(InProcessParts(tiny)))
+    broken = WorkerSpeech(worker, None, seed=1)
+    with pytest.raises(RuntimeError):  # hidden rows of the wrong width
+        await broken.push_text([11, 12, 13, 14, 15], torch.zeros(5, 3))
+    healthy = WorkerSpeech(worker, None, seed=1)
+    for _ in range(4):
+        await healthy.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
+    assert await healthy.finish()
+    assert worker.alive
+
+
+async def test_a_worker_that_dies_fails_the_reply_and_the_next_reply_starts_another(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    # A checkpoint directory of its own: its worker is not the one the other tests share.
+    spec = spec_of(InProcessParts(tiny))
+    spec = WorkerSpec(**{**spec.__dict__, "threads": spec.threads + 1})
+    worker = SpeechWorker.shared(spec)
+    reply = WorkerSpeech(worker, None, seed=1)
+    worker._process.kill()
+    with pytest.raises(Unavailable, match="speech decoder's process exited"):
+        for _ in range(4):
+            await asyncio.wait_for(
+                reply.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5)), 30
+            )
+    successor = SpeechWorker.shared(spec)
+    assert successor is not worker and successor.alive
+    reply = WorkerSpeech(successor, None, seed=1)
+    await reply.push_text(list(range(11, 21)), hidden_rows(tiny, 10))
+    assert await reply.finish()
+    successor.stop()
+
+
+def test_a_checkpoint_the_worker_cannot_load_is_a_clear_error(tiny: LoadedCheckpoint) -> None:
+    spec = spec_of(InProcessParts(tiny))
+    missing = WorkerSpec(**{**spec.__dict__, "checkpoint": "/nonexistent/checkpoint"})
+    with pytest.raises(CheckpointError, match="/nonexistent/checkpoint does not exist"):
+        SpeechWorker(missing)
+
+
+def test_the_worker_exits_when_its_parent_is_killed(tiny: LoadedCheckpoint) -> None:
+    spec = spec_of(InProcessParts(tiny))
+    script = (
+        "import sys, time\n"
+        "from iomni.engine.speech_worker import SpeechWorker, WorkerSpec\n"
+        "worker = SpeechWorker(WorkerSpec.from_json(sys.argv[1]))\n"
+        "print(worker._process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    services = str(Path(__file__).resolve().parents[3] / "services")
+    env = {**os.environ, "PYTHONPATH": services}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, spec.to_json()], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+                break  # exited; a zombie until init reaps it
+            time.sleep(0.1)
+        else:
+            assert not Path(f"/proc/{child}").exists(), "the speech worker outlived its parent"
+    finally:
+        parent.kill()
