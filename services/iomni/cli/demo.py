@@ -52,10 +52,9 @@ def make_assets(workdir: Path) -> dict[str, Path]:
 
 
 async def converse(model: Path, assets: dict[str, Path], seed: int, workdir: Path) -> None:
-    checkpoint = load_checkpoint(model)
-    engine = TurnEngine(
-        InProcessParts(checkpoint), Processor.from_checkpoint(model), media=MemoryMediaStore()
-    )
+    parts = InProcessParts(load_checkpoint(model))
+    parts.prepare_speech()
+    engine = TurnEngine(parts, Processor.from_checkpoint(model), media=MemoryMediaStore())
     turns = [
         [
             MediaPart.from_bytes("image", assets["image"].read_bytes()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -20,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
+from iomni.errors import IomniError
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.speech.speaker import SpeakerEncoder
-from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import (
     ChunkCallback,
@@ -33,6 +35,8 @@ from iomni.parts import (
     SpeechOptions,
     SpeechStream,
 )
+
+log = logging.getLogger(__name__)
 
 
 class InProcessParts:
@@ -77,6 +81,20 @@ class InProcessParts:
             if speech_process
             else None
         )
+
+    def prepare_speech(self) -> None:
+        """Start the speech decoder's process in the background (a new interpreter importing
+        torch: seconds), so that the first spoken turn does not wait for all of it."""
+        if self._worker_spec is None:
+            return
+
+        def start(spec: WorkerSpec) -> None:
+            try:
+                SpeechWorker.shared(spec)
+            except IomniError as exc:  # the first spoken turn tries again and reports it
+                log.warning("speech decoder process: %s", exc)
+
+        threading.Thread(target=start, args=(self._worker_spec,), daemon=True).start()
 
     def _llm(self) -> ContinuousBatcher:
         if self._batcher is None:

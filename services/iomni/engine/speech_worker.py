@@ -67,7 +67,7 @@ class WorkerSpec:
     settings: SpeechSettings = field(default_factory=SpeechSettings)
 
     def to_json(self) -> str:
-        return json.dumps({**dataclasses.asdict(self), "settings": dataclasses.asdict(self.settings)})
+        return json.dumps(dataclasses.asdict(self))  # the settings too, as a dict
 
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:

@@ -95,7 +95,9 @@ def build_runner(
             first_chunk_tokens=settings.speech_first_chunk_tokens,
             flow_steps=settings.speech_flow_steps,
         )
-        parts: ModelParts = InProcessParts(load_checkpoint(settings.model), speech=speech)
+        in_process = InProcessParts(load_checkpoint(settings.model), speech=speech)
+        in_process.prepare_speech()
+        parts: ModelParts = in_process
     elif settings.transport == "triton":
         parts, router, watcher = _triton_parts(settings, processor, store, observer)
     else:
