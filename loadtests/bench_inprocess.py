@@ -160,6 +160,9 @@ def bench_size(size: str, root: Path) -> dict:
         {f"turn_{k}": v for k, v in asyncio.run(turn_latency(engine, png_bytes(640, 480))).items()}
     )
     result.update(speech_rtf(checkpoint))
+    starting = parts.prepare_speech()  # as the runtime does at startup: its own process
+    if starting is not None:
+        starting.join()
     result.update(asyncio.run(speech_turn(engine)))
     result["parameters_millions"] = sum(p.numel() for p in model.parameters()) / 1e6
     return result

@@ -82,11 +82,12 @@ class InProcessParts:
             else None
         )
 
-    def prepare_speech(self) -> None:
+    def prepare_speech(self) -> threading.Thread | None:
         """Start the speech decoder's process in the background (a new interpreter importing
-        torch: seconds), so that the first spoken turn does not wait for all of it."""
+        torch: seconds), so that the first spoken turn's audio does not wait for all of it.
+        Returns the starting thread (join it to wait), None where speech renders in process."""
         if self._worker_spec is None:
-            return
+            return None
 
         def start(spec: WorkerSpec) -> None:
             try:
@@ -94,7 +95,9 @@ class InProcessParts:
             except IomniError as exc:  # the first spoken turn tries again and reports it
                 log.warning("speech decoder process: %s", exc)
 
-        threading.Thread(target=start, args=(self._worker_spec,), daemon=True).start()
+        starting = threading.Thread(target=start, args=(self._worker_spec,), daemon=True)
+        starting.start()
+        return starting
 
     def _llm(self) -> ContinuousBatcher:
         if self._batcher is None:
@@ -160,8 +163,7 @@ class InProcessParts:
             encoder = await asyncio.to_thread(self._speaker_encoder)
             speaker = await asyncio.to_thread(encoder.embed, options.speaker_wav)
         if self._worker_spec is not None:
-            worker = await asyncio.to_thread(SpeechWorker.shared, self._worker_spec)
-            return WorkerSpeech(worker, speaker, options.seed)
+            return WorkerSpeech(self._worker_spec, speaker, options.seed)
         if speaker is None:
             speaker = model.default_speaker_embedding.detach()
         session = SpeechSession(

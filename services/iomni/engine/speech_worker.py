@@ -111,6 +111,12 @@ class SpeechWorker:
                 worker = cls._shared[spec] = cls(spec)
             return worker
 
+    @classmethod
+    def running(cls, spec: WorkerSpec) -> SpeechWorker | None:
+        """The process's worker for `spec` if it is up, without waiting."""
+        worker = cls._shared.get(spec)
+        return worker if worker is not None and worker.alive else None
+
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         ours, theirs = socket.socketpair()
@@ -158,27 +164,30 @@ class SpeechWorker:
         self._send(("open", session_id, vector, seed))
         return session_id
 
-    async def render(
+    def submit(
         self,
         session_id: int,
         token_ids: Sequence[int] | None,
         hidden: torch.Tensor | None,
         on_chunk: ChunkCallback | None,
-    ) -> list[np.ndarray]:
-        """Text for a reply (token_ids None: the reply's end); its chunks once rendered."""
+    ) -> asyncio.Future[list[np.ndarray]]:
+        """Text for a reply (token_ids None: the reply's end), sent now; the future has its
+        chunks once rendered."""
         loop = asyncio.get_running_loop()
         call_id = next(self._ids)
         call = _Call(loop, loop.create_future(), on_chunk)
         self._calls[call_id] = call
+        call.future.add_done_callback(lambda _: self._calls.pop(call_id, None))
         try:
             if token_ids is None:
                 self._send(("finish", session_id, call_id))
             else:
                 rows = hidden.detach().float().cpu().numpy()  # type: ignore[union-attr]
                 self._send(("text", session_id, call_id, list(token_ids), rows))
-            return await call.future
-        finally:
-            self._calls.pop(call_id, None)
+        except Unavailable:
+            call.future.cancel()
+            raise
+        return call.future
 
     def close(self, session_id: int) -> None:
         with contextlib.suppress(Unavailable):
@@ -230,29 +239,55 @@ class SpeechWorker:
 
 
 class WorkerSpeech:
-    """One reply's `SpeechStream` rendered by a `SpeechWorker`."""
+    """One reply's `SpeechStream` rendered by the `SpeechWorker` for `spec`. The reply opens
+    at its first text, so that a turn's text never waits for the worker to start (seconds, on
+    the first spoken turn of a process that did not `prepare_speech`)."""
 
-    def __init__(self, worker: SpeechWorker, speaker: torch.Tensor | None, seed: int) -> None:
-        self.worker = worker
-        self.session_id = worker.open(speaker, seed)
+    def __init__(self, spec: WorkerSpec, speaker: torch.Tensor | None, seed: int) -> None:
+        self.spec = spec
+        self.speaker = speaker
+        self.seed = seed
+        self.worker: SpeechWorker | None = None
+        self.session_id = 0
+        self._order = asyncio.Lock()
         self._closed = False
 
     async def push_text(
         self, token_ids: Sequence[int], hidden: torch.Tensor, on_chunk: ChunkCallback | None = None
     ) -> list[np.ndarray]:
-        if self._closed:
-            return []
-        return await self.worker.render(self.session_id, token_ids, hidden, on_chunk)
+        return await self._render(token_ids, hidden, on_chunk)
 
     async def finish(self, on_chunk: ChunkCallback | None = None) -> list[np.ndarray]:
-        if self._closed:
-            return []
-        return await self.worker.render(self.session_id, None, None, on_chunk)
+        return await self._render(None, None, on_chunk)
+
+    async def _render(
+        self,
+        token_ids: Sequence[int] | None,
+        hidden: torch.Tensor | None,
+        on_chunk: ChunkCallback | None,
+    ) -> list[np.ndarray]:
+        async with self._order:  # first come, first sent, also while the worker starts
+            worker = self.worker or await self._open()
+            if self._closed:
+                return []
+            rendered = worker.submit(self.session_id, token_ids, hidden, on_chunk)
+        return await rendered
+
+    async def _open(self) -> SpeechWorker:
+        """The worker (started if need be), with this reply opened on it."""
+        worker = SpeechWorker.running(self.spec)
+        if worker is None:
+            worker = await asyncio.to_thread(SpeechWorker.shared, self.spec)
+        self.worker = worker
+        if not self._closed:  # closed while the worker started: nothing to open, or to close
+            self.session_id = worker.open(self.speaker, self.seed)
+        return worker
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.worker.close(self.session_id)
+            if self.worker is not None:
+                self.worker.close(self.session_id)
 
 
 def _child_env() -> dict[str, str]:

@@ -15,13 +15,17 @@ import numpy as np
 import pytest
 import torch
 
+from iomni.engine.events import AudioChunk, TextDelta
 from iomni.engine.parts import InProcessParts, InProcessSpeech
 from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
+from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.errors import CheckpointError, Unavailable
 from iomni.model.checkpoint import LoadedCheckpoint
+from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
+from iomni.model.sampling import SamplingParams
 from iomni.model.speech.speaker import SpeakerEncoder
-from iomni.model.speech.stream import SpeechSession
+from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import SpeechOptions, SpeechStream
 from iomni.testing.speech import wav_bytes
 
@@ -71,8 +75,8 @@ async def test_a_cloned_voice_reaches_the_worker_exactly(tiny: LoadedCheckpoint)
     expected = await speak(
         InProcessSpeech(InProcessParts(tiny, speech_process=False), session), tiny
     )
-    worker = SpeechWorker.shared(spec_of(InProcessParts(tiny)))
-    assert_same_audio(await speak(WorkerSpeech(worker, speaker, seed=3), tiny), expected)
+    spec = spec_of(InProcessParts(tiny))
+    assert_same_audio(await speak(WorkerSpeech(spec, speaker, seed=3), tiny), expected)
 
 
 def hidden_rows(tiny: LoadedCheckpoint, count: int, seed: int = 1) -> torch.Tensor:
@@ -83,13 +87,13 @@ def hidden_rows(tiny: LoadedCheckpoint, count: int, seed: int = 1) -> torch.Tens
 async def test_a_closed_reply_renders_nothing_more(
     tiny: LoadedCheckpoint, processor: Processor
 ) -> None:
-    worker = SpeechWorker.shared(spec_of(InProcessParts(tiny)))
-    whole = WorkerSpeech(worker, None, seed=1)
+    spec = spec_of(InProcessParts(tiny))
+    whole = WorkerSpeech(spec, None, seed=1)
     groups = [whole.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5)) for _ in range(8)]
     rendered = sum(len(chunks) for chunks in await asyncio.gather(*groups))
     assert rendered >= 2
 
-    barged = WorkerSpeech(worker, None, seed=1)
+    barged = WorkerSpeech(spec, None, seed=1)
     groups = [
         asyncio.ensure_future(barged.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5)))
         for _ in range(8)
@@ -105,12 +109,12 @@ async def test_a_closed_reply_renders_nothing_more(
 async def test_a_reply_closed_while_it_renders_stops_at_the_next_chunk(
     tiny: LoadedCheckpoint,
 ) -> None:
-    worker = SpeechWorker.shared(spec_of(InProcessParts(tiny)))
+    spec = spec_of(InProcessParts(tiny))
     ids, rows = list(range(11, 91)), hidden_rows(tiny, 80)  # one call, many chunks
-    whole = await WorkerSpeech(worker, None, seed=1).push_text(ids, rows)
+    whole = await WorkerSpeech(spec, None, seed=1).push_text(ids, rows)
     assert len(whole) >= 8
 
-    reply = WorkerSpeech(worker, None, seed=1)
+    reply = WorkerSpeech(spec, None, seed=1)
     closing: list[asyncio.Task] = []
     chunks = await reply.push_text(
         ids, rows, on_chunk=lambda _: closing.append(asyncio.ensure_future(reply.close()))
@@ -122,35 +126,88 @@ async def test_a_reply_closed_while_it_renders_stops_at_the_next_chunk(
 async def test_a_render_that_fails_fails_its_turn_and_the_worker_serves_on(
     tiny: LoadedCheckpoint,
 ) -> None:
-    worker = SpeechWorker.shared(spec_of(InProcessParts(tiny)))
-    broken = WorkerSpeech(worker, None, seed=1)
+    spec = spec_of(InProcessParts(tiny))
+    broken = WorkerSpeech(spec, None, seed=1)
     with pytest.raises(RuntimeError):  # hidden rows of the wrong width
         await broken.push_text([11, 12, 13, 14, 15], torch.zeros(5, 3))
-    healthy = WorkerSpeech(worker, None, seed=1)
+    healthy = WorkerSpeech(spec, None, seed=1)
     for _ in range(4):
         await healthy.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
     assert await healthy.finish()
-    assert worker.alive
+    assert healthy.worker is broken.worker and healthy.worker.alive
 
 
 async def test_a_worker_that_dies_fails_the_reply_and_the_next_reply_starts_another(
-    tiny: LoadedCheckpoint, processor: Processor
+    tiny: LoadedCheckpoint,
 ) -> None:
-    # A checkpoint directory of its own: its worker is not the one the other tests share.
-    spec = spec_of(InProcessParts(tiny))
-    spec = WorkerSpec(**{**spec.__dict__, "threads": spec.threads + 1})
-    worker = SpeechWorker.shared(spec)
-    reply = WorkerSpeech(worker, None, seed=1)
+    # A spec of its own: its worker is not the one the other tests share.
+    spec = spec_of(InProcessParts(tiny, speech=SpeechSettings(flow_steps=3)))
+    reply = WorkerSpeech(spec, None, seed=1)
+    await reply.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))  # starts the worker
+    worker = reply.worker
+    assert worker is not None
     worker._process.kill()
     with pytest.raises(Unavailable, match="speech decoder's process exited"):
         for _ in range(4):
             await asyncio.wait_for(reply.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5)), 30)
-    successor = SpeechWorker.shared(spec)
-    assert successor is not worker and successor.alive
-    reply = WorkerSpeech(successor, None, seed=1)
-    await reply.push_text(list(range(11, 21)), hidden_rows(tiny, 10))
-    assert await reply.finish()
-    successor.stop()
+    successor = WorkerSpeech(spec, None, seed=1)
+    await successor.push_text(list(range(11, 21)), hidden_rows(tiny, 10))
+    assert successor.worker is not worker and successor.worker.alive  # type: ignore[union-attr]
+    assert await successor.finish()
+    successor.worker.stop()  # type: ignore[union-attr]
+
+
+async def test_text_sent_while_the_worker_starts_goes_out_in_order(
+    tiny: LoadedCheckpoint,
+) -> None:
+    """The engine sends each group without awaiting the one before: the first reply of a
+    process queues them all while its worker starts, and they must render as if sent one by
+    one."""
+    settings = SpeechSettings(flow_steps=2)  # a worker of its own, not started yet
+    spec = spec_of(InProcessParts(tiny, speech=settings))
+    assert SpeechWorker.running(spec) is None
+    model = tiny.model
+    session = SpeechSession(
+        model.voicelm,
+        model.flow,
+        model.hifigan,
+        model.default_speaker_embedding.detach(),
+        seed=3,
+        settings=settings,
+    )
+    expected = await speak(
+        InProcessSpeech(InProcessParts(tiny, speech_process=False), session), tiny
+    )
+    reply = WorkerSpeech(spec, None, seed=3)
+    calls = [
+        asyncio.ensure_future(reply.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5, seed=g)))
+        for g in range(6)
+    ]
+    calls.append(asyncio.ensure_future(reply.finish()))
+    got = [chunk for chunks in await asyncio.gather(*calls) for chunk in chunks]
+    assert_same_audio(got, expected)
+    reply.worker.stop()  # type: ignore[union-attr]
+
+
+async def test_a_turns_text_does_not_wait_for_the_worker_to_start(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    parts = InProcessParts(tiny, speech=SpeechSettings(flow_steps=4))  # a worker of its own
+    spec = spec_of(parts)
+    assert SpeechWorker.running(spec) is None
+    request = TurnRequest(
+        user=Message("user", (TextPart("Hello"),)),
+        params=SamplingParams(temperature=0.0, max_new_tokens=24),
+        speech=SpeechOptions(seed=1),
+    )
+    running_at_first_text, audio = None, 0
+    async for event in TurnEngine(parts, processor).start(request).events():
+        if isinstance(event, TextDelta) and running_at_first_text is None:
+            running_at_first_text = SpeechWorker.running(spec) is not None
+        audio += isinstance(event, AudioChunk)
+    assert running_at_first_text is False  # the worker takes seconds to start; text took ms
+    assert audio >= 2  # and the reply was still spoken, once it was up
+    SpeechWorker.running(spec).stop()  # type: ignore[union-attr]
 
 
 def test_a_checkpoint_the_worker_cannot_load_is_a_clear_error(tiny: LoadedCheckpoint) -> None:
