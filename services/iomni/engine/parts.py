@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 class InProcessParts:
-    """PyTorch modules called directly, one forward at a time (a lock serialises the model)."""
+    """PyTorch modules called directly. A lock serialises the encoders' forwards (and the
+    speech decoder's, where it renders in this process); the LLM has its batcher's thread."""
 
     def __init__(
         self,

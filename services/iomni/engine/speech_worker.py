@@ -2,10 +2,11 @@
 
 In one process the LLM's batcher thread and the speech decoder's thread both run Python
 between their torch ops, and each waits for the other's interpreter lock: on `small`, 2 cores,
-a spoken turn's first audio came 282 ms after the turn began while the LLM went on decoding
-the reply's remaining text beside the first chunk's render, 241 ms when it had stopped at the
-10th token. The platform renders in the speech decoder's own process and did not pay this, so
-the embedded engine was no faster than the platform despite having no network in between.
+a spoken turn's first audio came 266-306 ms after the turn began while the LLM went on
+decoding the reply's remaining text beside the first chunk's render, 222-267 ms when it had
+stopped at the 10th token (docs/engine.md). The platform renders in the speech decoder's own
+process and did not pay this, so the embedded engine was no faster than the platform despite
+having no network in between.
 
 `SpeechWorker` is that process for `InProcessParts`: it loads the checkpoint's speech parts
 and renders each reply in the order its calls arrive, one call at a time (as the in-thread
@@ -313,6 +314,7 @@ class _Renderer:
         self.spec = spec
         self.conn = conn
         self.sessions: dict[int, SpeechSession] = {}
+        self.unopened: dict[int, Exception] = {}
         self.queue: deque[tuple] = deque()
 
     def serve(self) -> None:
@@ -331,7 +333,10 @@ class _Renderer:
     def _handle(self, message: tuple) -> None:
         kind, session_id = message[0], message[1]
         if kind == "open":
-            self.sessions[session_id] = self._session(*message[2:])
+            try:
+                self.sessions[session_id] = self._session(*message[2:])
+            except Exception as exc:  # raised to the reply's first call, not the worker's end
+                self.unopened[session_id] = exc
         elif kind in ("text", "finish"):
             self.queue.append(message)
         elif kind == "close":
@@ -347,6 +352,7 @@ class _Renderer:
         )
 
     def _close(self, session_id: int) -> None:
+        self.unopened.pop(session_id, None)
         session = self.sessions.pop(session_id, None)
         if session is not None:
             session.done = True
@@ -363,6 +369,8 @@ class _Renderer:
             self.conn.send(("error", call_id, _picklable(exc)))
 
     def _stream(self, session_id: int, kind: str, call_id: int, args: tuple) -> None:
+        if session_id in self.unopened:
+            raise self.unopened[session_id]
         session = self.sessions.get(session_id)
         if session is None or session.done:  # closed by a barge-in, or finished
             return

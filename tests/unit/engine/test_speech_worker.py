@@ -130,6 +130,9 @@ async def test_a_render_that_fails_fails_its_turn_and_the_worker_serves_on(
     broken = WorkerSpeech(spec, None, seed=1)
     with pytest.raises(RuntimeError):  # hidden rows of the wrong width
         await broken.push_text([11, 12, 13, 14, 15], torch.zeros(5, 3))
+    unopenable = WorkerSpeech(spec, torch.zeros(3), seed=1)  # a voice vector of 3, not 192
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        await unopenable.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
     healthy = WorkerSpeech(spec, None, seed=1)
     for _ in range(4):
         await healthy.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
