@@ -76,7 +76,10 @@ def build_runner(
     role: str = "gateway",
     observer: TurnObserver | None = None,
     store: DialogueStore | None = None,
+    speech_process: bool | None = None,
 ) -> Runtime:
+    """`speech_process` (in-process transport): see `InProcessParts`; False for a process that
+    runs one turn, where the speech decoder's own process would cost seconds to start."""
     if settings.model is None:
         raise InvalidInput("no checkpoint: pass --model DIR (or set IOMNI_MODEL)")
     processor = Processor.from_checkpoint(
@@ -95,7 +98,9 @@ def build_runner(
             first_chunk_tokens=settings.speech_first_chunk_tokens,
             flow_steps=settings.speech_flow_steps,
         )
-        in_process = InProcessParts(load_checkpoint(settings.model), speech=speech)
+        in_process = InProcessParts(
+            load_checkpoint(settings.model), speech=speech, speech_process=speech_process
+        )
         in_process.prepare_speech()
         parts: ModelParts = in_process
     elif settings.transport == "triton":

@@ -247,3 +247,16 @@ def test_the_worker_exits_when_its_parent_is_killed(tiny: LoadedCheckpoint) -> N
             assert not Path(f"/proc/{child}").exists(), "the speech worker outlived its parent"
     finally:
         parent.kill()
+
+
+def test_the_runtime_renders_in_a_worker_unless_it_runs_one_turn(tiny_dir: Path) -> None:
+    """A one-shot `iomni chat` would wait seconds for the worker to start to save ~40 ms."""
+    from iomni.runtime.build import build_runner
+    from iomni.runtime.settings import Settings
+
+    settings = Settings(model=tiny_dir, transport="inprocess", redis_url="memory")
+    serving = build_runner(settings, role="test").parts
+    one_turn = build_runner(settings, role="test", speech_process=False).parts
+    assert isinstance(serving, InProcessParts) and isinstance(one_turn, InProcessParts)
+    assert serving._worker_spec is not None
+    assert one_turn._worker_spec is None and one_turn.prepare_speech() is None
