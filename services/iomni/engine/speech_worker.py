@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from iomni.errors import Internal, IomniError, Unavailable
+from iomni.errors import Internal, InvalidInput, IomniError, Unavailable
 from iomni.model.checkpoint import load_checkpoint
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import ChunkCallback
@@ -66,6 +67,7 @@ class WorkerSpec:
     device: str
     threads: int
     settings: SpeechSettings = field(default_factory=SpeechSettings)
+    idle_timeout_s: float = 60.0  # a reply not heard from for this long is freed
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))  # the settings too, as a dict
@@ -316,15 +318,35 @@ class _Renderer:
         self.sessions: dict[int, SpeechSession] = {}
         self.unopened: dict[int, Exception] = {}
         self.queue: deque[tuple] = deque()
+        # As the Triton speech decoder does: a reply its engine never finished nor closed
+        # (a bug, a lost task) must not hold its state for the worker's lifetime.
+        self.seen: dict[int, float] = {}
+        self.freed: set[int] = set()
+        self.sweep_every = min(5.0, spec.idle_timeout_s)
+        self.next_sweep = time.monotonic() + self.sweep_every
 
     def serve(self) -> None:
         self.conn.send(("ready", 0, None))
         while True:
-            if not self.queue:
+            if not self.queue and self.conn.poll(self.sweep_every):
                 self._handle(self.conn.recv())
             self._drain()
+            self._sweep()
             if self.queue:
                 self._run(self.queue.popleft())
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + self.sweep_every
+        idle = [sid for sid, seen in self.seen.items() if now - seen > self.spec.idle_timeout_s]
+        for session_id in idle:
+            self._close(session_id)
+            self.freed.add(session_id)  # until its engine closes it: its calls fail, not hang
+            log.warning(
+                "speech reply %d idle for %.0f s: freed", session_id, self.spec.idle_timeout_s
+            )
 
     def _drain(self) -> None:
         while self.conn.poll():
@@ -332,6 +354,8 @@ class _Renderer:
 
     def _handle(self, message: tuple) -> None:
         kind, session_id = message[0], message[1]
+        if kind in ("open", "text", "finish") and session_id not in self.freed:
+            self.seen[session_id] = time.monotonic()
         if kind == "open":
             try:
                 self.sessions[session_id] = self._session(*message[2:])
@@ -353,6 +377,8 @@ class _Renderer:
 
     def _close(self, session_id: int) -> None:
         self.unopened.pop(session_id, None)
+        self.seen.pop(session_id, None)
+        self.freed.discard(session_id)
         session = self.sessions.pop(session_id, None)
         if session is not None:
             session.done = True
@@ -364,6 +390,8 @@ class _Renderer:
         kind, session_id, call_id = message[:3]
         try:
             self._stream(session_id, kind, call_id, message[3:])
+            if session_id in self.seen:  # busy until now, not idle
+                self.seen[session_id] = time.monotonic()
             self.conn.send(("done", call_id, None))
         except Exception as exc:  # the parent raises it in the turn that made the call
             self.conn.send(("error", call_id, _picklable(exc)))
@@ -371,6 +399,11 @@ class _Renderer:
     def _stream(self, session_id: int, kind: str, call_id: int, args: tuple) -> None:
         if session_id in self.unopened:
             raise self.unopened[session_id]
+        if session_id in self.freed:
+            raise InvalidInput(
+                f"speech reply {session_id} was idle for more than "
+                f"{self.spec.idle_timeout_s:.0f} s and was freed"
+            )
         session = self.sessions.get(session_id)
         if session is None or session.done:  # closed by a barge-in, or finished
             return
@@ -387,6 +420,7 @@ class _Renderer:
                 return
         if kind == "finish":
             self.sessions.pop(session_id, None)
+            self.seen.pop(session_id, None)
 
 
 def _picklable(exc: Exception) -> Exception:

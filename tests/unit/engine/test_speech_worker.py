@@ -19,7 +19,7 @@ from iomni.engine.events import AudioChunk, TextDelta
 from iomni.engine.parts import InProcessParts, InProcessSpeech
 from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
 from iomni.engine.turn import TurnEngine, TurnRequest
-from iomni.errors import CheckpointError, Unavailable
+from iomni.errors import CheckpointError, InvalidInput, Unavailable
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
@@ -260,3 +260,20 @@ def test_the_runtime_renders_in_a_worker_unless_it_runs_one_turn(tiny_dir: Path)
     assert isinstance(serving, InProcessParts) and isinstance(one_turn, InProcessParts)
     assert serving._worker_spec is not None
     assert one_turn._worker_spec is None and one_turn.prepare_speech() is None
+
+
+async def test_a_reply_left_idle_is_freed_and_its_next_call_says_so(tiny: LoadedCheckpoint) -> None:
+    """A reply its engine neither finished nor closed does not hold the worker's memory."""
+    spec = spec_of(InProcessParts(tiny))
+    spec = WorkerSpec(**{**spec.__dict__, "idle_timeout_s": 0.5})  # a worker of its own
+    forgotten = WorkerSpeech(spec, None, seed=1)
+    await forgotten.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
+    lively = WorkerSpeech(spec, None, seed=1)
+    await lively.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
+    for _ in range(12):  # over 1.2 s, a group 0.1 s after the last one rendered: never idle
+        await asyncio.sleep(0.1)
+        await lively.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
+    with pytest.raises(InvalidInput, match="was idle for more than .* and was freed"):
+        await forgotten.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
+    assert await lively.finish()
+    lively.worker.stop()  # type: ignore[union-attr]
