@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,19 +66,11 @@ class InProcessParts:
         self._batcher_options = {"max_batch": max_batch, "kv_cache_tokens": kv_cache_tokens}
         self._batcher: ContinuousBatcher | None = None
         flow = getattr(checkpoint.model, "flow", None)  # absent when loaded without speech
-        weight = next(flow.parameters()) if flow is not None else torch.empty(0)
         if speech_process is None:
-            speech_process = flow is not None and weight.device.type == "cpu"
+            speech_process = flow is not None and next(flow.parameters()).device.type == "cpu"
         self._worker_spec = (
-            WorkerSpec(
-                checkpoint=str(Path(checkpoint.path).resolve()),
-                fingerprint=checkpoint.fingerprint,
-                dtype=str(weight.dtype).removeprefix("torch."),
-                device=str(weight.device),
-                threads=torch.get_num_threads(),
-                settings=self.speech_settings,
-            )
-            if speech_process
+            WorkerSpec.of(checkpoint, self.speech_settings)
+            if speech_process and flow is not None
             else None
         )
 
@@ -158,23 +149,13 @@ class InProcessParts:
             closed.set()  # the batcher drops the sequence before its next step
 
     async def open_speech(self, options: SpeechOptions) -> SpeechStream:
-        model = self.model
         speaker = None
         if options.speaker_wav is not None:
             encoder = await asyncio.to_thread(self._speaker_encoder)
             speaker = await asyncio.to_thread(encoder.embed, options.speaker_wav)
         if self._worker_spec is not None:
             return WorkerSpeech(self._worker_spec, speaker, options.seed)
-        if speaker is None:
-            speaker = model.default_speaker_embedding.detach()
-        session = SpeechSession(
-            model.voicelm,
-            model.flow,
-            model.hifigan,
-            speaker,
-            seed=options.seed,
-            settings=self.speech_settings,
-        )
+        session = SpeechSession.of_model(self.model, speaker, options.seed, self.speech_settings)
         return InProcessSpeech(self, session)
 
     def _speaker_encoder(self) -> SpeakerEncoder:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from iomni.errors import Internal, InvalidInput, IomniError, Unavailable
-from iomni.model.checkpoint import load_checkpoint
+from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import ChunkCallback
 
@@ -68,6 +68,20 @@ class WorkerSpec:
     threads: int
     settings: SpeechSettings = field(default_factory=SpeechSettings)
     idle_timeout_s: float = 60.0  # a reply not heard from for this long is freed
+
+    @classmethod
+    def of(cls, checkpoint: LoadedCheckpoint, settings: SpeechSettings) -> WorkerSpec:
+        """The speech parts of a loaded checkpoint as they were loaded, and this process's
+        torch thread count."""
+        weight = next(checkpoint.model.flow.parameters())
+        return cls(
+            checkpoint=str(Path(checkpoint.path).resolve()),
+            fingerprint=checkpoint.fingerprint,
+            dtype=str(weight.dtype).removeprefix("torch."),
+            device=str(weight.device),
+            threads=torch.get_num_threads(),
+            settings=settings,
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))  # the settings too, as a dict
@@ -369,11 +383,8 @@ class _Renderer:
             raise SystemExit(0)
 
     def _session(self, speaker: np.ndarray | None, seed: int) -> SpeechSession:
-        model = self.model
-        vector = model.default_speaker_embedding if speaker is None else torch.from_numpy(speaker)
-        return SpeechSession(
-            model.voicelm, model.flow, model.hifigan, vector, seed=seed, settings=self.spec.settings
-        )
+        vector = None if speaker is None else torch.from_numpy(speaker)
+        return SpeechSession.of_model(self.model, vector, seed, self.spec.settings)
 
     def _close(self, session_id: int) -> None:
         self.unopened.pop(session_id, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from iomni.model.speech.flow import CausalMaskedDiffWithXvec
 from iomni.model.speech.flow_stream import FlowStream
 from iomni.model.speech.hift import HiFTGenerator, HiFTStreamer
 from iomni.model.speech.voicelm import BistreamDecoder, VoiceLM, decode_groups
+
+if TYPE_CHECKING:
+    from iomni.model.interactive_omni import InteractiveOmniModel
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples: 40 ms per 25 Hz speech token
@@ -85,6 +89,18 @@ class SpeechSession:
         self.samples_out = 0
         self.done = False
         self.first_mel: tuple[int, torch.Tensor] | None = None  # (upto, mel) rendered in a batch
+
+    @classmethod
+    def of_model(
+        cls,
+        model: InteractiveOmniModel,
+        speaker: torch.Tensor | None = None,
+        seed: int = 0,
+        settings: SpeechSettings | None = None,
+    ) -> SpeechSession:
+        """A reply in `speaker`'s voice (an x-vector), or the checkpoint's default voice."""
+        voice = model.default_speaker_embedding.detach() if speaker is None else speaker
+        return cls(model.voicelm, model.flow, model.hifigan, voice, seed=seed, settings=settings)
 
     @torch.inference_mode()
     def push_text(self, token_ids: Sequence[int], hidden: torch.Tensor) -> list[np.ndarray]:

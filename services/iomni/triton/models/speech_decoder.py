@@ -299,15 +299,11 @@ class TritonPythonModel:
 
     def _open(self, request: Any, corr: Any) -> SpeechSession:
         wav = input_array(request, SPEAKER_WAV, optional=True)
+        speaker = None
         if wav is not None and wav.size and wav.reshape(-1)[0]:
             speaker = self._speaker_encoder().embed(bytes(wav.reshape(-1)[0]))
-        else:
-            speaker = self.model.default_speaker_embedding.detach()
         seed = int(request_parameters(request).get("seed", 0))
-        m = self.model
-        session = SpeechSession(
-            m.voicelm, m.flow, m.hifigan, speaker, seed=seed, settings=self.settings
-        )
+        session = SpeechSession.of_model(self.model, speaker, seed, self.settings)
         self._touch(corr, session)
         return session
 
