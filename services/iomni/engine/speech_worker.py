@@ -9,10 +9,11 @@ process and did not pay this, so the embedded engine was no faster than the plat
 having no network in between.
 
 `SpeechWorker` is that process for `InProcessParts`: it loads the checkpoint's speech parts
-and renders each reply in the order its calls arrive, one call at a time (as the in-thread
-path did). Text and the LLM's hidden states go in, and each rendered chunk comes back as soon
-as it exists. A reply closed by a barge-in has its queued calls answered empty at once, and
-the render in progress stops at its next chunk.
+and serves replies as the Triton speech decoder does, through the same `SpeechScheduler`
+(first audio first, concurrent replies' text decoded and their first chunks rendered
+together; each reply's calls in order). Text and the LLM's hidden states go in, and each
+rendered chunk comes back as soon as it exists. A reply closed by a barge-in has its queued
+calls answered empty at once, and the render in progress stops before its next chunk.
 
 The child is started with `python -m`, not `multiprocessing`, so that nothing re-imports the
 caller's main module. It exits when its pipe closes (the parent exited, even killed). One
@@ -26,6 +27,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -36,9 +38,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -47,8 +47,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from iomni.errors import Internal, InvalidInput, IomniError, Unavailable
+from iomni.errors import Cancelled, Internal, IomniError, Unavailable
 from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from iomni.model.speech.scheduler import SpeechRequest, SpeechScheduler
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import ChunkCallback
 
@@ -318,9 +319,63 @@ def _child_env() -> dict[str, str]:
 # ---- the child ---------------------------------------------------------------------------
 
 
+class _Outbox:
+    """The child's side of the pipe: the render thread's chunks and the reader's answers."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+
+class _CallAnswer:
+    """A call's answers: each chunk, then `done`, or the error the parent raises in the turn
+    that made the call. A call its reply's close superseded is answered empty, as the close
+    promises."""
+
+    def __init__(self, outbox: _Outbox, call_id: int) -> None:
+        self.outbox = outbox
+        self.call_id = call_id
+
+    def chunk(self, samples: np.ndarray) -> None:
+        self.outbox.send(("chunk", self.call_id, samples))
+
+    def complete(self) -> None:
+        self.outbox.send(("done", self.call_id, None))
+
+    def fail(self, error: BaseException) -> None:
+        if isinstance(error, Cancelled):
+            self.complete()
+        else:
+            self.outbox.send(("error", self.call_id, _picklable(error)))
+
+    def cancelled(self) -> bool:
+        return False  # a reply is cancelled whole, by its close
+
+
+class _Unanswered:
+    """A close: nobody waits for its answer."""
+
+    def chunk(self, samples: np.ndarray) -> None:
+        pass
+
+    def complete(self) -> None:
+        pass
+
+    def fail(self, error: BaseException) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
 class _Renderer:
-    """The child's loop: replies' calls in arrival order, closes applied before anything
-    queued behind them is rendered."""
+    """The child: this thread reads the parent's messages and hands each call to a
+    `SpeechScheduler`, whose thread renders (the Triton speech decoder's scheduling: first
+    audio first, concurrent replies' text decoded together)."""
 
     def __init__(self, conn: Connection, spec: WorkerSpec) -> None:
         loaded = load_checkpoint(
@@ -329,109 +384,50 @@ class _Renderer:
         self.model = loaded.model
         self.spec = spec
         self.conn = conn
-        self.sessions: dict[int, SpeechSession] = {}
-        self.unopened: dict[int, Exception] = {}
-        self.queue: deque[tuple] = deque()
-        # As the Triton speech decoder does: a reply its engine never finished nor closed
-        # (a bug, a lost task) must not hold its state for the worker's lifetime.
-        self.seen: dict[int, float] = {}
-        self.freed: set[int] = set()
-        self.sweep_every = min(5.0, spec.idle_timeout_s)
-        self.next_sweep = time.monotonic() + self.sweep_every
+        self.outbox = _Outbox(conn)
+        self.scheduler = SpeechScheduler(idle_timeout_s=spec.idle_timeout_s)
+        self.opening: dict[int, Callable[[], SpeechSession]] = {}  # opened, no call yet
 
     def serve(self) -> None:
-        self.conn.send(("ready", 0, None))
+        self.scheduler.start()
+        self.outbox.send(("ready", 0, None))
         while True:
-            if not self.queue and self.conn.poll(self.sweep_every):
-                self._handle(self.conn.recv())
-            self._drain()
-            self._sweep()
-            if self.queue:
-                self._run(self.queue.popleft())
-
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        if now < self.next_sweep:
-            return
-        self.next_sweep = now + self.sweep_every
-        idle = [sid for sid, seen in self.seen.items() if now - seen > self.spec.idle_timeout_s]
-        for session_id in idle:
-            self._close(session_id)
-            self.freed.add(session_id)  # until its engine closes it: its calls fail, not hang
-            log.warning(
-                "speech reply %d idle for %.0f s: freed", session_id, self.spec.idle_timeout_s
-            )
-
-    def _drain(self) -> None:
-        while self.conn.poll():
             self._handle(self.conn.recv())
 
     def _handle(self, message: tuple) -> None:
         kind, session_id = message[0], message[1]
-        if kind in ("open", "text", "finish") and session_id not in self.freed:
-            self.seen[session_id] = time.monotonic()
         if kind == "open":
-            try:
-                self.sessions[session_id] = self._session(*message[2:])
-            except Exception as exc:  # raised to the reply's first call, not the worker's end
-                self.unopened[session_id] = exc
-        elif kind in ("text", "finish"):
-            self.queue.append(message)
+            speaker, seed = message[2:]
+            self.opening[session_id] = functools.partial(self._session, speaker, seed)
+        elif kind == "text":
+            call_id, token_ids, rows = message[2:]
+            hidden = torch.from_numpy(rows).to(self.spec.device, getattr(torch, self.spec.dtype))
+            self._put(session_id, _CallAnswer(self.outbox, call_id), token_ids, hidden)
+        elif kind == "finish":
+            self._put(session_id, _CallAnswer(self.outbox, message[2]), (), None, end=True)
         elif kind == "close":
-            self._close(session_id)
+            self.opening.pop(session_id, None)
+            self.scheduler.discard(session_id, _Unanswered())
         elif kind == "stop":
             raise SystemExit(0)
+
+    def _put(
+        self,
+        session_id: int,
+        answer: _CallAnswer,
+        token_ids: Sequence[int],
+        hidden: torch.Tensor | None,
+        end: bool = False,
+    ) -> None:
+        opener = self.opening.pop(session_id, None)  # the reply's first call opens it
+        request = SpeechRequest(
+            answer, token_ids, hidden, start=opener is not None, end=end, open=opener
+        )
+        self.scheduler.put(session_id, request)
 
     def _session(self, speaker: np.ndarray | None, seed: int) -> SpeechSession:
         vector = None if speaker is None else torch.from_numpy(speaker)
         return SpeechSession.of_model(self.model, vector, seed, self.spec.settings)
-
-    def _close(self, session_id: int) -> None:
-        self.unopened.pop(session_id, None)
-        self.seen.pop(session_id, None)
-        self.freed.discard(session_id)
-        session = self.sessions.pop(session_id, None)
-        if session is not None:
-            session.done = True
-        for message in [m for m in self.queue if m[1] == session_id]:
-            self.queue.remove(message)
-            self.conn.send(("done", message[2], None))
-
-    def _run(self, message: tuple) -> None:
-        kind, session_id, call_id = message[:3]
-        try:
-            self._stream(session_id, kind, call_id, message[3:])
-            if session_id in self.seen:  # busy until now, not idle
-                self.seen[session_id] = time.monotonic()
-            self.conn.send(("done", call_id, None))
-        except Exception as exc:  # the parent raises it in the turn that made the call
-            self.conn.send(("error", call_id, _picklable(exc)))
-
-    def _stream(self, session_id: int, kind: str, call_id: int, args: tuple) -> None:
-        if session_id in self.unopened:
-            raise self.unopened[session_id]
-        if session_id in self.freed:
-            raise InvalidInput(
-                f"speech reply {session_id} was idle for more than "
-                f"{self.spec.idle_timeout_s:.0f} s and was freed"
-            )
-        session = self.sessions.get(session_id)
-        if session is None or session.done:  # closed by a barge-in, or finished
-            return
-        if kind == "text":
-            token_ids, rows = args
-            hidden = torch.from_numpy(rows).to(self.spec.device, getattr(torch, self.spec.dtype))
-            chunks = session.iter_text(token_ids, hidden)
-        else:
-            chunks = session.iter_finish()
-        for chunk in chunks:
-            self.conn.send(("chunk", call_id, chunk))
-            self._drain()
-            if session_id not in self.sessions:  # closed meanwhile: the rest is not wanted
-                return
-        if kind == "finish":
-            self.sessions.pop(session_id, None)
-            self.seen.pop(session_id, None)
 
 
 def _picklable(exc: Exception) -> Exception:

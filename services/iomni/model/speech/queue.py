@@ -137,6 +137,12 @@ class SpeechQueue:
                 for r in self._replies.values()
             )
 
+    def active(self, key: Any) -> bool:
+        """Whether reply `key` has requests queued or being served."""
+        with self._ready:
+            reply = self._replies.get(key)
+            return reply is not None and bool(reply.pending or reply.serving)
+
     def forget(self, key: Any) -> None:
         """Drop an idle reply's bookkeeping (its client vanished without END)."""
         with self._ready:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from iomni.triton.speech_queue import SpeechQueue
+from iomni.model.speech.queue import SpeechQueue
 
 
 class Clock:
