@@ -277,3 +277,39 @@ async def test_a_reply_left_idle_is_freed_and_its_next_call_says_so(tiny: Loaded
         await forgotten.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
     assert await lively.finish()
     lively.worker.stop()  # type: ignore[union-attr]
+
+
+async def test_a_new_replys_first_audio_does_not_wait_for_anothers_queued_text(
+    tiny: LoadedCheckpoint,
+) -> None:
+    """The worker serves through the speech scheduler: a reply with audio in hand waits while
+    a reply that started after it gets its first chunk (in arrival order, the new reply's first
+    audio came after every chunk of the text queued before it)."""
+    spec = spec_of(InProcessParts(tiny))
+    arrivals: list[str] = []
+    playing, starting = WorkerSpeech(spec, None, seed=1), WorkerSpeech(spec, None, seed=2)
+    await playing.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))  # the worker is up
+    queued = [
+        asyncio.ensure_future(
+            playing.push_text(
+                [11, 12, 13, 14, 15],
+                hidden_rows(tiny, 5, seed=group),
+                on_chunk=lambda _: arrivals.append("playing"),
+            )
+        )
+        for group in range(8)
+    ]
+    await asyncio.sleep(0)  # sent: they are queued ahead of the new reply's text
+    first = [
+        starting.push_text(
+            [11, 12, 13, 14, 15],
+            hidden_rows(tiny, 5, seed=group),
+            on_chunk=lambda _: arrivals.append("starting"),
+        )
+        for group in range(2)
+    ]
+    await asyncio.gather(*queued, *first)
+    assert arrivals.count("playing") >= 3
+    assert arrivals.index("starting") < len(arrivals) - arrivals[::-1].index("playing") - 1
+    assert arrivals.index("starting") <= 2  # after at most the chunks already in progress
+    await asyncio.gather(playing.close(), starting.close())
