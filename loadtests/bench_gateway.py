@@ -127,6 +127,23 @@ async def concurrent(target: str, sessions: int, rounds: int = 2) -> list[float]
         return samples
 
 
+async def inprocess_concurrent(engine: TurnEngine, sessions: int) -> dict[str, float]:
+    """The embedded engine's first audio with `sessions` spoken turns at once, sampled as the
+    gateway's rows are."""
+    samples: list[float] = []
+    for _ in range(max(2, MIN_SAMPLES // sessions)):
+        turns = await asyncio.gather(
+            *(harness.inprocess_turn(engine, f"user {i}", TOKENS) for i in range(sessions))
+        )
+        samples += [turn["first_audio_ms"] for turn in turns]
+        PROMPT_TOKENS.extend(turn["prompt_tokens"] for turn in turns)
+    return {
+        "p50_ms": harness.percentile(samples, 0.5),
+        "p95_ms": harness.percentile(samples, 0.95),
+        "samples": len(samples),
+    }
+
+
 async def cancel_latency(
     target: str, repeats: int = 3, sessions: int = 1
 ) -> tuple[list[float], list[float]]:
@@ -335,9 +352,11 @@ async def measure_gaps(target: str, meter: CpuMeter) -> dict:
 
 
 async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
-    engine = TurnEngine(
-        InProcessParts(load_checkpoint(checkpoint)), Processor.from_checkpoint(checkpoint)
-    )
+    parts = InProcessParts(load_checkpoint(checkpoint))
+    starting = parts.prepare_speech()  # as the runtime does at startup
+    if starting is not None:
+        await asyncio.to_thread(starting.join)
+    engine = TurnEngine(parts, Processor.from_checkpoint(checkpoint))
     via_gateway, local = [], []
     async with AsyncDialogueClient(target, KEY) as client:
         await gateway_ttfa(client, "warm up")
@@ -352,6 +371,9 @@ async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
         "ttfa_in_process_ms": statistics.median(local),
     }
     results["ratio"] = results["ttfa_gateway_ms"] / results["ttfa_in_process_ms"]
+    results["in_process_sessions"] = {
+        str(sessions): await inprocess_concurrent(engine, sessions) for sessions in (1, 8)
+    }
     for sessions in SESSIONS:
         replies_before, passes_before = meter.speech_passes()
         rounds = max(2, MIN_SAMPLES // sessions)
@@ -439,6 +461,8 @@ def write(results: dict, out: Path) -> None:
         f"p95 at 8 sessions ÷ p50 at 1: **{results['p95_at_8_over_p50_at_1']:.2f}**. Prompts: "
         f"{results['prompt_tokens']['min']}-{results['prompt_tokens']['max']} tokens.",
         "",
+        _inprocess_line(results),
+        "",
         _settings_line(results["with_latency_settings"]),
         "",
         "| barge-in (cancel at the first audio) | to last audio byte p50 / p95 (ms) "
@@ -489,6 +513,18 @@ def _settings_line(r: dict) -> str:
         + f"; a second stack, same run): p50 at 1 session {r['p50_at_1_ms']:.0f} ms, "
         f"p50/p95 at 8 {r['p50_at_8_ms']:.0f}/{r['p95_at_8_ms']:.0f} ms, p95 at 8 ÷ p50 at 1 "
         f"**{r['p95_at_8_over_p50_at_1']:.2f}** (what they change in the audio: engine.md)."
+    )
+
+
+def _inprocess_line(results: dict) -> str:
+    alone, eight = results["in_process_sessions"]["1"], results["in_process_sessions"]["8"]
+    gateway = results["sessions_8"]["p95_ms"]
+    return (
+        f"The embedded engine in this process, the same way ({alone['samples']} and "
+        f"{eight['samples']} turns): p50 at 1 session {alone['p50_ms']:.0f} ms, p50/p95 at 8 "
+        f"{eight['p50_ms']:.0f}/{eight['p95_ms']:.0f} ms, p95 at 8 ÷ p50 at 1 "
+        f"**{eight['p95_ms'] / alone['p50_ms']:.2f}**; p95 at 8, gateway ÷ in-process "
+        f"**{gateway / eight['p95_ms']:.2f}**."
     )
 
 

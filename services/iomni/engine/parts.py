@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
-from iomni.errors import IomniError
+from iomni.errors import InvalidInput
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.speech.speaker import SpeakerEncoder
@@ -35,8 +34,6 @@ from iomni.parts import (
     SpeechStream,
 )
 
-log = logging.getLogger(__name__)
-
 
 class InProcessParts:
     """PyTorch modules called directly. A lock serialises the encoders' forwards (and the
@@ -49,10 +46,13 @@ class InProcessParts:
         kv_cache_tokens: int = 65536,
         speech: SpeechSettings | None = None,
         speech_process: bool | None = None,
+        speech_workers: int | None = None,
     ) -> None:
-        """`speech_process`: render speech in a child process (`SpeechWorker`); None: on CPU
+        """`speech_process`: render speech in child processes (`SpeechWorker`); None: on CPU
         (on an accelerator the thread's Python waits less, and the child would hold a second
-        copy of the speech parts on the device)."""
+        copy of the speech parts on the device). `speech_workers`: how many (None: 2, or 1 on
+        one core), each on its share of this process's half of the cores, as the Triton CPU
+        profile runs two speech-decoder instances; a reply stays on the one that opened it."""
         # The batcher's thread and the speech decoder work side by side; with all cores each,
         # their intra-op threads oversubscribe the machine (2 cores: TTFA 1080 ms at 2 threads
         # each, 955 ms at 1). Torch's thread count is per process: half the cores each.
@@ -68,28 +68,24 @@ class InProcessParts:
         flow = getattr(checkpoint.model, "flow", None)  # absent when loaded without speech
         if speech_process is None:
             speech_process = flow is not None and next(flow.parameters()).device.type == "cpu"
+        cores = len(os.sched_getaffinity(0))
+        self.speech_workers = min(2, cores) if speech_workers is None else speech_workers
+        if self.speech_workers < 1:
+            raise InvalidInput(f"speech_workers must be at least 1, not {self.speech_workers}")
+        threads = max(1, torch.get_num_threads() // self.speech_workers)
         self._worker_spec = (
-            WorkerSpec.of(checkpoint, self.speech_settings)
+            WorkerSpec.of(checkpoint, self.speech_settings, threads)
             if speech_process and flow is not None
             else None
         )
 
     def prepare_speech(self) -> threading.Thread | None:
-        """Start the speech decoder's process in the background (a new interpreter importing
+        """Start the speech decoder's processes in the background (new interpreters importing
         torch: seconds), so that the first spoken turn's audio does not wait for all of it.
         Returns the starting thread (join it to wait), None where speech renders in process."""
         if self._worker_spec is None:
             return None
-
-        def start(spec: WorkerSpec) -> None:
-            try:
-                SpeechWorker.shared(spec)
-            except IomniError as exc:  # the first spoken turn tries again and reports it
-                log.warning("speech decoder process: %s", exc)
-
-        starting = threading.Thread(target=start, args=(self._worker_spec,), daemon=True)
-        starting.start()
-        return starting
+        return SpeechWorker.start(self._worker_spec, self.speech_workers)
 
     def _llm(self) -> ContinuousBatcher:
         if self._batcher is None:
@@ -154,7 +150,7 @@ class InProcessParts:
             encoder = await asyncio.to_thread(self._speaker_encoder)
             speaker = await asyncio.to_thread(encoder.embed, options.speaker_wav)
         if self._worker_spec is not None:
-            return WorkerSpeech(self._worker_spec, speaker, options.seed)
+            return WorkerSpeech(self._worker_spec, speaker, options.seed, self.speech_workers)
         session = SpeechSession.of_model(self.model, speaker, options.seed, self.speech_settings)
         return InProcessSpeech(self, session)
 

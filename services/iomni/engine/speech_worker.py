@@ -16,9 +16,10 @@ rendered chunk comes back as soon as it exists. A reply closed by a barge-in has
 calls answered empty at once, and the render in progress stops before its next chunk.
 
 The child is started with `python -m`, not `multiprocessing`, so that nothing re-imports the
-caller's main module. It exits when its pipe closes (the parent exited, even killed). One
-worker serves every `InProcessParts` of a process that loads the same checkpoint with the
-same settings; it lives until the process exits.
+caller's main module. It exits when its pipe closes (the parent exited, even killed). A
+process keeps `replicas` workers (as Triton keeps speech-decoder instances) for every
+`InProcessParts` that loads the same checkpoint with the same settings; a reply opens on the
+one with the fewest replies open. They live until the process exits.
 """
 
 from __future__ import annotations
@@ -71,16 +72,15 @@ class WorkerSpec:
     idle_timeout_s: float = 60.0  # a reply not heard from for this long is freed
 
     @classmethod
-    def of(cls, checkpoint: LoadedCheckpoint, settings: SpeechSettings) -> WorkerSpec:
-        """The speech parts of a loaded checkpoint as they were loaded, and this process's
-        torch thread count."""
+    def of(cls, checkpoint: LoadedCheckpoint, settings: SpeechSettings, threads: int) -> WorkerSpec:
+        """The speech parts of a loaded checkpoint as they were loaded."""
         weight = next(checkpoint.model.flow.parameters())
         return cls(
             checkpoint=str(Path(checkpoint.path).resolve()),
             fingerprint=checkpoint.fingerprint,
             dtype=str(weight.dtype).removeprefix("torch."),
             device=str(weight.device),
-            threads=torch.get_num_threads(),
+            threads=threads,
             settings=settings,
         )
 
@@ -116,24 +116,62 @@ class _Call:
 
 
 class SpeechWorker:
-    _shared: ClassVar[dict[WorkerSpec, SpeechWorker]] = {}
+    """One child process. A process keeps `replicas` of them per spec (as Triton keeps
+    instances of its speech decoder: each renders on one core), and a reply stays on the one
+    that opened it."""
+
+    _shared: ClassVar[dict[tuple[WorkerSpec, int], SpeechWorker]] = {}
+    _starting: ClassVar[dict[tuple[WorkerSpec, int], threading.Lock]] = {}
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
-    def shared(cls, spec: WorkerSpec) -> SpeechWorker:
-        """The process's worker for `spec`, started (blocking, seconds) if there is none or the
-        last one exited."""
+    def shared(cls, spec: WorkerSpec, replica: int = 0) -> SpeechWorker:
+        """The process's worker `replica` for `spec`, started (blocking, seconds) if there is
+        none or the last one exited."""
         with cls._shared_lock:
-            worker = cls._shared.get(spec)
+            starting = cls._starting.setdefault((spec, replica), threading.Lock())
+        with starting:  # replicas start side by side; one replica starts once
+            worker = cls._shared.get((spec, replica))
             if worker is None or not worker.alive:
-                worker = cls._shared[spec] = cls(spec)
+                worker = cls._shared[(spec, replica)] = cls(spec)
             return worker
 
     @classmethod
-    def running(cls, spec: WorkerSpec) -> SpeechWorker | None:
-        """The process's worker for `spec` if it is up, without waiting."""
-        worker = cls._shared.get(spec)
+    def running(cls, spec: WorkerSpec, replica: int = 0) -> SpeechWorker | None:
+        """The process's worker `replica` for `spec` if it is up, without waiting."""
+        worker = cls._shared.get((spec, replica))
         return worker if worker is not None and worker.alive else None
+
+    @classmethod
+    def start(cls, spec: WorkerSpec, replicas: int) -> threading.Thread:
+        """Start the replicas that are neither up nor starting, side by side, in the
+        background; returns the thread that waits for them (join it to wait)."""
+
+        def start_one(replica: int) -> None:
+            try:
+                cls.shared(spec, replica)
+            except IomniError as exc:  # a reply that needs it tries again and reports it
+                log.warning("speech decoder process %d: %s", replica, exc)
+
+        def start_all() -> None:
+            starting = []
+            for replica in range(replicas):
+                lock = cls._starting.get((spec, replica))
+                if cls.running(spec, replica) is None and not (lock and lock.locked()):
+                    starting.append(threading.Thread(target=start_one, args=(replica,)))
+                    starting[-1].start()
+            for thread in starting:
+                thread.join()
+
+        thread = threading.Thread(target=start_all, name="speech-workers", daemon=True)
+        thread.start()
+        return thread
+
+    @classmethod
+    def least_busy(cls, spec: WorkerSpec, replicas: int) -> int | None:
+        """The running replica with the fewest open replies; None when none is up."""
+        up = [(r, w) for r in range(replicas) if (w := cls.running(spec, r)) is not None]
+        return min(up, key=lambda replica_worker: replica_worker[1].replies)[0] if up else None
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -148,6 +186,7 @@ class SpeechWorker:
         self._conn = Connection(ours.detach())
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count(1)
+        self.replies = 0  # opened and not closed
         self._send_lock = threading.Lock()
         self._exited: str | None = None
         self._await_ready()
@@ -180,6 +219,7 @@ class SpeechWorker:
         session_id = next(self._ids)
         vector = None if speaker is None else speaker.detach().float().cpu().numpy()
         self._send(("open", session_id, vector, seed))
+        self.replies += 1
         return session_id
 
     def submit(
@@ -208,6 +248,7 @@ class SpeechWorker:
         return call.future
 
     def close(self, session_id: int) -> None:
+        self.replies -= 1
         with contextlib.suppress(Unavailable):
             self._send(("close", session_id))
 
@@ -261,8 +302,11 @@ class WorkerSpeech:
     at its first text, so that a turn's text never waits for the worker to start (seconds, on
     the first spoken turn of a process that did not `prepare_speech`)."""
 
-    def __init__(self, spec: WorkerSpec, speaker: torch.Tensor | None, seed: int) -> None:
+    def __init__(
+        self, spec: WorkerSpec, speaker: torch.Tensor | None, seed: int, replicas: int = 1
+    ) -> None:
         self.spec = spec
+        self.replicas = replicas
         self.speaker = speaker
         self.seed = seed
         self.worker: SpeechWorker | None = None
@@ -292,10 +336,14 @@ class WorkerSpeech:
         return await rendered
 
     async def _open(self) -> SpeechWorker:
-        """The worker (started if need be), with this reply opened on it."""
-        worker = SpeechWorker.running(self.spec)
+        """The least busy worker that is up (else the first, started), with this reply opened
+        on it; replicas that are down start in the background."""
+        replica = SpeechWorker.least_busy(self.spec, self.replicas)
+        if any(SpeechWorker.running(self.spec, r) is None for r in range(self.replicas)):
+            SpeechWorker.start(self.spec, self.replicas)
+        worker = None if replica is None else SpeechWorker.running(self.spec, replica)
         if worker is None:
-            worker = await asyncio.to_thread(SpeechWorker.shared, self.spec)
+            worker = await asyncio.to_thread(SpeechWorker.shared, self.spec, 0)
         self.worker = worker
         if not self._closed:  # closed while the worker started: nothing to open, or to close
             self.session_id = worker.open(self.speaker, self.seed)

@@ -99,7 +99,10 @@ def build_runner(
             flow_steps=settings.speech_flow_steps,
         )
         in_process = InProcessParts(
-            load_checkpoint(settings.model), speech=speech, speech_process=speech_process
+            load_checkpoint(settings.model),
+            speech=speech,
+            speech_process=speech_process,
+            speech_workers=settings.speech_workers or None,
         )
         in_process.prepare_speech()
         parts: ModelParts = in_process

@@ -65,6 +65,12 @@ class Settings:
     speech_flow_steps: int = setting(
         0, "inprocess: Euler steps of the speech flow (0: the checkpoint's)", processes=ALL
     )
+    speech_workers: int = setting(
+        0,
+        "inprocess on CPU: speech decoder processes, each rendering on its own core "
+        "(0: 2, or 1 on one core)",
+        processes=ALL,
+    )
     # -- dialogue state ----------------------------------------------------------------------
     redis_url: str = setting(
         "redis://127.0.0.1:6379/0", "Redis URL, or 'memory' (one process)", flags=("--redis",)

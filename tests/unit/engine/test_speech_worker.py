@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,12 @@ async def test_a_cloned_voice_reaches_the_worker_exactly(tiny: LoadedCheckpoint)
     )
     spec = spec_of(InProcessParts(tiny))
     assert_same_audio(await speak(WorkerSpeech(spec, speaker, seed=3), tiny), expected)
+
+
+def stop_workers(spec: WorkerSpec, replicas: int) -> None:
+    for replica in range(replicas):
+        if (worker := SpeechWorker.running(spec, replica)) is not None:
+            worker.stop()
 
 
 def hidden_rows(tiny: LoadedCheckpoint, count: int, seed: int = 1) -> torch.Tensor:
@@ -210,7 +217,7 @@ async def test_a_turns_text_does_not_wait_for_the_worker_to_start(
         audio += isinstance(event, AudioChunk)
     assert running_at_first_text is False  # the worker takes seconds to start; text took ms
     assert audio >= 2  # and the reply was still spoken, once it was up
-    SpeechWorker.running(spec).stop()  # type: ignore[union-attr]
+    stop_workers(spec, parts.speech_workers)
 
 
 def test_a_checkpoint_the_worker_cannot_load_is_a_clear_error(tiny: LoadedCheckpoint) -> None:
@@ -260,6 +267,9 @@ def test_the_runtime_renders_in_a_worker_unless_it_runs_one_turn(tiny_dir: Path)
     assert isinstance(serving, InProcessParts) and isinstance(one_turn, InProcessParts)
     assert serving._worker_spec is not None
     assert one_turn._worker_spec is None and one_turn.prepare_speech() is None
+    assert serving.speech_workers == min(2, len(os.sched_getaffinity(0)))
+    one_worker = build_runner(replace(settings, speech_workers=1), role="test").parts
+    assert isinstance(one_worker, InProcessParts) and one_worker.speech_workers == 1
 
 
 async def test_a_reply_left_idle_is_freed_and_its_next_call_says_so(tiny: LoadedCheckpoint) -> None:
@@ -313,3 +323,27 @@ async def test_a_new_replys_first_audio_does_not_wait_for_anothers_queued_text(
     assert arrivals.index("starting") < len(arrivals) - arrivals[::-1].index("playing") - 1
     assert arrivals.index("starting") <= 2  # after at most the chunks already in progress
     await asyncio.gather(playing.close(), starting.close())
+
+
+async def test_concurrent_replies_are_spread_over_the_workers(tiny: LoadedCheckpoint) -> None:
+    """As Triton spreads sequences over its speech-decoder instances: each worker renders on
+    a core of its own, and a reply opens on the one with the fewest replies open."""
+    parts = InProcessParts(tiny, speech=SpeechSettings(flow_steps=3), speech_workers=2)
+    spec = spec_of(parts)
+    starting = parts.prepare_speech()
+    assert starting is not None
+    await asyncio.to_thread(starting.join)
+    replies = [await parts.open_speech(SpeechOptions(seed=seed)) for seed in range(4)]
+    for reply in replies:  # each opens at its first text
+        await reply.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
+    workers = [reply.worker for reply in replies]  # type: ignore[attr-defined]
+    assert len({id(worker) for worker in workers}) == 2
+    assert [workers.count(worker) for worker in workers] == [2, 2, 2, 2]
+    for reply in replies[:3]:
+        await reply.close()
+    assert sorted(worker.replies for worker in {id(w): w for w in workers}.values()) == [0, 1]
+    late = await parts.open_speech(SpeechOptions(seed=9))
+    await late.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))
+    assert late.worker is not replies[3].worker  # type: ignore[attr-defined]
+    await asyncio.gather(late.close(), replies[3].close())
+    stop_workers(spec, 2)
