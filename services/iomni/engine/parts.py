@@ -4,25 +4,36 @@
 protocol over the network. Nothing above this interface knows which one it talks to. The LLM
 runs in the same continuous batcher as the `llm` Triton model (its own thread: concurrent
 turns share decode steps, a session's KV cache is reused on its next turn, and decoding goes
-on while the speech decoder renders). On CPU the speech decoder renders in a child process
+on while the speech decoder renders). On CPU the speech decoder renders in child processes
 (`speech_worker`): in one process the two threads' Python took turns on the interpreter lock.
+Wherever it renders, a `SpeechScheduler` decides what (iomni.model.speech.scheduler).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import os
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
 import torch
 
-from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
+from iomni.engine.speech_worker import (
+    UNANSWERED,
+    CallAnswer,
+    PendingCall,
+    SpeechWorker,
+    WorkerSpec,
+    WorkerSpeech,
+)
 from iomni.errors import InvalidInput
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint
+from iomni.model.speech.scheduler import SpeechRequest, SpeechScheduler
 from iomni.model.speech.speaker import SpeakerEncoder
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import (
@@ -36,8 +47,8 @@ from iomni.parts import (
 
 
 class InProcessParts:
-    """PyTorch modules called directly. A lock serialises the encoders' forwards (and the
-    speech decoder's, where it renders in this process); the LLM has its batcher's thread."""
+    """PyTorch modules called directly. A lock serialises the encoders' forwards; the LLM has
+    its batcher's thread, and speech its scheduler's (here, or in the workers)."""
 
     def __init__(
         self,
@@ -61,10 +72,12 @@ class InProcessParts:
         self.model = checkpoint.model
         self.model_id = checkpoint.fingerprint
         self.speech_settings = speech or SpeechSettings()
-        self._lock = threading.Lock()  # one encoder or speech forward at a time
+        self._lock = threading.Lock()  # one encoder forward at a time
+        self._scheduler_lock = threading.Lock()
         self._speaker: SpeakerEncoder | None = None
         self._batcher_options = {"max_batch": max_batch, "kv_cache_tokens": kv_cache_tokens}
         self._batcher: ContinuousBatcher | None = None
+        self._scheduler: SpeechScheduler | None = None
         flow = getattr(checkpoint.model, "flow", None)  # absent when loaded without speech
         if speech_process is None:
             speech_process = flow is not None and next(flow.parameters()).device.type == "cpu"
@@ -98,6 +111,9 @@ class InProcessParts:
         if self._batcher is not None:
             await asyncio.to_thread(self._batcher.stop)
             self._batcher = None
+        if self._scheduler is not None:
+            self._scheduler.stop()
+            self._scheduler = None
 
     def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         with self._lock, torch.inference_mode():
@@ -151,8 +167,20 @@ class InProcessParts:
             speaker = await asyncio.to_thread(encoder.embed, options.speaker_wav)
         if self._worker_spec is not None:
             return WorkerSpeech(self._worker_spec, speaker, options.seed, self.speech_workers)
-        session = SpeechSession.of_model(self.model, speaker, options.seed, self.speech_settings)
-        return InProcessSpeech(self, session)
+        return InProcessSpeech(
+            self.speech_scheduler(),
+            functools.partial(
+                SpeechSession.of_model, self.model, speaker, options.seed, self.speech_settings
+            ),
+        )
+
+    def speech_scheduler(self) -> SpeechScheduler:
+        """Where speech renders when it renders in this process (started on first use)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = SpeechScheduler()
+                self._scheduler.start()
+            return self._scheduler
 
     def _speaker_encoder(self) -> SpeakerEncoder:
         if self._speaker is None:
@@ -161,13 +189,18 @@ class InProcessParts:
 
 
 class InProcessSpeech:
-    """Calls may overlap (the engine pipelines a reply's text); they run one at a time in the
-    order they were made (asyncio's lock wakes its waiters first come, first served)."""
+    """One reply rendered on this process's `SpeechScheduler` thread (the workers' and the
+    Triton speech decoder's scheduling: first audio first, concurrent replies decoded
+    together). Calls may overlap (the engine pipelines a reply's text): each is queued when
+    it is made, so they render in the order made."""
 
-    def __init__(self, parts: InProcessParts, session: SpeechSession) -> None:
-        self.parts = parts
-        self.session = session
-        self._order = asyncio.Lock()
+    _keys = itertools.count(1)
+
+    def __init__(self, scheduler: SpeechScheduler, open_session: Callable[[], SpeechSession]):
+        self.scheduler = scheduler
+        self.key = f"reply-{next(self._keys)}"
+        self._open: Callable[[], SpeechSession] | None = open_session  # at the first call
+        self._closed = False
 
     async def push_text(
         self,
@@ -175,29 +208,33 @@ class InProcessSpeech:
         hidden: torch.Tensor,
         on_chunk: ChunkCallback | None = None,
     ) -> list[np.ndarray]:
-        return await self._in_order(self.session.iter_text, on_chunk, token_ids, hidden)
+        return await self._call(token_ids, hidden, on_chunk, end=False)
 
     async def finish(self, on_chunk: ChunkCallback | None = None) -> list[np.ndarray]:
-        return await self._in_order(self.session.iter_finish, on_chunk)
+        return await self._call((), None, on_chunk, end=True)
 
-    async def _in_order(self, fn, on_chunk, *args) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
-        async with self._order:
-            if self.session.done:  # closed (barge-in) while this call waited
-                return []
-            loop = asyncio.get_running_loop()
-
-            def render() -> list[np.ndarray]:
-                chunks = []
-                for chunk in fn(*args):
-                    chunks.append(chunk)
-                    if on_chunk is not None:
-                        loop.call_soon_threadsafe(on_chunk, chunk)
-                return chunks
-
-            return await asyncio.to_thread(self.parts._run, render)
+    async def _call(
+        self,
+        token_ids: Sequence[int],
+        hidden: torch.Tensor | None,
+        on_chunk: ChunkCallback | None,
+        end: bool,
+    ) -> list[np.ndarray]:
+        if self._closed:
+            return []
+        loop = asyncio.get_running_loop()
+        call = PendingCall(loop, loop.create_future(), on_chunk)
+        opener, self._open = self._open, None
+        start = opener is not None
+        answer = CallAnswer.on_loop(call)
+        request = SpeechRequest(answer, token_ids, hidden, start=start, end=end, open=opener)
+        self.scheduler.put(self.key, request)
+        return await call.future
 
     async def close(self) -> None:
-        self.session.done = True
+        if not self._closed:
+            self._closed = True
+            self.scheduler.discard(self.key, UNANSWERED)
 
 
 __all__ = [

@@ -94,7 +94,7 @@ class WorkerSpec:
 
 
 @dataclass
-class _Call:
+class PendingCall:
     """One push_text or finish awaiting its chunks, on the event loop that made it."""
 
     loop: asyncio.AbstractEventLoop
@@ -184,7 +184,7 @@ class SpeechWorker:
         )
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._calls: dict[int, _Call] = {}
+        self._calls: dict[int, PendingCall] = {}
         self._ids = itertools.count(1)
         self.replies = 0  # opened and not closed
         self._send_lock = threading.Lock()
@@ -233,7 +233,7 @@ class SpeechWorker:
         chunks once rendered."""
         loop = asyncio.get_running_loop()
         call_id = next(self._ids)
-        call = _Call(loop, loop.create_future(), on_chunk)
+        call = PendingCall(loop, loop.create_future(), on_chunk)
         self._calls[call_id] = call
         call.future.add_done_callback(lambda _: self._calls.pop(call_id, None))
         try:
@@ -379,45 +379,41 @@ class _Outbox:
             self.conn.send(message)
 
 
-class _CallAnswer:
-    """A call's answers: each chunk, then `done`, or the error the parent raises in the turn
-    that made the call. A call its reply's close superseded is answered empty, as the close
-    promises."""
+class CallAnswer:
+    """A `SpeechAnswer` that hands each answer to `deliver(kind, value)`: ("chunk", samples),
+    ("done", None) or ("error", exception), as `PendingCall.deliver` takes them. A call its
+    reply's close superseded is answered empty, as the close promises."""
 
-    def __init__(self, outbox: _Outbox, call_id: int) -> None:
-        self.outbox = outbox
-        self.call_id = call_id
+    def __init__(self, deliver: Callable[[str, Any], None]) -> None:
+        self.deliver = deliver
+
+    @classmethod
+    def on_loop(cls, call: PendingCall) -> CallAnswer:
+        """Answers for a call awaited on its event loop, from any thread."""
+
+        def deliver(kind: str, value: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                call.loop.call_soon_threadsafe(call.deliver, kind, value)
+
+        return cls(deliver)
 
     def chunk(self, samples: np.ndarray) -> None:
-        self.outbox.send(("chunk", self.call_id, samples))
+        self.deliver("chunk", samples)
 
     def complete(self) -> None:
-        self.outbox.send(("done", self.call_id, None))
+        self.deliver("done", None)
 
     def fail(self, error: BaseException) -> None:
         if isinstance(error, Cancelled):
             self.complete()
         else:
-            self.outbox.send(("error", self.call_id, _picklable(error)))
+            self.deliver("error", error)
 
     def cancelled(self) -> bool:
         return False  # a reply is cancelled whole, by its close
 
 
-class _Unanswered:
-    """A close: nobody waits for its answer."""
-
-    def chunk(self, samples: np.ndarray) -> None:
-        pass
-
-    def complete(self) -> None:
-        pass
-
-    def fail(self, error: BaseException) -> None:
-        pass
-
-    def cancelled(self) -> bool:
-        return False
+UNANSWERED = CallAnswer(lambda kind, value: None)  # a close: nobody waits for its answer
 
 
 class _Renderer:
@@ -450,19 +446,19 @@ class _Renderer:
         elif kind == "text":
             call_id, token_ids, rows = message[2:]
             hidden = torch.from_numpy(rows).to(self.spec.device, getattr(torch, self.spec.dtype))
-            self._put(session_id, _CallAnswer(self.outbox, call_id), token_ids, hidden)
+            self._put(session_id, self._answer(call_id), token_ids, hidden)
         elif kind == "finish":
-            self._put(session_id, _CallAnswer(self.outbox, message[2]), (), None, end=True)
+            self._put(session_id, self._answer(message[2]), (), None, end=True)
         elif kind == "close":
             self.opening.pop(session_id, None)
-            self.scheduler.discard(session_id, _Unanswered())
+            self.scheduler.discard(session_id, UNANSWERED)
         elif kind == "stop":
             raise SystemExit(0)
 
     def _put(
         self,
         session_id: int,
-        answer: _CallAnswer,
+        answer: CallAnswer,
         token_ids: Sequence[int],
         hidden: torch.Tensor | None,
         end: bool = False,
@@ -472,6 +468,14 @@ class _Renderer:
             answer, token_ids, hidden, start=opener is not None, end=end, open=opener
         )
         self.scheduler.put(session_id, request)
+
+    def _answer(self, call_id: int) -> CallAnswer:
+        """Answers to the parent's call `call_id`, over the pipe."""
+
+        def deliver(kind: str, value: Any) -> None:
+            self.outbox.send((kind, call_id, _picklable(value) if kind == "error" else value))
+
+        return CallAnswer(deliver)
 
     def _session(self, speaker: np.ndarray | None, seed: int) -> SpeechSession:
         vector = None if speaker is None else torch.from_numpy(speaker)

@@ -73,11 +73,16 @@ async def test_a_cloned_voice_reaches_the_worker_exactly(tiny: LoadedCheckpoint)
     speaker = SpeakerEncoder.from_checkpoint(tiny.path).embed(voice())
     model = tiny.model
     session = SpeechSession(model.voicelm, model.flow, model.hifigan, speaker, seed=3)
-    expected = await speak(
-        InProcessSpeech(InProcessParts(tiny, speech_process=False), session), tiny
-    )
+    expected = await speak(in_thread(tiny, session), tiny)
     spec = spec_of(InProcessParts(tiny))
     assert_same_audio(await speak(WorkerSpeech(spec, speaker, seed=3), tiny), expected)
+
+
+def in_thread(tiny: LoadedCheckpoint, session: SpeechSession) -> InProcessSpeech:
+    """A reply that renders `session` in this process."""
+    return InProcessSpeech(
+        InProcessParts(tiny, speech_process=False).speech_scheduler(), lambda: session
+    )
 
 
 def stop_workers(spec: WorkerSpec, replicas: int) -> None:
@@ -185,9 +190,7 @@ async def test_text_sent_while_the_worker_starts_goes_out_in_order(
         seed=3,
         settings=settings,
     )
-    expected = await speak(
-        InProcessSpeech(InProcessParts(tiny, speech_process=False), session), tiny
-    )
+    expected = await speak(in_thread(tiny, session), tiny)
     reply = WorkerSpeech(spec, None, seed=3)
     calls = [
         asyncio.ensure_future(reply.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5, seed=g)))
@@ -289,15 +292,21 @@ async def test_a_reply_left_idle_is_freed_and_its_next_call_says_so(tiny: Loaded
     lively.worker.stop()  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("in_worker", [True, False], ids=["worker", "thread"])
 async def test_a_new_replys_first_audio_does_not_wait_for_anothers_queued_text(
-    tiny: LoadedCheckpoint,
+    tiny: LoadedCheckpoint, in_worker: bool
 ) -> None:
-    """The worker serves through the speech scheduler: a reply with audio in hand waits while
-    a reply that started after it gets its first chunk (in arrival order, the new reply's first
-    audio came after every chunk of the text queued before it)."""
-    spec = spec_of(InProcessParts(tiny))
+    """Both embedded paths serve through the speech scheduler: a reply with audio in hand waits
+    while a reply that started after it gets its first chunk (in arrival order, the new reply's
+    first audio came after every chunk of the text queued before it)."""
     arrivals: list[str] = []
-    playing, starting = WorkerSpeech(spec, None, seed=1), WorkerSpeech(spec, None, seed=2)
+    if in_worker:
+        spec = spec_of(InProcessParts(tiny))
+        playing, starting = WorkerSpeech(spec, None, seed=1), WorkerSpeech(spec, None, seed=2)
+    else:
+        parts = InProcessParts(tiny, speech_process=False)
+        playing = await parts.open_speech(SpeechOptions(seed=1))  # type: ignore[assignment]
+        starting = await parts.open_speech(SpeechOptions(seed=2))  # type: ignore[assignment]
     await playing.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5))  # the worker is up
     queued = [
         asyncio.ensure_future(

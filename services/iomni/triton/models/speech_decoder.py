@@ -33,7 +33,6 @@ from iomni.triton.backend import (
 )
 from iomni.triton.tensors import AUDIO, END, HIDDEN, SPEAKER_WAV, START, TEXT_TOKEN_IDS
 
-
 # The audio-changing latency settings (docs/speech.md): a model parameter, else the variable
 # the Helm chart sets (the same names the embedded engine reads through `Settings`).
 SETTINGS = {
