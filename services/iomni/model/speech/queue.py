@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from iomni.errors import Unavailable
+
 URGENT, FIRST_AUDIO, PLAYING = 0, 1, 2
 
 
@@ -57,8 +59,11 @@ class SpeechQueue:
     def put(self, key: Any, request: Any, urgent: bool = False, discard: bool = False) -> list:
         """Queue `request` for reply `key`. A `discard` (barge-in) goes first and supersedes
         the reply's requests not yet taken: they are returned, for the caller to answer as
-        cancelled (a client that pipelines its text has several queued)."""
+        cancelled (a client that pipelines its text has several queued). Raises Unavailable
+        once the queue is drained: nothing would take it."""
         with self._ready:
+            if self._closed:
+                raise Unavailable("the speech decoder is shutting down")
             reply = self._replies.setdefault(key, _Reply(arrived=self._clock()))
             superseded = []
             if discard:

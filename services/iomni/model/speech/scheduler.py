@@ -124,7 +124,10 @@ class SpeechScheduler:
 
     def put(self, key: Hashable, request: SpeechRequest) -> None:
         """Queue a request of reply `key`, rendered after the reply's earlier ones."""
-        self.queue.put(key, request, urgent=request.answer.cancelled())
+        try:
+            self.queue.put(key, request, urgent=request.answer.cancelled())
+        except Unavailable as exc:  # stopped
+            request.answer.fail(exc)
 
     def discard(self, key: Hashable, answer: SpeechAnswer) -> None:
         """A barge-in: the reply's queued requests are answered as cancelled, a render of it in
@@ -132,8 +135,13 @@ class SpeechScheduler:
         with self.lock:  # before the free: a request taken meanwhile is told it was discarded
             self._discarded.add(key)
         self._free(key)
-        for stale in self.queue.put(key, SpeechRequest(answer, end=True, discard=True), True, True):
-            stale.answer.fail(Cancelled("the reply was discarded (barge-in)"))
+        try:
+            stale = self.queue.put(key, SpeechRequest(answer, end=True, discard=True), True, True)
+        except Unavailable as exc:  # stopped
+            answer.fail(exc)
+            return
+        for request in stale:
+            request.answer.fail(Cancelled("the reply was discarded (barge-in)"))
 
     @property
     def open_sequences(self) -> int:

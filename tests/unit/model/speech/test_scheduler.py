@@ -211,3 +211,13 @@ def test_an_idle_reply_is_freed_and_its_next_request_says_so(seen: Recorder) -> 
     serve(scheduler)
     assert seen.failed[-1] == ("x1", "InvalidInput")
     assert "is not open" in seen.messages[-1]
+
+
+def test_a_request_after_the_stop_fails_instead_of_waiting_forever(seen: Recorder) -> None:
+    scheduler = SpeechScheduler()
+    put(scheduler, seen, "a", "a1", start=True)
+    scheduler.stop()
+    assert seen.failed == [("a1", "Unavailable")]  # queued, never taken
+    put(scheduler, seen, "a", "a2", start=False)
+    scheduler.discard("a", Answer("discard", seen))
+    assert seen.failed[1:] == [("a2", "Unavailable"), ("discard", "Unavailable")]
