@@ -237,6 +237,36 @@ def test_speech_output_and_metrics(gateway: GatewayProcess, tmp_path) -> None:  
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_the_embedded_engines_speech_decoders_report_on_the_gateways_metrics(
+    start_gateway,  # type: ignore[no-untyped-def]
+) -> None:
+    """With `--transport inprocess` the speech workers' schedulers report under the Triton
+    speech decoder's metric names, labelled by worker, on the gateway's /metrics."""
+    embedded = start_gateway("--transport", "inprocess")
+    url = f"http://127.0.0.1:{embedded.metrics_port}/metrics"
+    before = Scrape(url)
+    c = client(embedded)
+    reply = c.chat("", turn_id(), text="speak", speech=True, temperature=0.0, max_new_tokens=12)
+    assert reply.audio_chunks >= 1
+    c.close()
+    deadline = time.monotonic() + 10
+    while True:  # the worker's last report crosses its pipe after the reply's audio
+        after = Scrape(url)
+        instances = {
+            s.labels["instance"] for s in after.samples if s.name == "iomni_speech_open_sequences"
+        }
+        if instances and after.value("iomni_speech_open_sequences") == 0:
+            break
+        assert time.monotonic() < deadline, after.text
+        time.sleep(0.1)
+    assert delta(before, after, "iomni_speech_decode_batch_replies_count") >= 2  # two groups
+    assert instances <= {"worker-0", "worker-1"}
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=after.text, text=True, capture_output=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_concurrency_limit_is_resource_exhausted(start_gateway) -> None:  # type: ignore[no-untyped-def]
     small = start_gateway("--max-concurrent-turns", "1")
     c = client(small)

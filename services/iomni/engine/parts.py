@@ -25,6 +25,7 @@ import torch
 from iomni.engine.speech_worker import (
     UNANSWERED,
     CallAnswer,
+    MetricListener,
     PendingCall,
     SpeechWorker,
     WorkerSpec,
@@ -33,7 +34,7 @@ from iomni.engine.speech_worker import (
 from iomni.errors import InvalidInput
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent
 from iomni.model.checkpoint import LoadedCheckpoint
-from iomni.model.speech.scheduler import SpeechRequest, SpeechScheduler
+from iomni.model.speech.scheduler import SchedulerHooks, SpeechRequest, SpeechScheduler
 from iomni.model.speech.speaker import SpeakerEncoder
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import (
@@ -58,12 +59,14 @@ class InProcessParts:
         speech: SpeechSettings | None = None,
         speech_process: bool | None = None,
         speech_workers: int | None = None,
+        on_speech_metric: MetricListener | None = None,
     ) -> None:
         """`speech_process`: render speech in child processes (`SpeechWorker`); None: on CPU
         (on an accelerator the thread's Python waits less, and the child would hold a second
         copy of the speech parts on the device). `speech_workers`: how many (None: 2, or 1 on
         one core), each on its share of this process's half of the cores, as the Triton CPU
-        profile runs two speech-decoder instances; a reply stays on the one that opened it."""
+        profile runs two speech-decoder instances; a reply stays on the one that opened it.
+        `on_speech_metric(event, value, instance)`: what the speech schedulers report."""
         # The batcher's thread and the speech decoder work side by side; with all cores each,
         # their intra-op threads oversubscribe the machine (2 cores: TTFA 1080 ms at 2 threads
         # each, 955 ms at 1). Torch's thread count is per process: half the cores each.
@@ -78,6 +81,7 @@ class InProcessParts:
         self._batcher_options = {"max_batch": max_batch, "kv_cache_tokens": kv_cache_tokens}
         self._batcher: ContinuousBatcher | None = None
         self._scheduler: SpeechScheduler | None = None
+        self._on_speech_metric = on_speech_metric
         flow = getattr(checkpoint.model, "flow", None)  # absent when loaded without speech
         if speech_process is None:
             speech_process = flow is not None and next(flow.parameters()).device.type == "cpu"
@@ -166,7 +170,8 @@ class InProcessParts:
             encoder = await asyncio.to_thread(self._speaker_encoder)
             speaker = await asyncio.to_thread(encoder.embed, options.speaker_wav)
         if self._worker_spec is not None:
-            return WorkerSpeech(self._worker_spec, speaker, options.seed, self.speech_workers)
+            spec, replicas = self._worker_spec, self.speech_workers
+            return WorkerSpeech(spec, speaker, options.seed, replicas, self._on_speech_metric)
         return InProcessSpeech(
             self.speech_scheduler(),
             functools.partial(
@@ -178,7 +183,10 @@ class InProcessParts:
         """Where speech renders when it renders in this process (started on first use)."""
         with self._scheduler_lock:
             if self._scheduler is None:
-                self._scheduler = SpeechScheduler()
+                hooks = None
+                if (report := self._on_speech_metric) is not None:
+                    hooks = SchedulerHooks.reporting(lambda event, n: report(event, n, "thread"))
+                self._scheduler = SpeechScheduler(hooks=hooks)
                 self._scheduler.start()
             return self._scheduler
 

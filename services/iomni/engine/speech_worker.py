@@ -50,13 +50,15 @@ import torch
 
 from iomni.errors import Cancelled, Internal, IomniError, Unavailable
 from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
-from iomni.model.speech.scheduler import SpeechRequest, SpeechScheduler
+from iomni.model.speech.scheduler import SchedulerHooks, SpeechRequest, SpeechScheduler
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
 from iomni.parts import ChunkCallback
 
 log = logging.getLogger(__name__)
 
-LOAD_TIMEOUT_S = 300.0  # a 4b checkpoint's speech parts from a slow disk
+LOAD_TIMEOUT_S = 300.0
+# (event, value, instance): what a speech decoder's scheduler reports (SchedulerHooks.reporting)
+MetricListener = Callable[[str, int, str], None]  # a 4b checkpoint's speech parts from a slow disk
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class SpeechWorker:
         with starting:  # replicas start side by side; one replica starts once
             worker = cls._shared.get((spec, replica))
             if worker is None or not worker.alive:
-                worker = cls._shared[(spec, replica)] = cls(spec)
+                worker = cls._shared[(spec, replica)] = cls(spec, f"worker-{replica}")
             return worker
 
     @classmethod
@@ -173,8 +175,10 @@ class SpeechWorker:
         up = [(r, w) for r in range(replicas) if (w := cls.running(spec, r)) is not None]
         return min(up, key=lambda replica_worker: replica_worker[1].replies)[0] if up else None
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, name: str = "worker-0") -> None:
         self.spec = spec
+        self.name = name  # the `instance` its metrics carry
+        self.listeners: list[MetricListener] = []
         ours, theirs = socket.socketpair()
         self._process = subprocess.Popen(
             [sys.executable, "-m", __name__, str(theirs.fileno()), spec.to_json()],
@@ -247,6 +251,12 @@ class SpeechWorker:
             raise
         return call.future
 
+    def listen(self, listener: MetricListener) -> None:
+        """Have `listener(event, value, name)` hear this worker's scheduler (see
+        `SchedulerHooks.reporting`), on the reader's thread."""
+        if listener not in self.listeners:
+            self.listeners.append(listener)
+
     def close(self, session_id: int) -> None:
         self.replies -= 1
         with contextlib.suppress(Unavailable):
@@ -268,6 +278,10 @@ class SpeechWorker:
             except (EOFError, OSError):
                 self._fail_all()
                 return
+            if kind == "metric":
+                for listener in list(self.listeners):
+                    listener(*value, self.name)
+                continue
             call = self._calls.get(call_id)
             if call is not None:
                 with contextlib.suppress(RuntimeError):  # that loop has closed
@@ -303,10 +317,16 @@ class WorkerSpeech:
     the first spoken turn of a process that did not `prepare_speech`)."""
 
     def __init__(
-        self, spec: WorkerSpec, speaker: torch.Tensor | None, seed: int, replicas: int = 1
+        self,
+        spec: WorkerSpec,
+        speaker: torch.Tensor | None,
+        seed: int,
+        replicas: int = 1,
+        on_metric: MetricListener | None = None,
     ) -> None:
         self.spec = spec
         self.replicas = replicas
+        self.on_metric = on_metric
         self.speaker = speaker
         self.seed = seed
         self.worker: SpeechWorker | None = None
@@ -345,6 +365,8 @@ class WorkerSpeech:
         if worker is None:
             worker = await asyncio.to_thread(SpeechWorker.shared, self.spec, 0)
         self.worker = worker
+        if self.on_metric is not None:
+            worker.listen(self.on_metric)
         if not self._closed:  # closed while the worker started: nothing to open, or to close
             self.session_id = worker.open(self.speaker, self.seed)
         return worker
@@ -429,7 +451,9 @@ class _Renderer:
         self.spec = spec
         self.conn = conn
         self.outbox = _Outbox(conn)
-        self.scheduler = SpeechScheduler(idle_timeout_s=spec.idle_timeout_s)
+        self.scheduler = SpeechScheduler(
+            idle_timeout_s=spec.idle_timeout_s, hooks=SchedulerHooks.reporting(self._report)
+        )
         self.opening: dict[int, Callable[[], SpeechSession]] = {}  # opened, no call yet
 
     def serve(self) -> None:
@@ -468,6 +492,9 @@ class _Renderer:
             answer, token_ids, hidden, start=opener is not None, end=end, open=opener
         )
         self.scheduler.put(session_id, request)
+
+    def _report(self, event: str, value: int) -> None:
+        self.outbox.send(("metric", 0, (event, value)))
 
     def _answer(self, call_id: int) -> CallAnswer:
         """Answers to the parent's call `call_id`, over the pipe."""

@@ -103,6 +103,7 @@ def build_runner(
             speech=speech,
             speech_process=speech_process,
             speech_workers=settings.speech_workers or None,
+            on_speech_metric=observer.speech_scheduler,
         )
         in_process.prepare_speech()
         parts: ModelParts = in_process

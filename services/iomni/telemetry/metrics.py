@@ -90,6 +90,28 @@ class TurnMetrics:
             "Prompt tokens the llm served from its KV cache",
             registry=r,
         )
+        # The embedded engine's speech decoders, under the Triton speech decoder's own names
+        # (no prefix), so that one dashboard panel shows either.
+        self.speech_open_sequences = Gauge(
+            "iomni_speech_open_sequences",
+            "Speech sequences holding state in this instance",
+            ["instance"],
+            registry=r,
+        )
+        self.speech_decode_batch = Histogram(
+            "iomni_speech_decode_batch_replies",
+            "Replies whose text one speech-token decode pass took together",
+            ["instance"],
+            buckets=(1, 2, 4, 8, 16),
+            registry=r,
+        )
+        self.speech_first_chunk_batch = Histogram(
+            "iomni_speech_first_chunk_batch_replies",
+            "Replies whose first chunks one flow pass rendered together",
+            ["instance"],
+            buckets=(2, 4, 8),
+            registry=r,
+        )
 
     # -- TurnObserver -----------------------------------------------------------------------
 
@@ -129,6 +151,16 @@ class TurnMetrics:
 
     def affinity(self, result: str) -> None:
         self.kv_affinity.labels(result).inc()
+
+    # -- the embedded engine's speech decoders ----------------------------------------------
+
+    def speech_scheduler(self, event: str, value: int, instance: str) -> None:
+        if event == "open_sequences":
+            self.speech_open_sequences.labels(instance).set(value)
+        elif event == "decode_batch":
+            self.speech_decode_batch.labels(instance).observe(value)
+        elif event == "first_chunk_batch":
+            self.speech_first_chunk_batch.labels(instance).observe(value)
 
 
 class GatewayMetrics(TurnMetrics):

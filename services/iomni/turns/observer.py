@@ -41,6 +41,11 @@ class TurnObserver(Protocol):
     def affinity(self, result: str) -> None:
         """An llm replica was chosen for a session: "hit" (it holds the KV cache) or "miss"."""
 
+    def speech_scheduler(self, event: str, value: int, instance: str) -> None:
+        """The embedded engine's speech decoder `instance` (a worker process, or the thread)
+        reports: "open_sequences" (replies holding state), "decode_batch" (replies one
+        speech-LM pass took), "first_chunk_batch" (first chunks one flow pass rendered)."""
+
 
 class NullObserver:
     def turn_started(self) -> None:
@@ -65,4 +70,7 @@ class NullObserver:
         pass
 
     def affinity(self, result: str) -> None:
+        pass
+
+    def speech_scheduler(self, event: str, value: int, instance: str) -> None:
         pass

@@ -356,3 +356,35 @@ async def test_concurrent_replies_are_spread_over_the_workers(tiny: LoadedCheckp
     assert late.worker is not replies[3].worker  # type: ignore[attr-defined]
     await asyncio.gather(late.close(), replies[3].close())
     stop_workers(spec, 2)
+
+
+@pytest.mark.parametrize("in_worker", [True, False], ids=["worker", "thread"])
+async def test_the_speech_schedulers_report_what_they_do(
+    tiny: LoadedCheckpoint, in_worker: bool
+) -> None:
+    """What the Triton speech decoder's metrics show, the embedded paths report too: replies
+    open, and how many replies each speech-LM pass took."""
+    reports: list[tuple[str, int, str]] = []
+    parts = InProcessParts(
+        tiny,
+        speech=SpeechSettings(flow_steps=2),  # workers of their own
+        speech_process=in_worker,
+        speech_workers=1,
+        on_speech_metric=lambda event, value, instance: reports.append((event, value, instance)),
+    )
+    reply = await parts.open_speech(SpeechOptions(seed=1))
+    for group in range(4):
+        await reply.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5, seed=group))
+    assert await reply.finish()
+    await reply.close()
+    instance = "worker-0" if in_worker else "thread"
+    for _ in range(50):  # the last report crosses the pipe after the answer
+        if reports and reports[-1][0] == "open_sequences" and reports[-1][1] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert ("open_sequences", 1, instance) in reports
+    assert reports[-1] == ("open_sequences", 0, instance)
+    assert sum(1 for event, value, _ in reports if event == "decode_batch" and value == 1) >= 4
+    if in_worker:
+        stop_workers(spec_of(parts), 1)
+    await parts.close()

@@ -85,6 +85,16 @@ class SchedulerHooks:
     first_chunk_batch: Callable[[int], None] = lambda replies: None
     open_sequences: Callable[[int], None] = lambda count: None
 
+    @classmethod
+    def reporting(cls, report: Callable[[str, int], None]) -> SchedulerHooks:
+        """Hooks that hand each event to `report(event, value)`: "decode_batch",
+        "first_chunk_batch" or "open_sequences"."""
+        return cls(
+            decode_batch=lambda replies: report("decode_batch", replies),
+            first_chunk_batch=lambda replies: report("first_chunk_batch", replies),
+            open_sequences=lambda count: report("open_sequences", count),
+        )
+
 
 class SpeechScheduler:
     def __init__(
