@@ -56,9 +56,9 @@ from iomni.parts import ChunkCallback
 
 log = logging.getLogger(__name__)
 
-LOAD_TIMEOUT_S = 300.0
+LOAD_TIMEOUT_S = 300.0  # a 4b checkpoint's speech parts from a slow disk
 # (event, value, instance): what a speech decoder's scheduler reports (SchedulerHooks.reporting)
-MetricListener = Callable[[str, int, str], None]  # a 4b checkpoint's speech parts from a slow disk
+MetricListener = Callable[[str, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,13 @@ class SpeechWorker:
             raise
         return call.future
 
+    def _report(self, event: str, value: int) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, value, self.name)
+            except Exception:  # a metric must never stop the replies' answers
+                log.exception("speech worker metric listener failed")
+
     def listen(self, listener: MetricListener) -> None:
         """Have `listener(event, value, name)` hear this worker's scheduler (see
         `SchedulerHooks.reporting`), on the reader's thread."""
@@ -279,8 +286,7 @@ class SpeechWorker:
                 self._fail_all()
                 return
             if kind == "metric":
-                for listener in list(self.listeners):
-                    listener(*value, self.name)
+                self._report(*value)
                 continue
             call = self._calls.get(call_id)
             if call is not None:

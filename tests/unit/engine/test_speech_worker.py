@@ -388,3 +388,32 @@ async def test_the_speech_schedulers_report_what_they_do(
     if in_worker:
         stop_workers(spec_of(parts), 1)
     await parts.close()
+
+
+@pytest.mark.parametrize("in_worker", [True, False], ids=["worker", "thread"])
+async def test_a_failing_metric_listener_does_not_stop_the_replies(
+    tiny: LoadedCheckpoint, in_worker: bool
+) -> None:
+    """The worker's reader thread and the in-thread scheduler call the listener; one that
+    raises must end neither (the replies' answers come through the same threads)."""
+
+    def broken(event: str, value: int, instance: str) -> None:
+        raise RuntimeError("a broken metrics backend")
+
+    parts = InProcessParts(
+        tiny,
+        speech=SpeechSettings(flow_steps=4),
+        speech_process=in_worker,
+        speech_workers=1,
+        on_speech_metric=broken,
+    )
+    reply = await parts.open_speech(SpeechOptions(seed=1))
+    for group in range(3):
+        await asyncio.wait_for(
+            reply.push_text([11, 12, 13, 14, 15], hidden_rows(tiny, 5, seed=group)), 60
+        )
+    assert await asyncio.wait_for(reply.finish(), 60)
+    await reply.close()
+    if in_worker:
+        stop_workers(spec_of(parts), 1)
+    await parts.close()

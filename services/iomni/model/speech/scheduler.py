@@ -209,7 +209,7 @@ class SpeechScheduler:
         every request of the batch fails."""
         sessions = list({id(r.session): r.session for _, r in texted if r.session}.values())
         if sessions:
-            self.hooks.decode_batch(len(sessions))
+            _notify(self.hooks.decode_batch, len(sessions))
         try:
             decode_together(sessions)
             passes = render_first_together([(r.session, r.mark) for _, r in texted if r.session])
@@ -218,7 +218,7 @@ class SpeechScheduler:
                 self._fail(key, request, exc)
             return False
         for replies in passes:
-            self.hooks.first_chunk_batch(replies)
+            _notify(self.hooks.first_chunk_batch, replies)
         return True
 
     def _take_text(self, key: Hashable, request: SpeechRequest) -> bool:
@@ -342,7 +342,7 @@ class SpeechScheduler:
         """Under `self.lock`: tell the hook the open count, only when it changed."""
         if len(self.sessions) != self._open_count:
             self._open_count = len(self.sessions)
-            self.hooks.open_sequences(self._open_count)
+            _notify(self.hooks.open_sequences, self._open_count)
 
     def sweep(self) -> list[Hashable]:
         """Free the replies that had no request for longer than `idle_timeout_s` (one being
@@ -369,3 +369,11 @@ class SpeechScheduler:
     def _sweep_loop(self) -> None:
         while not self._stop.wait(min(5.0, self.idle_timeout_s)):
             self.sweep()
+
+
+def _notify(hook: Callable[[int], None], value: int) -> None:
+    """Call a metric hook; one that fails must not leave the requests it interrupted unanswered."""
+    try:
+        hook(value)
+    except Exception:
+        log.exception("speech scheduler: a metric hook failed")
