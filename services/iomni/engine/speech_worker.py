@@ -116,6 +116,11 @@ class PendingCall:
         else:
             self.future.set_exception(value)
 
+    def deliver_from(self, kind: str, value: Any) -> None:
+        """`deliver`, from any thread."""
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+            self.loop.call_soon_threadsafe(self.deliver, kind, value)
+
 
 class SpeechWorker:
     """One child process. A process keeps `replicas` of them per spec (as Triton keeps
@@ -290,8 +295,7 @@ class SpeechWorker:
                 continue
             call = self._calls.get(call_id)
             if call is not None:
-                with contextlib.suppress(RuntimeError):  # that loop has closed
-                    call.loop.call_soon_threadsafe(call.deliver, kind, value)
+                call.deliver_from(kind, value)
 
     def _fail_all(self) -> None:
         code = self._process.wait()
@@ -303,8 +307,7 @@ class SpeechWorker:
         if code not in (0, -signal.SIGTERM):
             log.error("%s", self._exited)
         for call in list(self._calls.values()):
-            with contextlib.suppress(RuntimeError):
-                call.loop.call_soon_threadsafe(call.deliver, "error", Unavailable(self._exited))
+            call.deliver_from("error", Unavailable(self._exited))
 
     def stop(self) -> None:
         with contextlib.suppress(OSError, Unavailable):
@@ -418,12 +421,7 @@ class CallAnswer:
     @classmethod
     def on_loop(cls, call: PendingCall) -> CallAnswer:
         """Answers for a call awaited on its event loop, from any thread."""
-
-        def deliver(kind: str, value: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # that loop has closed
-                call.loop.call_soon_threadsafe(call.deliver, kind, value)
-
-        return cls(deliver)
+        return cls(call.deliver_from)
 
     def chunk(self, samples: np.ndarray) -> None:
         self.deliver("chunk", samples)

@@ -153,10 +153,6 @@ class SpeechScheduler:
         for request in stale:
             request.answer.fail(Cancelled("the reply was discarded (barge-in)"))
 
-    @property
-    def open_sequences(self) -> int:
-        return len(self.sessions)
-
     def _render_loop(self) -> None:
         with torch.inference_mode():
             while (batch := self.queue.take_batch(self.batch_limit)) is not None:
