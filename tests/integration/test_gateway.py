@@ -221,12 +221,15 @@ def test_speech_output_and_metrics(gateway: GatewayProcess, tmp_path) -> None:  
         ("iomni_gateway_time_to_first_token_seconds_count", {}),
         ("iomni_gateway_turn_duration_seconds_count", {}),
         ("iomni_gateway_speech_real_time_factor_count", {}),
+        ("iomni_gateway_time_per_output_token_seconds_count", {}),
         ("iomni_gateway_turns_total", {"outcome": "ok"}),
         ("iomni_gateway_stage_duration_seconds_count", {"stage": "speech"}),
         ("iomni_gateway_stage_duration_seconds_count", {"stage": "prefill"}),
         ("iomni_gateway_kv_affinity_total", {}),
     ):
         assert delta(before, after, name, **labels) == 1, (name, labels)
+    assert reply.done.usage.completion_tokens >= 2  # so the turn has a time per token
+    assert delta(before, after, "iomni_gateway_time_per_output_token_seconds_sum") > 0
     audio_s = delta(before, after, "iomni_gateway_audio_seconds_total")
     assert audio_s == pytest.approx(reply.done.usage.audio_ms / 1000)
     assert after.value("iomni_gateway_active_turns") == 0

@@ -21,9 +21,11 @@ class TurnReport(Protocol):
     audio_ms: float
     prompt_tokens_reused: int
     cancel_latency_s: float | None
+    time_per_output_token_s: float | None
 
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5)
 STAGES = ("vision_encode", "audio_encode", "prefill", "decode", "speech")
 
@@ -50,6 +52,12 @@ class TurnMetrics:
             f"{p}_turn_duration_seconds",
             "Whole turn, end of user turn to done",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            f"{p}_time_per_output_token_seconds",
+            "Mean time between a turn's text tokens after the first, as sent to the client",
+            buckets=TOKEN_BUCKETS,
             registry=r,
         )
         self.real_time_factor = Histogram(
@@ -137,6 +145,8 @@ class TurnMetrics:
         self.turn_duration.observe(report.seconds)
         if report.cancel_latency_s is not None:
             self.cancel_latency.observe(report.cancel_latency_s)
+        if report.time_per_output_token_s is not None:
+            self.time_per_output_token.observe(report.time_per_output_token_s)
         for stage, ms in report.timings_ms.items():
             if stage in STAGES:
                 self.stage_duration.labels(stage).observe(ms / 1000)

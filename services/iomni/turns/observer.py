@@ -17,6 +17,9 @@ class TurnReport:
     audio_ms: float  # speech produced
     prompt_tokens_reused: int  # served from the llm's KV cache
     cancel_latency_s: float | None = None  # a cancel to the turn stopped, when cancelled
+    # Mean time between the text tokens after the first, as the front door sent them (decode
+    # speed as the client sees it); None with fewer than two tokens.
+    time_per_output_token_s: float | None = None
 
 
 class TurnObserver(Protocol):

@@ -273,15 +273,16 @@ class TurnRunner:
         events = turn.events()
         watcher = asyncio.create_task(_cancel_on(running.cancel, turn.cancel))
         started = time.perf_counter()
-        first_text = first_audio = None
+        first_audio = None
+        text: list[tuple[float, int]] = []  # (sent at, token index) of the first and last delta
         sent_audio_s = 0.0
         try:
             async for event in events:
                 now = time.perf_counter()
                 if isinstance(event, TextDelta):
-                    if first_text is None:
-                        first_text = now
+                    if not text:
                         self.observer.first_token(now - started)
+                    text[1:] = [(now, event.token_index)]
                     await emit(event)
                 elif isinstance(event, AudioChunk):
                     if turn.cancelled:
@@ -294,7 +295,7 @@ class TurnRunner:
                     sent_audio_s += event.duration_ms / 1000
                     await emit(event)
                 else:
-                    self.observer.turn_done(_report(event, started, running))
+                    self.observer.turn_done(_report(event, started, running, text))
                     return event
         finally:
             watcher.cancel()
@@ -341,14 +342,21 @@ async def _cancel_on(event: asyncio.Event, cancel: Callable[[], None]) -> None:
     cancel()
 
 
-def _report(done: TurnDone, started: float, running: RunningTurn) -> TurnReport:
+def _report(
+    done: TurnDone, started: float, running: RunningTurn, text: list[tuple[float, int]]
+) -> TurnReport:
     now = time.perf_counter()
+    per_token = None
+    if len(text) == 2 and text[1][1] > text[0][1]:
+        (first_at, first_index), (last_at, last_index) = text
+        per_token = (last_at - first_at) / (last_index - first_index)
     return TurnReport(
         seconds=now - started,
         timings_ms=dict(done.timings_ms),
         audio_ms=done.usage.audio_ms,
         prompt_tokens_reused=done.usage.prompt_tokens_reused,
         cancel_latency_s=None if running.cancelled_at is None else now - running.cancelled_at,
+        time_per_output_token_s=per_token,
     )
 
 

@@ -228,3 +228,21 @@ async def test_a_missing_session_is_not_found(tiny: LoadedCheckpoint, processor:
         await run(runner, text_turn("t1", session="nope"))
     assert getattr(info.value, "code", None) is ErrorCode.NOT_FOUND
     assert observer.labels == ["not_found"]
+
+
+async def test_the_report_carries_the_time_between_text_tokens(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    """Each decode step is held 50 ms: the mean time per token after the first is that; a
+    one-token reply has no such time."""
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    await run(runner, text_turn("t1"))  # 8 tokens
+    one_token = SamplingParams(temperature=0.0, max_new_tokens=1)
+    turn = TurnInput("acme", "s1", "t2", Message("user", (TextPart("Hi"),)), one_token)
+    await run(runner, turn)
+    eight, one = observer.done
+    assert eight.time_per_output_token_s is not None
+    assert 0.05 <= eight.time_per_output_token_s < 0.1
+    assert one.time_per_output_token_s is None
