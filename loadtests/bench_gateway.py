@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import signal
 import statistics
 import struct
@@ -50,7 +51,8 @@ SESSIONS = (1, 4, 8, 16)
 # Turns per row at least (rounds of `sessions` at once): the ratio's denominator, p50 at one
 # session, was a median of 2 and moved 560-845 ms between runs of the same code.
 MIN_SAMPLES = 8
-SIDE_BY_SIDE = 5  # gateway and in-process turns, alternated
+SIDE_BY_SIDE = 8  # gateway and in-process turns of each kind, alternated
+MARKS = ("first_token_ms", "tenth_token_ms", "last_token_ms", "first_audio_ms")
 GAP_PAIRS = 2  # audio-gap measurements (alone, then while images), one after the other
 
 
@@ -103,18 +105,26 @@ class CpuMeter:
         return result, used, sum(used.values()) / (wall * (os.cpu_count() or 1))
 
 
-async def gateway_ttfa(client: AsyncDialogueClient, text: str) -> float:
+async def gateway_turn(client: AsyncDialogueClient, text: str, speech: bool = True) -> dict:
+    """One greedy turn through the gateway (spoken unless `speech` is False): its
+    `harness.TurnClock` marks."""
     request = chat_request(
-        "", uuid.uuid4().hex, text=text, speech=True, temperature=0.0, max_new_tokens=TOKENS
+        "", uuid.uuid4().hex, text=text, speech=speech, temperature=0.0, max_new_tokens=TOKENS
     )
-    started = time.perf_counter()
-    first = None
+    clock = harness.TurnClock()
     async for response in client.chat_stream(request):
-        if first is None and response.WhichOneof("payload") == "audio":
-            first = time.perf_counter() - started
-        if response.WhichOneof("payload") == "done":
+        kind = response.WhichOneof("payload")
+        if kind == "text":
+            clock.text(response.text.token_index)
+        elif kind == "audio":
+            clock.audio()
+        elif kind == "done":
             PROMPT_TOKENS.append(response.done.usage.prompt_tokens)
-    return (first or float("nan")) * 1000
+    return clock.marks
+
+
+async def gateway_ttfa(client: AsyncDialogueClient, text: str) -> float:
+    return (await gateway_turn(client, text))["first_audio_ms"]
 
 
 async def concurrent(target: str, sessions: int, rounds: int = 2) -> list[float]:
@@ -351,25 +361,53 @@ async def measure_gaps(target: str, meter: CpuMeter) -> dict:
     }
 
 
+async def side_by_side(client: AsyncDialogueClient, engine: TurnEngine, meter: CpuMeter) -> dict:
+    """The same turns through the gateway and in process, alternated (so that a slower minute
+    of a shared machine weighs on both sides), spoken and text only: medians of each mark, and
+    the CPU a spoken turn through the gateway costs each process (this client included)."""
+    turns: dict[str, tuple[list[dict], list[dict]]] = {"spoken": ([], []), "text_only": ([], [])}
+    used: dict[str, float] = {}
+    for i in range(SIDE_BY_SIDE):
+        for kind, speech in (("spoken", True), ("text_only", False)):
+            via_gateway, local = turns[kind]
+            before, client_before = meter.read(), _own_cpu_s()
+            via_gateway.append(await gateway_turn(client, f"q{i}", speech))
+            if speech:
+                after = {**meter.read(), "client": _own_cpu_s() - client_before}
+                for name, seconds in after.items():
+                    used[name] = used.get(name, 0.0) + seconds - before.get(name, 0.0)
+            local.append(await harness.inprocess_turn(engine, f"q{i}", TOKENS, speech))
+    return {
+        "side_by_side": {
+            kind: {"gateway": _medians(gateway), "in_process": _medians(local)}
+            for kind, (gateway, local) in turns.items()
+        },
+        "spoken_turn_cpu_ms": {k: 1000 * v / SIDE_BY_SIDE for k, v in sorted(used.items())},
+    }
+
+
+def _medians(turns: list[dict]) -> dict[str, float]:
+    return {mark: statistics.median(t[mark] for t in turns) for mark in MARKS}
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
     parts = InProcessParts(load_checkpoint(checkpoint))
     starting = parts.prepare_speech()  # as the runtime does at startup
     if starting is not None:
         await asyncio.to_thread(starting.join)
     engine = TurnEngine(parts, Processor.from_checkpoint(checkpoint))
-    via_gateway, local = [], []
     async with AsyncDialogueClient(target, KEY) as client:
         await gateway_ttfa(client, "warm up")
         await harness.inprocess_turn(engine, "warm up", TOKENS)
-        # Alternated, so that a slower minute of a shared machine weighs on both sides.
-        for i in range(SIDE_BY_SIDE):
-            via_gateway.append(await gateway_ttfa(client, f"q{i}"))
-            turn = await harness.inprocess_turn(engine, f"q{i}", TOKENS)
-            local.append(turn["first_audio_ms"])
-    results = {
-        "ttfa_gateway_ms": statistics.median(via_gateway),
-        "ttfa_in_process_ms": statistics.median(local),
-    }
+        results = await side_by_side(client, engine, meter)
+    spoken = results["side_by_side"]["spoken"]
+    results["ttfa_gateway_ms"] = spoken["gateway"]["first_audio_ms"]
+    results["ttfa_in_process_ms"] = spoken["in_process"]["first_audio_ms"]
     results["ratio"] = results["ttfa_gateway_ms"] / results["ttfa_in_process_ms"]
     results["in_process_sessions"] = {
         str(sessions): await inprocess_concurrent(engine, sessions) for sessions in (1, 8)
@@ -439,13 +477,9 @@ def write(results: dict, out: Path) -> None:
         f"Measured {meta['date']} on {meta['cpu_count']} CPU cores: Redis, Triton (CPU profile) "
         f"and the gateway as real local processes; {meta['reply']}. Time to first audio is "
         "measured by the client, from sending the turn; gateway and in-process are medians of "
-        f"{SIDE_BY_SIDE} turns each, alternated. Regenerate with `make bench`.",
+        f"{SIDE_BY_SIDE} turns of each kind, alternated. Regenerate with `make bench`.",
         "",
-        "| | time to first audio (ms) |",
-        "|---|---|",
-        f"| through the gateway (gRPC) | {results['ttfa_gateway_ms']:.0f} |",
-        f"| in-process | {results['ttfa_in_process_ms']:.0f} |",
-        f"| ratio | {results['ratio']:.2f} |",
+        *_side_by_side_lines(results),
         "",
         "| concurrent sessions | turns | p50 TTFA (ms) | p95 TTFA (ms) "
         "| replies per speech-LM pass |",
@@ -504,6 +538,40 @@ def write(results: dict, out: Path) -> None:
 
 
 STAGES = ("gateway", "tritonserver", "vision_encoder", "audio_encoder", "llm", "speech_decoder")
+
+
+SIDE_BY_SIDE_ROWS = (
+    ("spoken", "first_token_ms", "first text token"),
+    ("spoken", "tenth_token_ms", "10th text token (a first chunk's text)"),
+    ("spoken", "first_audio_ms", "**first audio**"),
+    ("text_only", "first_token_ms", "text only: first token"),
+    ("text_only", "last_token_ms", f"text only: last ({TOKENS}th) token"),
+)
+
+
+def _side_by_side_lines(results: dict) -> list[str]:
+    pairs = results["side_by_side"]
+    rows = []
+    for kind, mark, label in SIDE_BY_SIDE_ROWS:
+        gateway, local = pairs[kind]["gateway"][mark], pairs[kind]["in_process"][mark]
+        rows.append(f"| {label} | {gateway:.0f} | {local:.0f} | {gateway / local:.2f} |")
+    cpu = results["spoken_turn_cpu_ms"]
+    platform = (("gateway", "the gateway"), ("tritonserver", "tritonserver"))
+    return [
+        "| one session, side by side (ms from sending) | through the gateway | in-process "
+        "| ratio |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "CPU per spoken turn through the gateway: "
+        + ", ".join(f"{label} {cpu.get(name, 0.0):.0f} ms" for name, label in platform)
+        + f" and this benchmark's client {cpu.get('client', 0.0):.0f} ms, beside the llm's "
+        f"{cpu.get('llm', 0.0):.0f} ms and the speech decoder's "
+        f"{cpu.get('speech_decoder', 0.0):.0f} ms. Where the llm and the speech decoder keep "
+        "every core busy (a spoken reply's first chunk renders while the text runs on), that "
+        "CPU is added to their time; text only, a core is left for it (docs/engine.md, "
+        '"What the platform costs").',
+    ]
 
 
 def _settings_line(r: dict) -> str:

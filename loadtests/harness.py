@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from iomni.engine.events import AudioChunk, TurnDone
+from iomni.engine.events import AudioChunk, TextDelta, TurnDone
 from iomni.engine.parts import GenerationRequest, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
 from iomni.model.conversation import Message, TextPart
@@ -78,23 +78,55 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def inprocess_turn(engine: TurnEngine, text: str, max_new_tokens: int) -> dict[str, float]:
-    """One spoken greedy turn: first audio (ms from the start) and the prompt's token count.
-    The turn is read to its end: one left at its first audio would still be rendering its
-    next chunks when the next one starts."""
+class TurnClock:
+    """When a turn's text and audio reached the caller, in ms from its start: the first
+    token, the 10th (a spoken reply's first chunk needs its first two groups of 5), the last,
+    and the first audio (nan: none)."""
+
+    TENTH = 9  # token index
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._marks: dict[str, float] = {}
+
+    def _now(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+    def text(self, token_index: int) -> None:
+        now = self._now()
+        self._marks.setdefault("first_token_ms", now)
+        if token_index >= self.TENTH:
+            self._marks.setdefault("tenth_token_ms", now)
+        self._marks["last_token_ms"] = now
+
+    def audio(self) -> None:
+        self._marks.setdefault("first_audio_ms", self._now())
+
+    @property
+    def marks(self) -> dict[str, float]:
+        return {"first_audio_ms": float("nan"), **self._marks}
+
+
+async def inprocess_turn(
+    engine: TurnEngine, text: str, max_new_tokens: int, speech: bool = True
+) -> dict[str, float]:
+    """One greedy turn (spoken unless `speech` is False): its `TurnClock` marks and the
+    prompt's token count. The turn is read to its end: one left at its first audio would
+    still be rendering its next chunks when the next one starts."""
     request = TurnRequest(
         user=Message("user", (TextPart(text),)),
-        speech=SpeechOptions(),
+        speech=SpeechOptions() if speech else None,
         params=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
     )
-    started = time.perf_counter()
-    first, prompt_tokens = None, 0
+    clock, prompt_tokens = TurnClock(), 0
     async for event in engine.start(request).events():
-        if first is None and isinstance(event, AudioChunk):
-            first = time.perf_counter() - started
-        if isinstance(event, TurnDone):
+        if isinstance(event, TextDelta):
+            clock.text(event.token_index)
+        elif isinstance(event, AudioChunk):
+            clock.audio()
+        elif isinstance(event, TurnDone):
             prompt_tokens = event.usage.prompt_tokens
-    return {"first_audio_ms": (first or float("nan")) * 1000, "prompt_tokens": prompt_tokens}
+    return {**clock.marks, "prompt_tokens": prompt_tokens}
 
 
 def cell(value: object) -> str:
