@@ -409,3 +409,38 @@ async def test_static_headers_in_any_case_go_out_with_preserialized_requests(
         assert len(steps) == GREEDY.max_new_tokens
     finally:
         await parts.close()
+
+
+def _resident_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+async def test_finished_llm_streams_leave_nothing_in_tritonserver(
+    triton: TritonServer, triton_parts: TritonParts
+) -> None:
+    """A reply's stream is read to its end once its final response is in, never cancelled
+    then: tritonserver 2.51 keeps a stream cancelled in the window before its own end (these
+    600 replies grew it by 15.6 MB when the client cancelled). Its resident memory may move a
+    little, not grow with the replies."""
+
+    async def replies(count: int, offset: int) -> None:
+        for i in range(count):
+            request = GenerationRequest(
+                input_ids=[1000 + offset, 1100 + i % 50],
+                media={},
+                params=SamplingParams(temperature=0.0, max_new_tokens=48),
+                stop_ids=[],
+                return_hidden=False,
+            )
+            async for _ in triton_parts.generate(request):
+                pass
+
+    assert triton.process is not None
+    await asyncio.gather(*(replies(20, n) for n in range(4)))  # pools and caches warm
+    before = _resident_mb(triton.process.pid)
+    await asyncio.gather(*(replies(150, n) for n in range(4)))
+    await asyncio.sleep(0.5)  # the last streams' ends are read in the background
+    grown = _resident_mb(triton.process.pid) - before
+    assert grown < 3.0, f"tritonserver grew {grown:.1f} MB over 600 replies"
+    await triton_parts.close()
