@@ -41,7 +41,6 @@ from iomni.engine.turn import TurnEngine
 from iomni.model.checkpoint import load_checkpoint
 from iomni.model.processor import Processor
 from iomni.triton.server import TritonPorts, TritonServer
-from iomni.v1 import dialogue_pb2 as pb
 from loadtests import harness
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -165,34 +164,9 @@ async def cancel_latency(
     out, done_after = [], []
     async with AsyncDialogueClient(target, KEY) as client:
         for _ in range(repeats):
-            queue: asyncio.Queue = asyncio.Queue()
-            config = pb.SessionConfig(
-                output=pb.OutputOptions(speech=True),
-                sampling=pb.SamplingOptions(temperature=0.0, max_new_tokens=200),
-            )
-            for request in (
-                pb.ConverseRequest(config=config),
-                pb.ConverseRequest(text=pb.UserText(text="talk")),
-                pb.ConverseRequest(end_of_turn=pb.EndOfTurn()),
-            ):
-                queue.put_nowait(request)
-
-            async def requests(queue=queue):  # type: ignore[no-untyped-def]
-                while (item := await queue.get()) is not None:
-                    yield item
-
-            cancelled_at = last_audio = None
-            async for response in client.converse(requests()):
-                kind = response.WhichOneof("payload")
-                if kind == "audio":
-                    last_audio = time.perf_counter()
-                    if cancelled_at is None:
-                        cancelled_at = time.perf_counter()
-                        queue.put_nowait(pb.ConverseRequest(cancel=pb.Cancel()))
-                elif kind == "done":
-                    done_after.append((time.perf_counter() - cancelled_at) * 1000)
-                    queue.put_nowait(None)
-            out.append(max(0.0, (last_audio - cancelled_at)) * 1000)
+            barge_in = await harness.barge_in(client)
+            out.append(barge_in.to_last_audio_ms)
+            done_after.append(barge_in.to_done_ms)
     return out, done_after
 
 

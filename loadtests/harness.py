@@ -8,8 +8,11 @@ import asyncio
 import subprocess
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from iomni.client import AsyncDialogueClient
 from iomni.engine.events import AudioChunk, TextDelta, TurnDone
 from iomni.engine.parts import GenerationRequest, SpeechOptions
 from iomni.engine.turn import TurnEngine, TurnRequest
@@ -17,6 +20,7 @@ from iomni.model.conversation import Message, TextPart
 from iomni.model.generate import make_checkpoint
 from iomni.model.sampling import SamplingParams
 from iomni.parts import ModelParts
+from iomni.v1 import dialogue_pb2 as pb
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -127,6 +131,58 @@ async def inprocess_turn(
         elif isinstance(event, TurnDone):
             prompt_tokens = event.usage.prompt_tokens
     return {**clock.marks, "prompt_tokens": prompt_tokens}
+
+
+@dataclass(frozen=True)
+class BargeIn:
+    """A spoken reply cancelled at its first audio chunk, as a client saw it."""
+
+    session_id: str
+    to_last_audio_ms: float  # cancel sent -> the last audio byte received (0: none after)
+    to_done_ms: float  # cancel sent -> the turn's `done`
+
+
+async def barge_in(
+    client: AsyncDialogueClient, session_id: str = "", text: str = "talk"
+) -> BargeIn:
+    """One Converse turn of session `session_id` (empty: a new one) asking for a long spoken
+    reply, cancelled (a barge-in) as its first audio chunk arrives."""
+    queue: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
+    config = pb.SessionConfig(
+        session_id=session_id,
+        output=pb.OutputOptions(speech=True),
+        sampling=pb.SamplingOptions(temperature=0.0, max_new_tokens=200),
+    )
+    for request in (
+        pb.ConverseRequest(config=config),
+        pb.ConverseRequest(text=pb.UserText(text=text)),
+        pb.ConverseRequest(end_of_turn=pb.EndOfTurn()),
+    ):
+        queue.put_nowait(request)
+
+    async def requests() -> AsyncIterator[pb.ConverseRequest]:
+        while (item := await queue.get()) is not None:
+            yield item
+
+    cancelled_at = last_audio = done_at = None
+    async for response in client.converse(requests()):
+        kind = response.WhichOneof("payload")
+        now = time.perf_counter()
+        if kind == "audio":
+            last_audio = now
+            if cancelled_at is None:
+                cancelled_at = now
+                queue.put_nowait(pb.ConverseRequest(cancel=pb.Cancel()))
+        elif kind == "done":
+            session_id, done_at = response.session_id, now
+            queue.put_nowait(None)
+    if cancelled_at is None or done_at is None or last_audio is None:
+        raise RuntimeError("the reply ended without audio or without done: nothing to cancel")
+    return BargeIn(
+        session_id,
+        max(0.0, last_audio - cancelled_at) * 1000,
+        (done_at - cancelled_at) * 1000,
+    )
 
 
 def cell(value: object) -> str:

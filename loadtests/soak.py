@@ -3,10 +3,14 @@
 Redis, Triton and a gateway (tiny checkpoint) as real processes; SESSIONS clients each hold a
 conversation of TURNS_PER_SESSION spoken turns, delete it and start another (so dialogue state
 reaches a steady size instead of growing by design). Every minute it samples: errors, time to
-first audio p50/p95, the RSS and open file descriptors of every process (python-backend stubs
-included), Redis memory and key count.
+first audio p50/p95, barge-in latencies, the RSS and open file descriptors of every process
+(python-backend stubs included), Redis memory and key count.
 
-Passing: no errors, and no process whose memory trends upward: the least-squares slope of its
+Every BARGE_IN_EVERY-th turn of a conversation is a long spoken reply cut at its first audio
+(a barge-in, through Converse), and the conversation goes on after it.
+
+Passing: no errors, barge-ins' cancel -> done and cancel -> last audio byte p95 within
+MAX_BARGE_IN_P95_MS, and no process whose memory trends upward: the least-squares slope of its
 RSS over the last two thirds of the run (the first third is warm-up: caches fill, allocators
 settle) must stay under MAX_SLOPE_MB_PER_MIN, and Redis memory's under
 MAX_REDIS_SLOPE_MB_PER_MIN. Writes docs/benchmarks/soak.{json,md,png}.
@@ -36,6 +40,8 @@ from loadtests.chaos import Proc, stop_on_sigterm
 KEY = "soak-key"
 SESSIONS = 4
 TURNS_PER_SESSION = 10
+BARGE_IN_EVERY = 5  # every 5th turn of a conversation is cut at its first audio
+MAX_BARGE_IN_P95_MS = 50.0  # cancel -> done and cancel -> last audio byte, over the run
 MAX_SLOPE_MB_PER_MIN = 2.0
 MAX_REDIS_SLOPE_MB_PER_MIN = 0.5
 MAX_FD_GROWTH = 16  # open descriptors at the end beyond the most seen once warmed up
@@ -112,6 +118,7 @@ def open_fds(pid: int) -> int:
 class Soak:
     def __init__(self) -> None:
         self.ttfa: list[float] = []
+        self.barge_ins: list[harness.BargeIn] = []
         self.errors: list[str] = []
         self.turns = 0
         self.stop = asyncio.Event()
@@ -123,6 +130,9 @@ class Soak:
                 for turn in range(TURNS_PER_SESSION):
                     if self.stop.is_set():
                         break
+                    if session and turn % BARGE_IN_EVERY == BARGE_IN_EVERY - 1:
+                        session = await self.barge_in(client, session, f"talk {turn} {index}")
+                        continue
                     request = chat_request(
                         session, uuid.uuid4().hex, text=f"session turn {turn} from {index}",
                         speech=True, temperature=0.0, max_new_tokens=12,
@@ -146,6 +156,21 @@ class Soak:
                     except grpc.RpcError as exc:
                         self.errors.append(f"{exc.code().name}: {exc.details()}")
 
+    async def barge_in(self, client: AsyncDialogueClient, session: str, text: str) -> str:
+        """A long spoken reply of the conversation, cancelled at its first audio; the
+        conversation goes on after it. Returns the session id."""
+        try:
+            cut = await harness.barge_in(client, session, text)
+        except grpc.RpcError as exc:
+            self.errors.append(f"barge-in: {exc.code().name}: {exc.details()}")
+            return session
+        except RuntimeError as exc:  # no audio to cut
+            self.errors.append(f"barge-in: {exc}")
+            return session
+        self.turns += 1
+        self.barge_ins.append(cut)
+        return cut.session_id
+
 
 async def sample(soak: Soak, procs: dict[str, Proc], since: float) -> dict:
     roots = [p.process.pid for p in procs.values() if p.process is not None]
@@ -163,6 +188,7 @@ async def sample(soak: Soak, procs: dict[str, Proc], since: float) -> dict:
     finally:
         await client.aclose()
     ttfa, soak.ttfa = soak.ttfa, []
+    cuts, soak.barge_ins = soak.barge_ins, []
     errors, soak.errors = soak.errors, []
     return {
         "minute": round((time.monotonic() - since) / 60, 2),
@@ -170,6 +196,8 @@ async def sample(soak: Soak, procs: dict[str, Proc], since: float) -> dict:
         "errors": errors,
         "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None,
         "ttfa_p95_ms": sorted(ttfa)[int(0.95 * (len(ttfa) - 1))] if ttfa else None,
+        "barge_in_to_done_ms": [round(c.to_done_ms, 1) for c in cuts],
+        "barge_in_to_last_audio_ms": [round(c.to_last_audio_ms, 1) for c in cuts],
         "rss_mb": by_name,
         "open_fds": fds,
         "redis_used_mb": round(info["used_memory"] / 2**20, 2),
@@ -203,17 +231,36 @@ def verdict(samples: list[dict]) -> dict:
         for name in settled[-1]["open_fds"]
     }
     leaking = {n: v for n, v in fd_growth.items() if v > MAX_FD_GROWTH}
+    barge_in = {
+        key: _spread([ms for s in samples for ms in s[f"barge_in_{key}_ms"]])
+        for key in ("to_done", "to_last_audio")
+    }
+    slow_barge_in = any(b["p95"] > MAX_BARGE_IN_P95_MS for b in barge_in.values() if b["count"])
     return {
         "errors": errors,
+        "barge_in_ms": barge_in,
         "rss_slope_mb_per_min": slopes,
         "redis_slope_mb_per_min": round(redis_slope, 3),
         "growing": growing,
         "fd_growth": fd_growth,
         "fds_leaking": leaking,
         "passed": errors == 0
+        and not slow_barge_in
+        and barge_in["to_done"]["count"] > 0
         and not growing
         and not leaking
         and redis_slope <= MAX_REDIS_SLOPE_MB_PER_MIN,
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"count": 0, "p50": 0.0, "p95": 0.0, "max": 0.0}
+    return {
+        "count": len(values),
+        "p50": harness.percentile(values, 0.5),
+        "p95": harness.percentile(values, 0.95),
+        "max": max(values),
     }
 
 
@@ -288,6 +335,8 @@ def write(samples: list[dict], result: dict, seconds: float, out: Path) -> None:
         f"most {MAX_FD_GROWTH} above the most seen once warmed up; growth beyond: "
         f"{result['fds_leaking'] or 'none'}.",
         "",
+        _barge_in_line(result["barge_in_ms"]),
+        "",
         "| process | RSS first / last sample (MB) | slope (MB/min) | open fds first / last |",
         "|---|---|---|---|",
     ]
@@ -305,6 +354,18 @@ def write(samples: list[dict], result: dict, seconds: float, out: Path) -> None:
         "![memory over the run](soak.png)",
     ]
     harness.publish(out, "soak", lines)
+
+
+def _barge_in_line(barge_in: dict[str, dict[str, float]]) -> str:
+    done, audio = barge_in["to_done"], barge_in["to_last_audio"]
+    return (
+        f"Barge-ins (every {BARGE_IN_EVERY}th turn of a conversation is a long spoken reply cut "
+        f"at its first audio; the conversation goes on): {done['count']} over the run, while "
+        f"the other sessions talk. Cancel → `done` p50 / p95 / max {done['p50']:.0f} / "
+        f"{done['p95']:.0f} / {done['max']:.0f} ms; cancel → last audio byte "
+        f"{audio['p50']:.0f} / {audio['p95']:.0f} / {audio['max']:.0f} ms (limit: p95 "
+        f"{MAX_BARGE_IN_P95_MS:.0f} ms each)."
+    )
 
 
 def main() -> int:
