@@ -344,10 +344,10 @@ async def side_by_side(client: AsyncDialogueClient, engine: TurnEngine, meter: C
     for i in range(SIDE_BY_SIDE):
         for kind, speech in (("spoken", True), ("text_only", False)):
             via_gateway, local = turns[kind]
-            before, client_before = meter.read(), _own_cpu_s()
+            before = {**meter.read(), "client": _own_cpu_s()}
             via_gateway.append(await gateway_turn(client, f"q{i}", speech))
             if speech:
-                after = {**meter.read(), "client": _own_cpu_s() - client_before}
+                after = {**meter.read(), "client": _own_cpu_s()}
                 for name, seconds in after.items():
                     used[name] = used.get(name, 0.0) + seconds - before.get(name, 0.0)
             local.append(await harness.inprocess_turn(engine, f"q{i}", TOKENS, speech))
