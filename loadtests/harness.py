@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,20 @@ def checkpoint(args: argparse.Namespace, size: str = "small") -> Path:
     if not (path / "config.json").exists():
         make_checkpoint(size, path)
     return path
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str) -> Iterator[Path]:
+    """A scratch directory for one run's servers and logs: removed when the run ends well,
+    kept and named on stderr when it fails (an exception, or SystemExit from a failed
+    verdict), so that its logs can be read."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    except BaseException:
+        print(f"logs kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def redis_command(port: int, *options: str) -> list[str]:

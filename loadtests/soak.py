@@ -24,7 +24,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -368,16 +367,11 @@ def _barge_in_line(barge_in: dict[str, dict[str, float]]) -> str:
     )
 
 
-def main() -> int:
-    parser = harness.parser(__doc__)
-    parser.add_argument("--duration", default=os.environ.get("DURATION", "30m"))
-    args = parser.parse_args()
-    seconds = duration_s(args.duration)
-    checkpoint = harness.checkpoint(args, "tiny")
-    work = Path(tempfile.mkdtemp(prefix="iomni-soak-"))
+def stack(work: Path, checkpoint: Path) -> dict[str, Proc]:
+    """Redis, Triton and a gateway for the soak, logging into `work` (not started)."""
     write_dev_tenant(work / "tenants.json", "soak", KEY)
     iomni = [sys.executable, "-m", "iomni.cli"]
-    procs = {
+    return {
         "redis": Proc(
             "redis",
             harness.redis_command(PORTS["redis"], "--appendonly", "yes", "--dir", str(work)),
@@ -400,18 +394,29 @@ def main() -> int:
             work / "gateway.log", "gateway ready",
         ),
     }  # fmt: skip
-    stop_on_sigterm()
-    try:
-        for proc in procs.values():
-            proc.start()
-        samples = asyncio.run(run(procs, seconds))
-    finally:
-        for proc in reversed(list(procs.values())):
-            proc.stop()
-    result = verdict(samples)
-    write(samples, result, seconds, args.out)
-    print(f"logs: {work}")
-    return 0 if result["passed"] else 1
+
+
+def main() -> int:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--duration", default=os.environ.get("DURATION", "30m"))
+    args = parser.parse_args()
+    seconds = duration_s(args.duration)
+    checkpoint = harness.checkpoint(args, "tiny")
+    with harness.work_dir("iomni-soak-") as work:  # its logs kept if the soak fails
+        procs = stack(work, checkpoint)
+        stop_on_sigterm()
+        try:
+            for proc in procs.values():
+                proc.start()
+            samples = asyncio.run(run(procs, seconds))
+        finally:
+            for proc in reversed(list(procs.values())):
+                proc.stop()
+        result = verdict(samples)
+        write(samples, result, seconds, args.out)
+        if not result["passed"]:
+            raise SystemExit(1)
+    return 0
 
 
 if __name__ == "__main__":
