@@ -4,7 +4,8 @@ Renders every profile with helm-python-sdk (Helm v4's SDK), validates the built-
 strictly with kubernetes-validate against Kubernetes 1.29 and 1.37, checks the CRD kinds
 (KEDA, Prometheus Operator) by structure, lints the chart, applies platform policies, checks
 every metric an autoscaler, alert or dashboard uses against what the code exports, runs
-`promtool check rules` on the alerts, and fails when k8s/ drifted from the chart.
+`promtool check rules` on the alerts and `promtool test rules` on the latency alerts (they
+fire on slow made-up series, not on fast ones), and fails when k8s/ drifted from the chart.
 """
 
 from __future__ import annotations
@@ -693,6 +694,7 @@ def test_alerts_cover_what_matters() -> None:
     }
     wanted = {
         "IomniTimeToFirstAudioHigh": "iomni_gateway_time_to_first_audio_seconds_bucket",
+        "IomniTextSlow": "iomni_gateway_time_per_output_token_seconds_bucket",
         "IomniAudioUnderruns": "iomni_gateway_audio_underruns_total",
         "IomniTurnErrorRatio": "iomni_gateway_turns_total",
         "IomniTritonQueueTimeHigh": "nv_inference_queue_duration_us",
@@ -737,6 +739,90 @@ def test_promtool_checks_the_rules(scenario: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {sum(len(g['rules']) for g in rule['spec']['groups'])} rules" in result.stdout
+
+
+def _histogram_series(metric: str, bounds: tuple[float, ...], falls_in: float) -> list[dict]:
+    """Input series of a histogram that observes 10 values a minute, all of them in the
+    bucket whose upper bound is `falls_in`."""
+    series = []
+    for bound in (*bounds, "+Inf"):
+        full = bound == "+Inf" or bound >= falls_in  # type: ignore[operator]
+        series.append(
+            {
+                "series": f'{metric}_bucket{{namespace="{NS}",le="{bound}"}}',
+                "values": "0+10x40" if full else "0+0x40",
+            }
+        )
+    return series
+
+
+@pytest.mark.parametrize(
+    ("alert", "metric", "bounds", "slow", "fast", "fired_value"),
+    [
+        (
+            "IomniTextSlow",
+            "iomni_gateway_time_per_output_token_seconds",
+            (0.03, 0.05, 0.1, 0.15),
+            0.15,  # every token 0.1-0.15 s apart: p95 147.5 ms > 0.1 s
+            0.03,
+            "147.5ms",
+        ),
+        (
+            "IomniTimeToFirstAudioHigh",
+            "iomni_gateway_time_to_first_audio_seconds",
+            (0.5, 1, 1.5, 2),
+            2,  # first audio 1.5-2 s: p95 1.975 s > 1.5 s
+            0.5,
+            "1.975s",
+        ),
+    ],
+)
+def test_latency_alerts_fire_on_slow_series_only(
+    alert: str,
+    metric: str,
+    bounds: tuple[float, ...],
+    slow: float,
+    fast: float,
+    fired_value: str,
+    tmp_path: Path,
+) -> None:
+    """promtool evaluates the rendered rule on made-up series: it fires after its `for` when
+    the histogram's p95 is above the SLO, and stays quiet when it is below."""
+    (rule,) = of_kind(docs("cpu"), "PrometheusRule")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+    (rendered,) = [r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == alert]
+    annotations = dict(rendered["annotations"])
+    annotations["description"] = annotations["description"].replace(
+        "{{ $value | humanizeDuration }}", fired_value
+    )
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": _histogram_series(metric, bounds, falls_in),
+            "alert_rule_test": [
+                {
+                    "eval_time": "30m",
+                    "alertname": alert,
+                    "exp_alerts": [
+                        {"exp_labels": rendered["labels"], "exp_annotations": annotations}
+                    ]
+                    if fires
+                    else [],
+                }
+            ],
+        }
+        for falls_in, fires in ((slow, True), (fast, False))
+    ]
+    unit = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}
+    (tmp_path / "unit.yaml").write_text(yaml.safe_dump(unit, sort_keys=False))
+    result = subprocess.run(
+        ["promtool", "test", "rules", "unit.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
