@@ -283,3 +283,11 @@ spec:
     matchLabels:
       {{- include "iomni.selectorLabels" . | nindent 6 }}
 {{- end -}}
+
+{{- /* p95 of a turn histogram (`histogram`, e.g. time_to_first_audio_seconds) per front door:
+the gateway (gRPC, Realtime) and the Kafka turn workers each export it under their prefix; a
+series per door, labelled front_door, so a slow door is not averaged away by a busy fast one. */ -}}
+{{- define "iomni.p95ByFrontDoor" -}}
+{{- $sel := printf "{%s}[5m]" .ns -}}
+label_replace(histogram_quantile(0.95, sum by (le) (rate(iomni_gateway_{{ .histogram }}_bucket{{ $sel }}))), "front_door", "gateway", "", "") or label_replace(histogram_quantile(0.95, sum by (le) (rate(iomni_worker_{{ .histogram }}_bucket{{ $sel }}))), "front_door", "worker", "", "")
+{{- end -}}
