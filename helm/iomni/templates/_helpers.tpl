@@ -284,10 +284,10 @@ spec:
       {{- include "iomni.selectorLabels" . | nindent 6 }}
 {{- end -}}
 
-{{- /* p95 of a turn histogram (`histogram`, e.g. time_to_first_audio_seconds) per front door:
-the gateway (gRPC, Realtime) and the Kafka turn workers each export it under their prefix; a
-series per door, labelled front_door, so a slow door is not averaged away by a busy fast one. */ -}}
-{{- define "iomni.p95ByFrontDoor" -}}
-{{- $sel := printf "{%s}[5m]" .ns -}}
-label_replace(histogram_quantile(0.95, sum by (le) (rate(iomni_gateway_{{ .histogram }}_bucket{{ $sel }}))), "front_door", "gateway", "", "") or label_replace(histogram_quantile(0.95, sum by (le) (rate(iomni_worker_{{ .histogram }}_bucket{{ $sel }}))), "front_door", "worker", "", "")
+{{- /* A per-turn PromQL expression (`.`, with DOOR where the metric prefix's door goes) once
+for each front door: the gateway (gRPC, Realtime; iomni_gateway_*) and the Kafka turn workers
+(iomni_worker_*), which export the same turn series. One series per door, labelled front_door,
+so a slow door is not averaged away by a busy fast one. */ -}}
+{{- define "iomni.byFrontDoor" -}}
+label_replace({{ . | replace "DOOR" "gateway" }}, "front_door", "gateway", "", "") or label_replace({{ . | replace "DOOR" "worker" }}, "front_door", "worker", "", "")
 {{- end -}}
