@@ -343,7 +343,7 @@ async def side_by_side(client: AsyncDialogueClient, engine: TurnEngine, meter: C
     for i in range(SIDE_BY_SIDE):
         for kind, speech in (("spoken", True), ("text_only", False)):
             via_gateway, local = turns[kind]
-            before = {**meter.read(), "client": _own_cpu_s()}
+            before = {**meter.read(), "client": _own_cpu_s()} if speech else {}
             via_gateway.append(await gateway_turn(client, f"q{i}", speech))
             if speech:
                 after = {**meter.read(), "client": _own_cpu_s()}

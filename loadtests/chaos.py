@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,9 +152,19 @@ def die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def stop_on_sigterm() -> None:
-    """`kill` (or a CI timeout) ends the run through its `finally`, which stops the stack."""
+@contextlib.contextmanager
+def started(procs: dict[str, Proc]) -> Iterator[dict[str, Proc]]:
+    """Start the processes in order and stop them in reverse, also when the run fails or is
+    killed with SIGTERM."""
+    # `kill` (or a CI timeout) ends the run through the `finally`, which stops the stack.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        for proc in procs.values():
+            proc.start()
+        yield procs
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
 
 
 def tritonserver_pid(work: Path) -> int:
@@ -605,15 +617,8 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = harness.checkpoint(args, "tiny")
     with harness.work_dir("iomni-chaos-") as work:
-        procs = stack(work, checkpoint)
-        stop_on_sigterm()
-        try:
-            for proc in procs.values():
-                proc.start()
+        with started(stack(work, checkpoint)) as procs:
             results = asyncio.run(run(procs, work, args.quiet))
-        finally:
-            for proc in reversed(list(procs.values())):
-                proc.stop()
         write(results, args.out)
 
 

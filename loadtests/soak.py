@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from iomni.auth import write_dev_tenant
 from iomni.client import AsyncDialogueClient, chat_request
 from loadtests import harness
-from loadtests.chaos import Proc, stop_on_sigterm
+from loadtests.chaos import Proc, started
 
 KEY = "soak-key"
 SESSIONS = 4
@@ -403,15 +403,8 @@ def main() -> int:
     seconds = duration_s(args.duration)
     checkpoint = harness.checkpoint(args, "tiny")
     with harness.work_dir("iomni-soak-") as work:  # its logs kept if the soak fails
-        procs = stack(work, checkpoint)
-        stop_on_sigterm()
-        try:
-            for proc in procs.values():
-                proc.start()
+        with started(stack(work, checkpoint)) as procs:
             samples = asyncio.run(run(procs, seconds))
-        finally:
-            for proc in reversed(list(procs.values())):
-                proc.stop()
         result = verdict(samples)
         write(samples, result, seconds, args.out)
         if not result["passed"]:

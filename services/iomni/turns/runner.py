@@ -48,6 +48,7 @@ USAGE_FIELDS = (
     "speech_tokens",
     "audio_ms",
 )
+Sent = tuple[float, int] | None  # when a text delta was sent, and its token index
 
 
 @dataclass(frozen=True)
@@ -274,15 +275,17 @@ class TurnRunner:
         watcher = asyncio.create_task(_cancel_on(running.cancel, turn.cancel))
         started = time.perf_counter()
         first_audio = None
-        text: list[tuple[float, int]] = []  # (sent at, token index) of the first and last delta
+        first_text: Sent = None  # (sent at, token index) of the first text delta
+        last_text: Sent = None  # and of the last
         sent_audio_s = 0.0
         try:
             async for event in events:
                 now = time.perf_counter()
                 if isinstance(event, TextDelta):
-                    if not text:
+                    last_text = (now, event.token_index)
+                    if first_text is None:
+                        first_text = last_text
                         self.observer.first_token(now - started)
-                    text[1:] = [(now, event.token_index)]
                     await emit(event)
                 elif isinstance(event, AudioChunk):
                     if turn.cancelled:
@@ -295,7 +298,7 @@ class TurnRunner:
                     sent_audio_s += event.duration_ms / 1000
                     await emit(event)
                 else:
-                    self.observer.turn_done(_report(event, started, running, text))
+                    self.observer.turn_done(_report(event, started, running, first_text, last_text))
                     return event
         finally:
             watcher.cancel()
@@ -343,13 +346,12 @@ async def _cancel_on(event: asyncio.Event, cancel: Callable[[], None]) -> None:
 
 
 def _report(
-    done: TurnDone, started: float, running: RunningTurn, text: list[tuple[float, int]]
+    done: TurnDone, started: float, running: RunningTurn, first_text: Sent, last_text: Sent
 ) -> TurnReport:
     now = time.perf_counter()
     per_token = None
-    if len(text) == 2 and text[1][1] > text[0][1]:
-        (first_at, first_index), (last_at, last_index) = text
-        per_token = (last_at - first_at) / (last_index - first_index)
+    if first_text and last_text and last_text[1] > first_text[1]:
+        per_token = (last_text[0] - first_text[0]) / (last_text[1] - first_text[1])
     return TurnReport(
         seconds=now - started,
         timings_ms=dict(done.timings_ms),
