@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, Qwen3ForCausalLM
 
-from iomni.errors import Internal, IomniError, Unavailable
+from iomni.errors import Internal, InvalidInput, IomniError, Unavailable
 from iomni.model.kv_cache import BatchCache, as_growing
 from iomni.model.llm import TokenGroup, forward_groups, prefix_causal_mask
 from iomni.model.sampling import SamplingParams, make_generator, sample_next
@@ -46,6 +46,7 @@ MIN_BITE = 8
 # 8 turns sent at once got their first tokens up to 800 ms apart.
 SHORT_PROMPT_STEPS, SHORT_PROMPT_MS = 2, 50.0
 SHORT_BURST_STEPS, SHORT_BURST_MS = 8, 200.0
+FIRST_BITE = 64  # prompt tokens per turn before the step and prefill costs are measured
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ class _Prefill:
     reused: int
     started: float
     fed: int = 0  # how many of `embeds` are in the cache
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens not yet prefilled."""
+        return self.embeds.shape[1] - self.fed
 
 
 @dataclass
@@ -235,11 +241,14 @@ class ContinuousBatcher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop; every sequence still running or waiting ends with `Unavailable`."""
         self._stop.set()
         self._thread.join(timeout=10)
 
     def submit(self, request: SequenceRequest) -> None:
         self._inbox.put(request)
+        if self._stop.is_set():  # the loop may have left before this arrived
+            self._refuse_waiting(_stopped())
 
     @property
     def active(self) -> int:
@@ -258,18 +267,24 @@ class ContinuousBatcher:
                 except Exception as exc:  # a dead loop would hang every client
                     log.exception("llm batcher step failed")
                     self._fail_all(Internal(f"internal error in the llm batcher: {exc}"))
+            self._fail_all(_stopped())
+            self._refuse_waiting(_stopped())
+
+    def _refuse_waiting(self, error: IomniError) -> None:
+        """End every request still in the inbox with `error`."""
+        while True:
+            try:
+                request = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            _emit_error(request, error)
 
     def _draining(self) -> bool:
         """Shutdown: refuse new work, cut what is still running at the deadline."""
         deadline = self.drain_deadline()
         if deadline is None:
             return False
-        while True:
-            try:
-                request = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            request.emit(StepEvent(-1, None, 0, error=Unavailable("the llm is shutting down")))
+        self._refuse_waiting(Unavailable("the llm is shutting down"))
         busy = self._active or self._prefilling
         if busy and time.time() >= deadline:
             self._fail_all(Unavailable("the llm shut down before the reply finished"))
@@ -294,12 +309,15 @@ class ContinuousBatcher:
                 continue
             try:
                 self._prefilling.append(self._start_prefill(request))
+            except IomniError as exc:
+                _emit_error(request, exc)
             except Exception as exc:
                 log.exception("prefill failed")
-                request.emit(StepEvent(-1, None, 0, error=Internal(f"prefill failed: {exc}")))
+                _emit_error(request, Internal(f"prefill failed: {exc}"))
 
     def _start_prefill(self, request: SequenceRequest) -> _Prefill:
         started = time.perf_counter()
+        _check_media(request.media)
         ids = list(request.input_ids)
         entry = self.kv.take(request.session_id)
         reused = reusable_prefix(entry, ids, request.media) if entry else 0
@@ -316,33 +334,43 @@ class ContinuousBatcher:
         embeds = self._embed(ids, reused, request.media)
         return _Prefill(request, ids, cache, embeds, reused, started)
 
-    def _chunk_budget(self) -> int:
-        """Prompt tokens to prefill this loop turn."""
+    def _bites(self) -> list[tuple[_Prefill, int]]:
+        """(prompt, tokens) to prefill this loop turn. Nobody decoding: every prompt whole.
+        Otherwise the new short prompts go in whole, wherever they wait in the queue, and the
+        long ones (or what is left of one started) share a bite of about half a step, oldest
+        first: a new turn's first token never waits behind a long prompt's prefill, and a
+        long prompt still moves on every turn however many short ones arrive."""
         if not self._active:
-            return 1 << 30  # nobody is waiting for a token: prefill whole
+            return [(job, job.left) for job in self._prefilling]
         if self.prefill_chunk:
-            return self.prefill_chunk
+            return _oldest_first(self._prefilling, self.prefill_chunk)
         if not self._step_ms or not self._prefill_token_ms:
-            return 64  # no measurements yet: a small first bite
+            return _oldest_first(self._prefilling, FIRST_BITE)  # no measurements yet
+        short, waiting = self._short_prompts()
+        long = [job for job in self._prefilling if job not in short and job not in waiting]
         share = int(PREFILL_SHARE * self._step_ms / self._prefill_token_ms)
-        return max(MIN_BITE, share, self._short_prompts())
+        return [(job, job.left) for job in short] + _oldest_first(long, max(MIN_BITE, share))
 
-    def _short_prompts(self) -> int:
-        """Tokens of the new short prompts at the head of the queue, which go in whole this
-        loop turn (the first short one always). In bites, a burst of 8 short text turns
-        (small, CPU) got their first tokens up to 1.5 s apart, to spare the running streams -
-        themselves replies a second old - a step each."""
+    def _short_prompts(self) -> tuple[list[_Prefill], list[_Prefill]]:
+        """The new short prompts that go in whole this loop turn (the first always, then up to
+        the burst limit), and those that wait for the next turn to go in whole. In bites, a
+        burst of 8 short text turns (small, CPU) got their first tokens up to 1.5 s apart, to
+        spare the running streams - themselves replies a second old - a step each."""
         one = max(SHORT_PROMPT_STEPS * self._step_ms, SHORT_PROMPT_MS)
         burst = max(SHORT_BURST_STEPS * self._step_ms, SHORT_BURST_MS)
+        now: list[_Prefill] = []
+        later: list[_Prefill] = []
         tokens = 0
         for job in self._prefilling:
             prompt = job.embeds.shape[1]
             if job.fed or prompt * self._prefill_token_ms > one:
-                break
-            if tokens and (tokens + prompt) * self._prefill_token_ms > burst:
-                break
+                continue
+            if now and (tokens + prompt) * self._prefill_token_ms > burst:
+                later.append(job)
+                continue
+            now.append(job)
             tokens += prompt
-        return tokens
+        return now, later
 
     def _turn(self) -> None:
         """One loop turn: every decoding sequence's pending token goes out, then ONE forward
@@ -350,24 +378,12 @@ class ContinuousBatcher:
         weights are read once, where a chunk's own forward used to cost the running streams a
         second pass over them)."""
         self._drop_cancelled()
-        bites = self._bites()
         started = time.perf_counter()
         decoding = self._emit_all() if self._active else []
+        bites = self._bites()  # after the finished streams left: with none left, whole
         if decoding or bites:
             self._forward(decoding, bites)
         self._measure(bool(decoding), sum(take for _, take in bites), started)
-
-    def _bites(self) -> list[tuple[_Prefill, int]]:
-        """(prompt, tokens) to prefill this turn: up to the chunk budget, oldest prompt first."""
-        budget = self._chunk_budget() if self._prefilling else 0
-        bites = []
-        for job in self._prefilling:
-            if budget <= 0:
-                break
-            take = min(budget, job.embeds.shape[1] - job.fed)
-            bites.append((job, take))
-            budget -= take
-        return bites
 
     def _measure(self, decoded: bool, prefilled: int, started: float) -> None:
         """Keep the step time and the per-token prefill cost the chunk budget is made of; a
@@ -473,11 +489,24 @@ class ContinuousBatcher:
         # The greedy picks in one copy to the host: on a GPU, each row's own `int(argmax)`
         # would wait for the device once more.
         argmax = logits.argmax(-1).tolist()
-        for row, seq in enumerate(decoding):
-            self._choose(seq, rows[row], logits[row], argmax[row])
-        for row, (job, last) in enumerate(finished, start=len(decoding)):
+        decoded = len(decoding)
+        for row, seq in enumerate(list(decoding)):  # `decoding` is `_active`: a copy
+            try:
+                self._choose(seq, rows[row], logits[row], argmax[row])
+            except Exception as exc:  # this sequence's own (sampling); the others go on
+                self._active.remove(seq)
+                self._fail_one(seq.request, exc)
+        for row, (job, last) in enumerate(finished, start=decoded):
             self._prefilling.remove(job)
-            self._begin_decoding(job, last, logits[row], argmax[row])
+            try:
+                self._begin_decoding(job, last, logits[row], argmax[row])
+            except Exception as exc:
+                self._fail_one(job.request, exc)
+
+    def _fail_one(self, request: SequenceRequest, exc: Exception) -> None:
+        log.exception("llm sequence failed")
+        error = exc if isinstance(exc, IomniError) else Internal(f"the llm failed on it: {exc}")
+        _emit_error(request, error)
 
     def _decode_groups(self, batch: list[_Active]) -> list[TokenGroup]:
         """The decoding sequences' next tokens: a group per sequence on its own KV, or, with
@@ -537,13 +566,43 @@ class ContinuousBatcher:
 
     def _fail_all(self, error: IomniError) -> None:
         for request in [s.request for s in self._active] + [j.request for j in self._prefilling]:
-            try:
-                request.emit(StepEvent(-1, None, 0, error=error))
-            except Exception:
-                log.exception("could not report a failure to a client")
+            _emit_error(request, error)
         self._active = []
         self._prefilling = []
         self._batch = None
+
+
+def _oldest_first(jobs: list[_Prefill], budget: int) -> list[tuple[_Prefill, int]]:
+    """(prompt, tokens) up to `budget` tokens in all, the oldest prompt first."""
+    bites = []
+    for job in jobs:
+        if budget <= 0:
+            break
+        take = min(budget, job.left)
+        bites.append((job, take))
+        budget -= take
+    return bites
+
+
+def _check_media(media: Mapping[int, torch.Tensor]) -> None:
+    """NaN or infinite rows would poison the sampler (or, greedy, silently the reply)."""
+    for token_id, rows in media.items():
+        if not bool(torch.isfinite(rows).all()):
+            raise InvalidInput(
+                f"the media rows for placeholder {token_id} contain NaN or infinite values; "
+                "re-encode the media (a raw client must send finite float32 rows)"
+            )
+
+
+def _stopped() -> Unavailable:
+    return Unavailable("the llm batcher stopped (the model is unloading or the server exiting)")
+
+
+def _emit_error(request: SequenceRequest, error: IomniError) -> None:
+    try:
+        request.emit(StepEvent(-1, None, 0, error=error))
+    except Exception:
+        log.exception("could not report a failure to a client")
 
 
 def _next_position(cache: DynamicCache) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen3Config
 
-from iomni.errors import Internal
+from iomni.errors import Internal, InvalidInput, Unavailable
 from iomni.model import batcher as batcher_module
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent, _Prefill
 from iomni.model.checkpoint import LoadedCheckpoint
@@ -199,6 +199,73 @@ def test_cancel_stops_within_one_step(batcher: ContinuousBatcher) -> None:
     assert batcher.metrics.cancelled == 1
 
 
+@pytest.mark.parametrize("fails_at", [1, 4], ids=["first-token", "decoding"])
+def test_one_sequence_failing_ends_only_that_sequence(
+    tiny: LoadedCheckpoint,
+    batcher: ContinuousBatcher,
+    monkeypatch: pytest.MonkeyPatch,
+    fails_at: int,
+) -> None:
+    """A sampled sequence whose sampler raises (as NaN logits make it) gets its own error;
+    a greedy stream decoding beside it finishes with the tokens it has alone."""
+    doomed = SamplingParams(temperature=0.7, max_new_tokens=50)
+    calls = 0
+    sample = batcher_module.sample_next
+
+    def failing(logits, params, generator):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        if params is doomed:
+            calls += 1
+            if calls == fails_at:
+                raise RuntimeError("probability tensor contains either `inf`, `nan`")
+        return sample(logits, params, generator)
+
+    monkeypatch.setattr(batcher_module, "sample_next", failing)
+    steady = submit(batcher, prompt(12, 1), SamplingParams(temperature=0.0, max_new_tokens=40))
+    bad = submit(batcher, prompt(9, 2), doomed)
+    assert bad.done.wait(30) and steady.done.wait(60)
+    assert isinstance(bad.events[-1].error, Internal)
+    assert len(bad.tokens) == fails_at - 1
+    assert steady.events[-1].finish_reason == "length"
+    assert steady.tokens == reference(tiny, prompt(12, 1), 40)
+
+
+def test_media_with_nan_rows_is_refused_and_the_others_go_on(
+    tiny: LoadedCheckpoint, batcher: ContinuousBatcher
+) -> None:
+    steady = submit(batcher, prompt(12, 1), SamplingParams(temperature=0.0, max_new_tokens=30))
+    rows = torch.randn(2, tiny.config.llm_hidden_size)
+    rows[1, 3] = float("nan")
+    sampled = SamplingParams(temperature=0.7, max_new_tokens=5)
+    bad = submit(batcher, [5, IMG, IMG, 6], sampled, media={IMG: rows})
+    assert bad.done.wait(30) and steady.done.wait(60)
+    assert isinstance(bad.events[-1].error, InvalidInput)
+    assert "NaN or infinite" in str(bad.events[-1].error) and not bad.tokens
+    assert steady.tokens == reference(tiny, prompt(12, 1), 30)
+
+
+def test_stopping_ends_every_sequence_with_unavailable(tiny: LoadedCheckpoint) -> None:
+    """Unloading the model mid-reply: the running stream and anything sent later end with an
+    error instead of waiting forever."""
+    b = ContinuousBatcher(tiny.model.language_model, max_batch=8, idle_wait_s=0.01)
+    b.start()
+    started = threading.Event()
+    running = Collector()
+
+    def emit(event: StepEvent) -> None:
+        running(event)
+        started.set()
+
+    endless = SamplingParams(temperature=0.0, max_new_tokens=100_000)
+    b.submit(SequenceRequest(prompt(10, 1), {}, endless, (), emit))
+    assert started.wait(30)
+    b.stop()
+    assert running.done.wait(5)
+    assert isinstance(running.events[-1].error, Unavailable)
+    late = submit(b, prompt(5, 2))
+    assert late.done.wait(5) and isinstance(late.events[-1].error, Unavailable)
+
+
 def test_next_turn_reuses_the_session_prefix(
     tiny: LoadedCheckpoint, batcher: ContinuousBatcher
 ) -> None:
@@ -308,7 +375,8 @@ def test_a_short_new_prompt_is_prefilled_whole_a_long_one_in_bites(tiny: LoadedC
     """Measured: a decode step 30 ms, a prompt token 0.3 ms. Half a step is 50 tokens; a new
     prompt that costs at most two steps (200 tokens) or 50 ms goes in whole, with the short
     ones behind it up to 8 steps' or 200 ms' worth; a long one, or what is left of one already
-    started, takes the half-step bite."""
+    started, takes the half-step bite. A short one goes first wherever it waits, and the long
+    ones still get their bite beside it."""
     b = ContinuousBatcher(tiny.model.language_model)  # not started: the policy alone
     b._active = [object()]  # type: ignore[list-item]  # something is decoding
     b._step_ms, b._prefill_token_ms = 30.0, 0.3
@@ -319,30 +387,29 @@ def test_a_short_new_prompt_is_prefilled_whole_a_long_one_in_bites(tiny: LoadedC
         embeds = torch.zeros(1, tokens, hidden)
         return [_Prefill(request, [], None, embeds, 0, 0.0, fed)]  # type: ignore[arg-type]
 
-    b._prefilling = waiting(110)
-    assert b._chunk_budget() == 110
-    b._prefilling = waiting(200)
-    assert b._chunk_budget() == 200
-    b._prefilling = waiting(3000)
-    assert b._chunk_budget() == 50
-    b._prefilling = waiting(3000, fed=2900)  # the rest of a long prompt: still bites
-    assert b._chunk_budget() == 50
+    def bites(*jobs: list[_Prefill]) -> list[tuple[int, int]]:
+        """(prompt length, tokens this turn) of each bite, in the order they go in."""
+        b._prefilling = [job for group in jobs for job in group]
+        return [(job.embeds.shape[1], take) for job, take in b._bites()]
+
+    assert bites(waiting(110)) == [(110, 110)]
+    assert bites(waiting(200)) == [(200, 200)]
+    assert bites(waiting(3000)) == [(3000, 50)]
+    assert bites(waiting(3000, fed=2900)) == [(3000, 50)]  # the rest of a long one: bites
     # Short ones waiting together go in together, up to 8 steps (800 tokens): 7 of 8 here.
-    b._prefilling = [job for _ in range(8) for job in waiting(110)]
-    assert b._chunk_budget() == 770
-    b._prefilling = waiting(110) + waiting(3000) + waiting(110)  # up to the first long one
-    assert b._chunk_budget() == 110
-    b._prefilling = waiting(3000) + waiting(110)  # a long one first: its bite
-    assert b._chunk_budget() == 50
+    assert bites(*[waiting(110) for _ in range(8)]) == [(110, 110)] * 7
+    # Both short ones whole, wherever they wait, and the long one's bite beside them.
+    assert bites(waiting(110), waiting(3000), waiting(110)) == [(110, 110)] * 2 + [(3000, 50)]
+    assert bites(waiting(3000), waiting(110)) == [(110, 110), (3000, 50)]
     # One fast stream (9 ms steps, 0.2 ms a token): a 110-token prompt (22 ms) is still short
     # (at most 50 ms), and 8 together (176 ms) go in one turn (at most 200 ms).
     b._step_ms, b._prefill_token_ms = 9.0, 0.2
-    b._prefilling = [job for _ in range(8) for job in waiting(110)]
-    assert b._chunk_budget() == 880
-    b._prefilling = waiting(300)  # 60 ms: a bite of half a step
-    assert b._chunk_budget() == 22
+    assert bites(*[waiting(110) for _ in range(8)]) == [(110, 110)] * 8
+    assert bites(waiting(300)) == [(300, 22)]  # 60 ms: a bite of half a step
+    # A new 20-token turn does not wait for the 3000-token prompt started before it.
+    assert bites(waiting(3000, fed=64), waiting(20)) == [(20, 20), (3000, 22)]
     b._active = []
-    assert b._chunk_budget() >= 3000  # nobody decoding: whole
+    assert bites(waiting(3000), waiting(110)) == [(3000, 3000), (110, 110)]  # nobody decoding
 
 
 def test_a_model_with_sliding_window_layers_is_refused(tiny: LoadedCheckpoint) -> None:
