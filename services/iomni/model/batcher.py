@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, Qwen3ForCausalLM
 
 from iomni.errors import Internal, InvalidInput, IomniError, Unavailable
-from iomni.model.kv_cache import BatchCache, as_growing
+from iomni.model.kv_cache import BatchCache, as_growing, held_tokens
 from iomni.model.llm import TokenGroup, forward_groups, prefix_causal_mask
 from iomni.model.sampling import SamplingParams, make_generator, sample_next
 
@@ -108,6 +108,12 @@ class _CacheEntry:
     media: dict[int, torch.Tensor]
     cache: DynamicCache
 
+    @property
+    def slots(self) -> int:
+        """Token slots its KV storage holds: a decoded cache keeps room to grow (up to twice
+        its length), and that memory is held as long as the entry is."""
+        return held_tokens(self.cache)
+
 
 class BatcherMetrics:
     """What the loop counts. Plain attributes for tests; the Triton model subclasses it to
@@ -147,25 +153,37 @@ class BatcherMetrics:
 
 
 class SessionKVCache:
-    """Per-session KV caches, least recently used evicted beyond `max_tokens` in total."""
+    """Per-session KV caches, least recently used evicted beyond `max_tokens` token slots in
+    all (what their storage holds, spare room included: the memory they keep)."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self._entries: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self.held = 0  # token slots of the entries kept
+        self._entries: OrderedDict[str, tuple[_CacheEntry, int]] = OrderedDict()
 
     def take(self, session_id: str) -> _CacheEntry | None:
-        return self._entries.pop(session_id, None) if session_id else None
+        kept = self._entries.pop(session_id, None) if session_id else None
+        if kept is None:
+            return None
+        self.held -= kept[1]
+        return kept[0]
 
     def put(self, session_id: str, entry: _CacheEntry) -> None:
-        if not session_id or len(entry.ids) > self.max_tokens:
+        slots = entry.slots
+        if not session_id or slots > self.max_tokens:
             return
-        self._entries[session_id] = entry
-        self._entries.move_to_end(session_id)
-        while sum(len(e.ids) for e in self._entries.values()) > self.max_tokens:
-            self._entries.popitem(last=False)
+        self.take(session_id)
+        self._entries[session_id] = (entry, slots)
+        self.held += slots
+        while self.held > self.max_tokens:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.held -= evicted
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._entries
 
 
 def reusable_prefix(

@@ -102,6 +102,12 @@ class _GrowingLayer(DynamicLayer):
             setattr(self, f"_{name}_store", store)
 
 
+def held_tokens(cache: DynamicCache) -> int:
+    """Token slots `cache`'s storage holds: a growing layer's spare room counts."""
+    stores = [getattr(layer, "_key_store", layer.keys) for layer in cache.layers]
+    return max((store.shape[-2] for store in stores if store is not None), default=0)
+
+
 def growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     cache = DynamicCache()
     cache.layers = [_GrowingLayer(k, v) for k, v in layers]

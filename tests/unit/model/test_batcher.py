@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,7 @@ from iomni.errors import Internal, InvalidInput, Unavailable
 from iomni.model import batcher as batcher_module
 from iomni.model.batcher import ContinuousBatcher, SequenceRequest, StepEvent, _Prefill
 from iomni.model.checkpoint import LoadedCheckpoint
+from iomni.model.kv_cache import held_tokens
 from iomni.model.llm import build_language_model, embed_token, forward, forward_groups
 from iomni.model.sampling import SamplingParams
 
@@ -280,6 +282,27 @@ def test_next_turn_reuses_the_session_prefix(
     assert batcher.metrics.kv_hits == 1 and batcher.metrics.kv_misses == 1
     other = submit(batcher, second_ids, session="s2")
     assert other.done.wait(30) and other.events[0].reused_tokens == 0
+
+
+def test_the_kv_budget_counts_the_memory_a_cache_holds(tiny: LoadedCheckpoint) -> None:
+    """A decoded cache keeps room to grow (its storage doubles when full): the budget counts
+    that room, so two 300-token sessions (about 600 slots each) do not both fit in 700."""
+    b = ContinuousBatcher(tiny.model.language_model, kv_cache_tokens=700, idle_wait_s=0.01)
+    b.start()
+    try:
+        for session in ("a", "b"):
+            out = submit(
+                b, prompt(300, 1), SamplingParams(temperature=0.0, max_new_tokens=3), session
+            )
+            assert out.done.wait(60)
+        deadline = time.monotonic() + 10  # the entry is stored after the last event
+        while "b" not in b.kv and time.monotonic() < deadline:
+            time.sleep(0.01)
+        entry = b.kv.take("b")
+        assert entry is not None and b.kv.take("a") is None
+        assert held_tokens(entry.cache) > 400 and b.kv.held == 0
+    finally:
+        b.stop()
 
 
 def test_changed_media_is_not_reused(tiny: LoadedCheckpoint, batcher: ContinuousBatcher) -> None:
