@@ -355,6 +355,23 @@ async def test_invalid_llm_request_is_a_clear_error(triton_parts: TritonParts) -
     await triton_parts.close()
 
 
+async def test_the_requests_stop_ids_end_the_reply(triton_parts: TritonParts) -> None:
+    """The stop tokens a caller names end the reply on the server as in process (they used
+    to be replaced by the tokenizer's own); ids outside the vocabulary are refused."""
+
+    async def reply(stop_ids: list[int]) -> list[int]:
+        request = GenerationRequest([1000] * 12, {}, GREEDY, stop_ids, return_hidden=False)
+        return [step.token_id async for step in triton_parts.generate(request)]
+
+    free = await reply([])
+    assert len(free) == GREEDY.max_new_tokens
+    stop = free[3]
+    assert await reply([stop]) == free[: free.index(stop) + 1]
+    with pytest.raises(InvalidInput, match="stop_ids must be token ids below the vocabulary"):
+        await reply([-1])
+    await triton_parts.close()
+
+
 async def test_model_not_ready_is_named(triton: TritonServer, triton_parts: TritonParts) -> None:
     with pytest.raises(Unavailable, match="not ready: no_such_model"):
         await triton_parts.check_ready(["llm", "no_such_model"])

@@ -20,6 +20,7 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self, max_new_tokens_limit: int = 8192) -> SamplingParams:
+        self._check_types()
         if not 0.0 <= self.temperature <= 5.0:
             raise InvalidInput(f"temperature must be in [0, 5], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -34,9 +35,27 @@ class SamplingParams:
             raise InvalidInput(f"seed must be a non-negative 64-bit integer, got {self.seed}")
         return self
 
+    def _check_types(self) -> None:
+        """A raw client's JSON may carry "0.7" or true: refused here, not a TypeError later."""
+        kinds = dict(
+            temperature="number", top_p="number", top_k="integer", max_new_tokens="integer"
+        )
+        if self.seed is not None:
+            kinds["seed"] = "integer"
+        for name, kind in kinds.items():
+            _check_type(name, getattr(self, name), kind)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _check_type(name: str, value: object, kind: str) -> None:
+    allowed = (int, float) if kind == "number" else (int,)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise InvalidInput(
+            f"{name} must be {'a' if kind == 'number' else 'an'} {kind}, got {value!r}"
+        )
 
 
 def make_generator(params: SamplingParams) -> torch.Generator:

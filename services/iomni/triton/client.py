@@ -317,6 +317,7 @@ class TritonParts:
             "max_new_tokens": request.params.max_new_tokens,
             "session_id": request.session_id,
             "return_hidden": request.return_hidden,
+            "stop_ids": ",".join(str(token) for token in request.stop_ids),
         }
         if request.params.seed is not None:
             params["seed"] = request.params.seed
@@ -325,8 +326,10 @@ class TritonParts:
         else:
             call = _request(LLM, inputs, LLM_OUTPUTS, params)
         metadata = self._metadata(request.trace_headers)
-        url = await self._llm_url(request.session_id)
         for attempt in range(self.retries + 1):
+            # Routed again on each attempt: once a draining or dead replica is no longer ready
+            # (its endpoint leaves the ring), the retry goes to another.
+            url = await self._llm_url(request.session_id)
             steps = 0
             try:
                 async for step in self._llm_stream(url, call, metadata):
@@ -355,6 +358,7 @@ class TritonParts:
                 yield _llm_step(result)
                 if answered:
                     return
+            raise Unavailable(f"the {LLM} stream at {url} ended before its final response")
         except grpc.RpcError as exc:  # transport failures arrive raw from the aio stream
             raise translate(exc, LLM) from exc
         finally:

@@ -118,7 +118,17 @@ def test_top_k_and_top_p_restrict_candidates() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0), dict(seed=-5)],
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_k=-2),
+        dict(max_new_tokens=0),
+        dict(seed=-5),
+        dict(temperature="0.7"),  # a raw Triton client's JSON parameters
+        dict(max_new_tokens=2.5),
+        dict(top_k=True),
+        dict(seed="7"),
+    ],
 )
 def test_invalid_sampling_params_are_rejected(bad: dict) -> None:
     from iomni.errors import InvalidInput

@@ -163,12 +163,30 @@ class TritonPythonModel:
             input_ids=ids.tolist(),
             media=media,
             params=sampling.validate(),
-            stop_ids=self.special.stop_ids,
+            stop_ids=self._stop_ids(params),
             emit=emit,
             is_cancelled=request.is_cancelled,
             session_id=str(params.get("session_id", "")),
             return_hidden=bool(params.get("return_hidden", True)),
         )
+
+    def _stop_ids(self, params: dict[str, Any]) -> tuple[int, ...]:
+        """The request's stop tokens ("1,2": Triton parameters carry no lists; "": none), or
+        the tokenizer's own when the request does not say."""
+        if "stop_ids" not in params:
+            return tuple(self.special.stop_ids)
+        text = str(params["stop_ids"])
+        if not text:
+            return ()
+        try:
+            ids = tuple(int(token) for token in text.split(","))
+        except ValueError:
+            raise InvalidInput(
+                f"stop_ids must be comma-separated token ids, got {text!r}"
+            ) from None
+        if min(ids) < 0 or max(ids) >= self.batcher.lm.config.vocab_size:
+            raise InvalidInput(f"stop_ids must be token ids below the vocabulary, got {text!r}")
+        return ids
 
     def _media(self, request: Any, name: str, placeholders: int) -> torch.Tensor | None:
         rows = input_array(request, name, optional=True)
