@@ -143,6 +143,49 @@ def test_barge_in_stops_audio_and_truncates_history(gateway: GatewayProcess) -> 
     channel.close()
 
 
+def manual_turns(*texts: str, then: tuple[pb.ConverseRequest, ...] = ()) -> list:
+    """A manual Converse stream's requests: a turn per text (ids t0, t1, ...), then `then`."""
+    config = pb.SessionConfig(sampling=pb.SamplingOptions(temperature=0.0, max_new_tokens=200))
+    requests = [pb.ConverseRequest(config=config)]
+    for index, text in enumerate(texts):
+        requests.append(pb.ConverseRequest(text=pb.UserText(text=text)))
+        requests.append(pb.ConverseRequest(end_of_turn=pb.EndOfTurn(turn_id=f"t{index}")))
+    return requests + list(then)
+
+
+def test_a_cancel_naming_a_waiting_turn_cancels_that_turn(gateway: GatewayProcess) -> None:
+    """t1 waits behind t0 when the cancel naming it arrives: t1 ends cancelled without
+    running (stored as a barge-in before its first token is: the user's words, no reply), and
+    t0, running, is left alone (the cancel used to stop whatever ran)."""
+    cancel = pb.ConverseRequest(cancel=pb.Cancel(turn_id="t1"))
+    stub = pb_grpc.DialogueStub(grpc.insecure_channel(gateway.target))
+    requests = manual_turns("Tell me a long story", "And another", then=(cancel,))
+    responses = list(stub.Converse(iter(requests), metadata=(("authorization", f"Bearer {ACME}"),)))
+    done = {r.turn_id: r.done for r in responses if r.WhichOneof("payload") == "done"}
+    assert done["t0"].stop_reason != pb.STOP_REASON_CANCELLED
+    assert done["t1"].stop_reason == pb.STOP_REASON_CANCELLED
+    assert done["t1"].usage.completion_tokens == 0 and not done["t1"].text
+    history = client(gateway).get_session(responses[0].session_id).history
+    assert [m.role for m in history] == ["user", "assistant"] * 2
+    assert history[1].parts[0].text == done["t0"].text
+    assert not "".join(part.text for part in history[3].parts)
+
+
+def test_turns_waiting_on_a_stream_are_bounded(gateway: GatewayProcess) -> None:
+    """Each waiting turn holds its media (up to the turn size limit): past the bound the
+    stream ends with a clear RESOURCE_EXHAUSTED instead of queueing without end."""
+    stub = pb_grpc.DialogueStub(grpc.insecure_channel(gateway.target))
+    texts = ["Tell me a long story"] + [f"then {i}" for i in range(7)]
+    responses = stub.Converse(
+        iter(manual_turns(*texts)), metadata=(("authorization", f"Bearer {ACME}"),)
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in responses:
+            pass
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "already waiting on this stream" in (info.value.details() or "")
+
+
 def test_tenants_are_isolated(gateway: GatewayProcess) -> None:
     mine, theirs = client(gateway, ACME), client(gateway, GLOBEX)
     session = mine.chat("", turn_id(), text="private", **SHORT).session_id

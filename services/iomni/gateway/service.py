@@ -16,7 +16,7 @@ import soundfile as sf
 
 from iomni import wire
 from iomni.auth import Tenants
-from iomni.errors import DeadlineExceeded, InvalidInput, IomniError
+from iomni.errors import DeadlineExceeded, InvalidInput, IomniError, ResourceExhausted
 from iomni.gateway.live import LiveConversation
 from iomni.gateway.registration import check
 from iomni.gateway.status import abort, as_project_error
@@ -41,6 +41,9 @@ def pcm16_to_wav(data: bytes, rate: int) -> bytes:
 
 
 LIVE_ONLY = ("frame", "playback")  # messages that mean something only with server VAD
+# Turns a manual Converse stream may have waiting behind the running one: each holds up to
+# `max_turn_bytes` of media, so the bound is one on the stream's memory.
+MAX_WAITING_TURNS = 4
 
 
 class TurnAssembler:
@@ -68,7 +71,7 @@ class TurnAssembler:
             self.audio_pcm = chunk.encoding == pb.AUDIO_ENCODING_PCM16
             self.audio_rate = chunk.sample_rate_hz
         if kind == "video":
-            self.video_frames = chunk.frames or self.video_frames
+            self.video_frames = chunk.frames or self.video_frames  # said on any of its chunks
         ended = {"audio": "end_of_clip", "image": "end_of_image", "video": "end_of_video"}
         if getattr(chunk, ended[kind]):
             self._close(kind)
@@ -86,6 +89,8 @@ class TurnAssembler:
         if kind == "audio" and self.audio_pcm:
             data = pcm16_to_wav(data, self.audio_rate)
         frames = (self.video_frames or None) if kind == "video" else None
+        if kind == "video":
+            self.video_frames = 0  # the next video's own, or the default
         self.parts.append(MediaPart.from_bytes(kind, data, num_frames=frames))
 
     def finish(self) -> Message:
@@ -246,7 +251,10 @@ class _Conversation:
         self.tenant = tenant
         self.queue: Responses = asyncio.Queue()
         self.turns: asyncio.Queue[tuple[str, Message] | None] = asyncio.Queue()
+        self.waiting: set[str] = set()  # ids of the turns in `turns`
+        self.cancel_when_started: set[str] = set()  # waiting turns a cancel named
         self.running: RunningTurn | None = None
+        self.running_id = ""
         self.error: IomniError | None = None
         self.tasks: list[asyncio.Task] = []
         self.live: LiveConversation | None = None
@@ -326,10 +334,9 @@ class _Conversation:
             async for request in iterator:
                 kind = request.WhichOneof("payload")
                 if kind == "cancel":
-                    self._cancel()
+                    self._cancel(request.cancel.turn_id)
                 elif kind == "end_of_turn":
-                    turn_id = request.end_of_turn.turn_id or uuid.uuid4().hex
-                    await self.turns.put((turn_id, assembler.finish()))
+                    self._queue(request.end_of_turn.turn_id or uuid.uuid4().hex, assembler)
                 elif kind == "config":
                     raise InvalidInput("`config` may only be the first message of a stream")
                 elif kind in LIVE_ONLY:
@@ -344,7 +351,22 @@ class _Conversation:
         finally:
             await self.turns.put(None)
 
-    def _cancel(self) -> None:
+    def _queue(self, turn_id: str, assembler: TurnAssembler) -> None:
+        if len(self.waiting) >= MAX_WAITING_TURNS:
+            raise ResourceExhausted(
+                f"{MAX_WAITING_TURNS} turns are already waiting on this stream behind the "
+                "running one; send the next end_of_turn after a turn's `done`"
+            )
+        self.waiting.add(turn_id)
+        self.turns.put_nowait((turn_id, assembler.finish()))
+
+    def _cancel(self, turn_id: str = "") -> None:
+        """Cancel the running turn, or the waiting turn `turn_id` names (it will end as
+        cancelled as soon as it starts, without running)."""
+        if turn_id and turn_id != self.running_id:
+            if turn_id in self.waiting:
+                self.cancel_when_started.add(turn_id)
+            return
         if self.running is not None:
             self.running.request_cancel()
 
@@ -355,12 +377,16 @@ class _Conversation:
                 if item is None:
                     break
                 turn_id, message = item
-                self.running = RunningTurn()
+                self.waiting.discard(turn_id)
+                self.running, self.running_id = RunningTurn(), turn_id
+                if turn_id in self.cancel_when_started:
+                    self.cancel_when_started.discard(turn_id)
+                    self.running.request_cancel()
                 turn = TurnInput(
                     self.tenant, self.session_id, turn_id, message, self.params, self.speech
                 )
                 await self.service.run_turn(turn, self.queue, self.running)
-                self.running = None
+                self.running, self.running_id = None, ""
         except Exception as exc:
             self._fail(as_project_error(exc, "the turn"))
         finally:
