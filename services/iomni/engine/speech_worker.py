@@ -290,6 +290,9 @@ class SpeechWorker:
             except (EOFError, OSError):
                 self._fail_all()
                 return
+            except Exception:  # a message it cannot read (unpickling failed)
+                self._unreadable()
+                return
             if kind == "metric":
                 self._report(*value)
                 continue
@@ -297,12 +300,20 @@ class SpeechWorker:
             if call is not None:
                 call.deliver_from(kind, value)
 
-    def _fail_all(self) -> None:
+    def _unreadable(self) -> None:
+        """The process sent what cannot be read (an error that pickles but does not unpickle):
+        whose call it answered is unknown, so every call in flight fails, and the process is
+        stopped so that the next reply starts a new one (else those calls would wait forever
+        on a worker still counted alive)."""
+        log.exception("speech decoder process %s sent what could not be read", self.name)
+        self.stop()
+        self._fail_all("was stopped: what it sent could not be read")
+
+    def _fail_all(self, why: str = "exited") -> None:
         code = self._process.wait()
         with self._send_lock:
             self._exited = (
-                f"the speech decoder's process exited (code {code}); the next reply starts a "
-                "new one"
+                f"the speech decoder's process {why} (code {code}); the next reply starts a new one"
             )
         if code not in (0, -signal.SIGTERM):
             log.error("%s", self._exited)
@@ -514,8 +525,11 @@ class _Renderer:
 
 
 def _picklable(exc: Exception) -> Exception:
+    """`exc`, if the parent can rebuild it from a pickle (an error whose __init__ takes other
+    arguments than its message pickles but fails to unpickle); else an Internal error that
+    says what it was."""
     try:
-        pickle.dumps(exc)
+        pickle.loads(pickle.dumps(exc))
     except Exception:
         return Internal(f"speech decoder: {type(exc).__name__}: {exc}")
     return exc

@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from iomni.engine import speech_worker
 from iomni.engine.events import AudioChunk, TextDelta
 from iomni.engine.parts import InProcessParts, InProcessSpeech
-from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech
+from iomni.engine.speech_worker import SpeechWorker, WorkerSpec, WorkerSpeech, _picklable
 from iomni.engine.turn import TurnEngine, TurnRequest
-from iomni.errors import CheckpointError, InvalidInput, Unavailable
+from iomni.errors import CheckpointError, Internal, InvalidInput, SessionBusy, Unavailable
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
@@ -417,3 +420,57 @@ async def test_a_failing_metric_listener_does_not_stop_the_replies(
     if in_worker:
         stop_workers(spec_of(parts), 1)
     await parts.close()
+
+
+class TwoArguments(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+@pytest.mark.parametrize(
+    "error", [SessionBusy("s1", "t1"), TwoArguments(1, 2)], ids=["SessionBusy", "TwoArguments"]
+)
+def test_an_error_the_parent_could_not_unpickle_crosses_as_internal(error: Exception) -> None:
+    """Such errors pickle, but rebuilding them calls __init__ with the message alone."""
+    crossed = pickle.loads(pickle.dumps(_picklable(error)))
+    assert isinstance(crossed, Internal)
+    assert str(crossed) == f"speech decoder: {type(error).__name__}: {error}"
+    invalid = InvalidInput("no such voice")
+    assert _picklable(invalid) is invalid  # what can cross, crosses as it is
+
+
+# A child that answers text with an error that pickles but does not unpickle (as the speech
+# decoder did before `_picklable` checked both ways) and exits on "stop".
+UNREADABLE_CHILD = """
+import sys
+from multiprocessing.connection import Connection
+from iomni.errors import SessionBusy
+conn = Connection(int(sys.argv[1]))
+conn.send(("ready", 0, None))
+while (message := conn.recv())[0] != "stop":
+    if message[0] == "text":
+        conn.send(("error", message[2], SessionBusy("s1", "t1")))
+"""
+
+
+async def test_an_answer_the_parent_cannot_read_fails_the_calls_and_retires_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whose call it answered is unknown: the calls in flight fail rather than wait forever,
+    and the worker is no longer alive, so the next reply starts another."""
+    popen = subprocess.Popen
+
+    def unreadable_child(args: list[str], **kwargs: Any) -> subprocess.Popen:
+        pipe_fd = args[3]
+        return popen([sys.executable, "-c", UNREADABLE_CHILD, pipe_fd], **kwargs)
+
+    monkeypatch.setattr(speech_worker.subprocess, "Popen", unreadable_child)
+    worker = SpeechWorker(WorkerSpec("unused", "unused", "float32", "cpu", 1))
+    try:
+        session_id = worker.open(None, seed=1)
+        call = worker.submit(session_id, [11], torch.zeros(1, 4), None)
+        with pytest.raises(Unavailable, match="what it sent could not be read"):
+            await asyncio.wait_for(call, 30)  # without the fix: it never ends
+        assert not worker.alive
+    finally:
+        worker.stop()

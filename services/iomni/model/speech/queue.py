@@ -125,8 +125,11 @@ class SpeechQueue:
 
     def requeue(self, key: Any, request: Any) -> None:
         """Give back a taken request not served yet, to be taken again first for its reply
-        (requeue a reply's requests last to first). Counts as its `done`."""
+        (requeue a reply's requests last to first). Counts as its `done`. Raises Unavailable
+        once the queue is drained: nothing would take it again."""
         with self._ready:
+            if self._closed:
+                raise Unavailable("the speech decoder is shutting down")
             reply = self._replies.get(key)
             if reply is None:
                 reply = self._replies[key] = _Reply(arrived=self._clock())

@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from iomni.errors import Cancelled, InvalidInput, IomniError, Unavailable
+from iomni.errors import Cancelled, Internal, InvalidInput, IomniError, Unavailable
 from iomni.model.speech.queue import SpeechQueue
 from iomni.model.speech.stream import (
     SAMPLE_RATE,
@@ -115,6 +115,8 @@ class SpeechScheduler:
         self._discarded: set[Hashable] = set()  # discards not yet taken
         self._idle_freed: OrderedDict[Hashable, None] = OrderedDict()
         self._open_count = -1
+        # The batch being served's requests not answered and done yet (render thread only).
+        self._unsettled: dict[int, tuple[Hashable, SpeechRequest]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -130,14 +132,14 @@ class SpeechScheduler:
         self._stop.set()
         error = error or Unavailable("the speech decoder is shutting down")
         for request in self.queue.drain():
-            request.answer.fail(error)
+            _tell(request.answer.fail, error)
 
     def put(self, key: Hashable, request: SpeechRequest) -> None:
         """Queue a request of reply `key`, rendered after the reply's earlier ones."""
         try:
             self.queue.put(key, request, urgent=request.answer.cancelled())
         except Unavailable as exc:  # stopped
-            request.answer.fail(exc)
+            _tell(request.answer.fail, exc)
 
     def discard(self, key: Hashable, answer: SpeechAnswer) -> None:
         """A barge-in: the reply's queued requests are answered as cancelled, a render of it in
@@ -148,24 +150,35 @@ class SpeechScheduler:
         try:
             stale = self.queue.put(key, SpeechRequest(answer, end=True, discard=True), True, True)
         except Unavailable as exc:  # stopped
-            answer.fail(exc)
+            _tell(answer.fail, exc)
             return
         for request in stale:
-            request.answer.fail(Cancelled("the reply was discarded (barge-in)"))
+            _tell(request.answer.fail, Cancelled("the reply was discarded (barge-in)"))
 
     def _render_loop(self) -> None:
         with torch.inference_mode():
             while (batch := self.queue.take_batch(self.batch_limit)) is not None:
                 try:
                     self.serve_batch(batch)
-                except Exception:  # answering failed (a vanished client): render the rest
-                    log.exception("speech decoder: answering a batch failed")
+                except Exception:  # a bug: the batch's requests were failed; serve the next
+                    log.exception("speech decoder: serving a batch failed")
 
     def serve_batch(self, batch: list[tuple[Hashable, SpeechRequest]]) -> None:
         """Take each request's text (a reply without audio: up to its first chunk's; what is
         beyond goes back to the queue), decode all of it together, render the flow of the
         first chunks it makes ready together, then render and answer each request, most urgent
-        first, handing over to a reply that starts meanwhile (call under inference mode)."""
+        first, handing over to a reply that starts meanwhile (call under inference mode).
+        Should serving break off, the requests not answered yet are failed: else their
+        clients would wait forever and the queue would hold their replies as being served."""
+        self._unsettled = {id(request): (key, request) for key, request in batch}
+        try:
+            self._serve(batch)
+        finally:
+            left, self._unsettled = list(self._unsettled.values()), {}
+            for key, request in left:
+                self._fail(key, request, Internal("the speech decoder failed serving this call"))
+
+    def _serve(self, batch: list[tuple[Hashable, SpeechRequest]]) -> None:
         texted: list[tuple[Hashable, SpeechRequest]] = []
         later: list[tuple[Hashable, SpeechRequest]] = []
         for key, request in batch:
@@ -180,14 +193,14 @@ class SpeechScheduler:
             except Exception as exc:
                 self._fail(key, request, exc)
         for key, request in reversed(later):
-            self.queue.requeue(key, request)
+            self._requeue(key, request)
         if not self._decode(texted):
             return
         failed: set[Hashable] = set()  # a reply whose request failed: its later ones fail too
         for index, (key, request) in enumerate(texted):
             if index and self.queue.first_audio_waiting():
                 for deferred in reversed(texted[index:]):
-                    self.queue.requeue(*deferred)
+                    self._requeue(*deferred)
                 return
             audio_s, ended = 0.0, True
             try:
@@ -198,7 +211,7 @@ class SpeechScheduler:
                 failed.add(key)
                 self._fail(key, request, exc, done=False)
             finally:
-                self.queue.done(key, audio_s, ended)
+                self._done(key, request, audio_s, ended)
 
     def _decode(self, texted: list[tuple[Hashable, SpeechRequest]]) -> bool:
         """Decode the batch's text and render its first chunks' flow together; on failure
@@ -219,14 +232,11 @@ class SpeechScheduler:
 
     def _take_text(self, key: Hashable, request: SpeechRequest) -> bool:
         """Queue the request's text on its session (decoded by the batch's pass); False when
-        it was answered here already (cancelled, or a discard)."""
-        if self._answered_cancel(key, request):
-            return False
+        it was answered here already (a discard, or cancelled)."""
         if request.discard:
-            with self.lock:
-                self._discarded.discard(key)
-            request.answer.complete()
-            self.queue.done(key, 0.0, True)
+            self._take_discard(key, request)
+            return False
+        if self._answered_cancel(key, request):
             return False
         if request.invalid is not None:
             raise request.invalid
@@ -241,6 +251,17 @@ class SpeechScheduler:
         request.mark = session.add_text(request.token_ids, hidden)
         return True
 
+    def _take_discard(self, key: Hashable, request: SpeechRequest) -> None:
+        """A discard reached its turn: the reply's requests before it are answered, so its key
+        may open again; nothing of the reply outlives it. Cancelled, it still does this (its key
+        would stay discarded forever)."""
+        with self.lock:
+            self._discarded.discard(key)
+        if not self._answered_cancel(key, request):  # that frees the reply too
+            self._free(key)
+            _tell(request.answer.complete)
+            self._done(key, request)
+
     def _answer(self, key: Hashable, request: SpeechRequest) -> tuple[float, bool]:
         """Render what the request's text made ready, answering each chunk as soon as it is
         rendered, then complete; returns (seconds of audio sent, whether the reply ended)."""
@@ -248,13 +269,15 @@ class SpeechScheduler:
         assert session is not None
         samples = 0
         for chunk in self._while_held(key, session, request):
-            request.answer.chunk(chunk)
+            if not _tell(request.answer.chunk, chunk):  # its client is gone: free the reply
+                raise Unavailable(f"speech sequence {key!r}: a chunk could not be answered")
             samples += chunk.size
         if request.end:
             self._free(key)
         else:
             self._touch(key, session)
-        request.answer.complete()
+        if not _tell(request.answer.complete):
+            raise Unavailable(f"speech sequence {key!r}: its completion could not be answered")
         return samples / SAMPLE_RATE, request.end
 
     def _while_held(
@@ -282,9 +305,24 @@ class SpeechScheduler:
         self, key: Hashable, request: SpeechRequest, exc: BaseException, done: bool = True
     ) -> None:
         self._free(key)
-        request.answer.fail(exc)
+        _tell(request.answer.fail, exc)
         if done:
-            self.queue.done(key, 0.0, True)
+            self._done(key, request)
+
+    def _done(
+        self, key: Hashable, request: SpeechRequest, audio_s: float = 0.0, ended: bool = True
+    ) -> None:
+        """The request taken is answered: the queue serves its reply's next one."""
+        self._unsettled.pop(id(request), None)
+        self.queue.done(key, audio_s, ended)
+
+    def _requeue(self, key: Hashable, request: SpeechRequest) -> None:
+        """Give the request taken back to the queue; once it is stopped, fail it instead."""
+        self._unsettled.pop(id(request), None)
+        try:
+            self.queue.requeue(key, request)
+        except Unavailable as exc:
+            self._fail(key, request, exc, done=False)  # the stop dropped its reply's state
 
     def _has_first_chunk_text(self, key: Hashable) -> bool:
         """Whether the reply has no audio yet and the text its first chunk needs is in. A
@@ -300,6 +338,8 @@ class SpeechScheduler:
             raise InvalidInput(f"speech sequence {key!r}: its start says nothing of its voice")
         session = request.open()
         with self.lock:
+            if key in self._discarded:  # discarded while it opened: it must not hold state
+                raise Cancelled("the reply was discarded (barge-in)")
             self.sessions[key] = (session, time.monotonic())
             self._idle_freed.pop(key, None)
             self._count_changed()
@@ -365,6 +405,17 @@ class SpeechScheduler:
     def _sweep_loop(self) -> None:
         while not self._stop.wait(min(5.0, self.idle_timeout_s)):
             self.sweep()
+
+
+def _tell(answer: Callable[..., None], *args: object) -> bool:
+    """Answer a request; False when its transport failed (a vanished client), which is
+    logged: it must not leave the other requests of the batch unanswered."""
+    try:
+        answer(*args)
+    except Exception:
+        log.exception("speech scheduler: answering a request failed")
+        return False
+    return True
 
 
 def _notify(hook: Callable[[int], None], value: int) -> None:

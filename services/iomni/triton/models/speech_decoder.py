@@ -39,6 +39,8 @@ SETTINGS = {
     "first_chunk_tokens": "IOMNI_SPEECH_FIRST_CHUNK_TOKENS",
     "flow_steps": "IOMNI_SPEECH_FLOW_STEPS",
 }
+# Seeds torch.Generator.manual_seed takes as `seed` and as `seed + 1` (the vocoder's).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 2
 
 
 def speech_settings(params: dict[str, str]) -> SpeechSettings:
@@ -60,6 +62,22 @@ def batch_limit(params: dict[str, str]) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise InvalidInput(f"speech decoder batch_limit must be a whole number >= 1, not {raw!r}")
     return int(raw)
+
+
+def request_seed(params: dict[str, Any]) -> int:
+    """A reply's sampling seed (request parameter `seed`, default 0), read with its request
+    so that a bad one is the client's INVALID_ARG rather than INTERNAL when its session opens."""
+    raw = params.get("seed", 0)
+    try:
+        seed = int(raw)
+    except (TypeError, ValueError):
+        seed = None
+    if seed is None or not SEED_MIN <= seed <= SEED_MAX:
+        raise InvalidInput(
+            f"speech decoder parameter seed must be an integer from {SEED_MIN} to {SEED_MAX}, "
+            f"not {raw!r}"
+        )
+    return seed
 
 
 def _while_alive(record: Callable[[int], Any]) -> Callable[[int], None]:
@@ -169,6 +187,7 @@ class TritonPythonModel:
             hidden = hidden.reshape(-1, hidden.shape[-1]) if hidden.size else hidden.reshape(0, 0)
             start = bool(input_array(request, START).reshape(-1)[0])
             end = bool(input_array(request, END).reshape(-1)[0])
+            seed = request_seed(request_parameters(request)) if start else 0
         except IomniError as exc:
             return SpeechRequest(answer, invalid=exc)
         if len(ids) != hidden.shape[0]:
@@ -182,16 +201,15 @@ class TritonPythonModel:
             hidden=torch.from_numpy(hidden),
             start=start,
             end=end,
-            open=functools.partial(self._open, request) if start else None,
+            open=functools.partial(self._open, request, seed) if start else None,
         )
 
-    def _open(self, request: Any) -> SpeechSession:
+    def _open(self, request: Any, seed: int) -> SpeechSession:
         """The reply's session, in the voice of its SPEAKER_WAV (else the default voice)."""
         wav = input_array(request, SPEAKER_WAV, optional=True)
         speaker = None
         if wav is not None and wav.size and wav.reshape(-1)[0]:
             speaker = self._speaker_encoder().embed(bytes(wav.reshape(-1)[0]))
-        seed = int(request_parameters(request).get("seed", 0))
         return SpeechSession.of_model(self.model, speaker, seed, self.settings)
 
     def _speaker_encoder(self) -> SpeakerEncoder:

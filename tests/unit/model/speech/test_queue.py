@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from iomni.errors import Unavailable
 from iomni.model.speech.queue import SpeechQueue
 
 
@@ -177,3 +180,16 @@ def test_requests_given_back_are_taken_again_first_and_in_order() -> None:
     queue.requeue("playing", "p2")
     assert queue.take_batch(8, timeout_s=0) == [("new", "n1"), ("playing", "p2")]
     assert not queue.first_audio_waiting()  # "new" is being served
+
+
+def test_a_request_given_back_after_the_drain_is_refused() -> None:
+    """Nothing takes from a drained queue: a request given back then must be failed by the
+    caller, not kept where it would never be answered."""
+    queue = SpeechQueue(Clock())
+    queue.put("a", "a1")
+    queue.put("a", "a2")
+    assert queue.take_batch(8, timeout_s=0) == [("a", "a1"), ("a", "a2")]
+    assert queue.drain() == []
+    with pytest.raises(Unavailable, match="shutting down"):
+        queue.requeue("a", "a2")
+    assert len(queue) == 0

@@ -2,8 +2,9 @@
 speech worker both render through): a reply that starts while a batch renders takes over; what
 the batch had not rendered goes back to the queue with its text decoded, and is not fed twice;
 a reply without audio takes no text beyond its first chunk's; a reply whose request fails does
-not go on with the rest of its batch; a discard stops its reply's render; an idle reply is
-freed and its next request says so."""
+not go on with the rest of its batch; a discard stops its reply's render, also one that comes
+while the reply opens; an idle reply is freed and its next request says so. No request is left
+unanswered: not by a client that vanished, a batch that breaks off, or the stop."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from iomni.errors import InvalidInput
 from iomni.model.speech import scheduler as scheduler_module
-from iomni.model.speech.scheduler import SpeechRequest, SpeechScheduler
+from iomni.model.speech.scheduler import SchedulerHooks, SpeechRequest, SpeechScheduler
 
 
 class Recorder:
@@ -221,3 +222,118 @@ def test_a_request_after_the_stop_fails_instead_of_waiting_forever(seen: Recorde
     put(scheduler, seen, "a", "a2", start=False)
     scheduler.discard("a", Answer("discard", seen))
     assert seen.failed[1:] == [("a2", "Unavailable"), ("discard", "Unavailable")]
+
+
+class Vanished(Answer):
+    """A transport whose client is gone: every answer raises."""
+
+    def chunk(self, samples: np.ndarray) -> None:
+        raise ConnectionError("client gone")
+
+    def complete(self) -> None:
+        raise ConnectionError("client gone")
+
+    def fail(self, error: BaseException) -> None:
+        raise ConnectionError("client gone")
+
+
+class CancelledAnswer(Answer):
+    def cancelled(self) -> bool:
+        return True
+
+
+def test_a_client_that_vanished_leaves_the_rest_of_its_batch_answered(seen: Recorder) -> None:
+    """Its answers raise, failing it raises too: the other replies taken with it are still
+    answered, and no reply stays held as being served (its next request would wait forever)."""
+    scheduler = SpeechScheduler()
+    scheduler.put("bad", SpeechRequest(Vanished("bad", seen), invalid=InvalidInput("bad")))
+    gone = SpeechRequest(
+        Vanished("gone", seen),
+        token_ids=["g1"],
+        hidden=torch.zeros(1, 4),
+        start=True,
+        open=lambda: FakeSession(seen),  # type: ignore[arg-type,return-value]
+    )
+    scheduler.put("gone", gone)
+    put(scheduler, seen, "b", "b1", start=True)
+    batch = serve(scheduler)
+    assert batch is not None and len(batch) == 3  # all three were served together
+    assert seen.answered == ["b1"] and seen.chunks == ["b1"]
+    assert "gone" not in scheduler.sessions  # its state is freed
+    assert not any(scheduler.queue.active(key) for key in ("bad", "gone", "b"))
+
+
+def test_a_batch_that_breaks_off_fails_what_it_had_not_answered(
+    seen: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = SpeechScheduler()
+
+    def broken() -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(scheduler.queue, "first_audio_waiting", broken)
+    put(scheduler, seen, "a", "a1", start=True)
+    put(scheduler, seen, "b", "b1", start=True)
+    with pytest.raises(RuntimeError, match="a bug"):  # the render loop logs it
+        serve(scheduler)
+    assert seen.answered == ["a1"]
+    assert seen.failed == [("b1", "Internal")]
+    assert "b" not in scheduler.sessions
+    assert not scheduler.queue.active("b")
+
+
+def test_a_discard_while_the_reply_opens_leaves_nothing_open(seen: Recorder) -> None:
+    """The barge-in comes while the reply's first request builds its session: the session is
+    not kept (it would hold memory, and count as open, until the idle sweep)."""
+    counts: list[int] = []
+    scheduler = SpeechScheduler(hooks=SchedulerHooks(open_sequences=counts.append))
+
+    def barged_in_while_opening() -> FakeSession:
+        scheduler.discard("a", Answer("discard", seen))
+        return FakeSession(seen)
+
+    request = SpeechRequest(
+        Answer("a1", seen),
+        token_ids=["a1"],
+        hidden=torch.zeros(1, 4),
+        start=True,
+        open=barged_in_while_opening,  # type: ignore[arg-type]
+    )
+    scheduler.put("a", request)
+    serve(scheduler)
+    assert seen.failed == [("a1", "Cancelled")] and seen.fed == []
+    serve(scheduler)  # the discard itself
+    assert seen.answered == ["discard"]
+    assert scheduler.sessions == {} and counts[-1] == 0  # the open_sequences gauge
+    assert scheduler.queue.take_batch(8, timeout_s=0) is None
+
+
+def test_a_cancelled_discard_still_lets_its_key_open_again(seen: Recorder) -> None:
+    scheduler = SpeechScheduler()
+    put(scheduler, seen, "a", "a1", start=True)
+    serve(scheduler)
+    scheduler.discard("a", CancelledAnswer("discard", seen))
+    serve(scheduler)
+    assert seen.failed == [("discard", "Cancelled")]
+    put(scheduler, seen, "a", "a2", start=True)  # a transport may reuse a reply's key
+    serve(scheduler)
+    assert seen.answered == ["a1", "a2"] and "a" in scheduler.sessions
+
+
+def test_a_request_given_back_after_the_stop_is_failed(seen: Recorder) -> None:
+    """The stop comes while a batch is served: what that batch gives back to the queue would
+    never be taken again, so it fails instead of waiting forever."""
+    scheduler = SpeechScheduler()
+    seen.completes_first_chunk = {"a2"}
+    seen.silent = {"a1"}
+    put(scheduler, seen, "a", "a1", start=True)
+    serve(scheduler)
+    put(scheduler, seen, "a", "a2", start=False)
+    put(scheduler, seen, "a", "a3", start=False)  # beyond the first chunk's text: given back
+    batch = scheduler.queue.take_batch(8, timeout_s=0)
+    assert batch is not None and len(batch) == 2
+    scheduler.stop()
+    scheduler.serve_batch(batch)
+    assert seen.answered == ["a1", "a2"]
+    assert seen.failed == [("a3", "Unavailable")]
+    assert len(scheduler.queue) == 0
