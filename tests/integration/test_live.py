@@ -199,6 +199,23 @@ async def test_a_discarded_early_turn_leaves_no_trace(gateway: GatewayProcess) -
         await live.close()
 
 
+async def test_a_client_that_stops_sending_still_gets_its_reply(gateway: GatewayProcess) -> None:
+    """(f) Speech, `end_of_turn`, then the client closes its side of the stream (as a request
+    generator that runs out does) but still reads: the reply is finished and committed (it
+    used to be cancelled with no `done`)."""
+    async with client(gateway) as c:
+        live = Live(c)
+        await live.wait_for("started")
+        await live.say(spoken("What is on the table?"))
+        live.stream.end_of_turn()
+        await live.close()  # ends the requests, then reads the responses to their end
+        committed = live.of("committed")
+        assert len(committed) == 1 and live.of("done", committed[0].turn_id)
+        assert live.of("done")[0].done.stop_reason != pb.STOP_REASON_CANCELLED
+        session = await c.get_session(committed[0].session_id)
+        assert session.turns == 1
+
+
 async def test_bad_live_input_is_a_warning_and_the_stream_goes_on(gateway: GatewayProcess) -> None:
     async with client(gateway) as c:
         live = Live(c)

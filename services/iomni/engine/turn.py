@@ -8,8 +8,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,13 +23,14 @@ from iomni.engine.events import AudioChunk, TextDelta, TurnDone, TurnEvent, Usag
 from iomni.engine.parts import GenerationRequest, ModelParts, SpeechOptions, SpeechStream
 from iomni.errors import InvalidInput, IomniError, NotFound
 from iomni.model.conversation import MediaPart, Message, TextPart
-from iomni.model.processor import DEFAULT_VIDEO_FRAMES, Processor
+from iomni.model.processor import DEFAULT_VIDEO_FRAMES, Processor, Segment
 from iomni.model.sampling import SamplingParams
 from iomni.model.speech.stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, to_pcm16
 from iomni.model.tokenizer import IncrementalDecoder
 from iomni.telemetry.tracing import context_headers, tracer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Text tokens per speech-decoder step (InteractiveOmni's 5:25 interleave).
 SPEECH_TEXT_GROUP = 5
 
@@ -278,13 +280,29 @@ class Turn:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    async def _unless_cancelled(self, work: Callable[[], Awaitable[T]]) -> T | None:
+        """`work()`'s result, or None as soon as the turn is cancelled: a barge-in does not wait
+        for seconds of media decoding and encoding. Cut short, the work goes on in the
+        background: each cache entry it writes is whole (a later turn with the same media finds
+        it there), and its errors are retrieved, as nobody waits for them any more."""
+        if self.cancelled:
+            return None
+        task = asyncio.ensure_future(work())
+        task.add_done_callback(_retrieve)
+        await self._until_any(task)
+        return task.result() if task.done() else None
+
     async def events(self) -> AsyncIterator[TurnEvent]:
         started = time.perf_counter()
         request = self.request
         params = request.params.validate()
         _validate_user(request.user, self.engine.limits)
-        media = await self._resolve_media([*request.history, request.user])
-        messages, ids, dropped = self._fit_prompt(request, media)
+        prompt = await self._unless_cancelled(self._prompt)
+        if prompt is None:
+            stats = _TurnStats(started, {}, {"prompt_tokens": 0})
+            yield self._done("cancelled", "", stats, media_stored=False)
+            return
+        media, messages, ids, dropped = prompt
         special = self.engine.processor.tokenizer.special
         stats = _TurnStats(
             started,
@@ -388,12 +406,19 @@ class Turn:
         stats.add("speech", opened)
         return speech
 
-    def _done(self, reason: str, text: str, stats: _TurnStats) -> TurnDone:
+    def _done(
+        self, reason: str, text: str, stats: _TurnStats, media_stored: bool = True
+    ) -> TurnDone:
+        """`media_stored` False: a cancel came before the new media were decoded and stored;
+        the record leaves them out, as a later turn could not load them (or they do not
+        decode) and would fail on its history."""
         stats.timings["total"] = (time.perf_counter() - stats.started) * 1000
         user = Message(
             "user",
             tuple(
-                p.without_data() if isinstance(p, MediaPart) else p for p in self.request.user.parts
+                p.without_data() if isinstance(p, MediaPart) else p
+                for p in self.request.user.parts
+                if media_stored or not (isinstance(p, MediaPart) and p.data is not None)
             ),
         )
         assistant = Message("assistant", (TextPart(text),))
@@ -409,6 +434,14 @@ class Turn:
             timings_ms=stats.timings,
             record=(user, assistant),
         )
+
+    async def _prompt(self) -> tuple[_MediaState, list[Message], list[int], int]:
+        """The turn's media resolved, then its prompt: ids, and the exchanges dropped."""
+        request = self.request
+        media = await self._resolve_media([*request.history, request.user])
+        # Tokenising a long history is CPU work: off the event loop, as decoding media is.
+        messages, ids, dropped = await background.run(self._fit_prompt, request, media)
+        return media, messages, ids, dropped
 
     # -- media ------------------------------------------------------------------------------
 
@@ -461,20 +494,34 @@ class Turn:
     def _fit_prompt(
         self, request: TurnRequest, media: _MediaState
     ) -> tuple[list[Message], list[int], int]:
-        """Prompt ids; the oldest turns are dropped when the context would overflow."""
+        """Prompt ids; the oldest exchanges are dropped when the context would overflow.
+
+        CPU work, run off the event loop. Each distinct segment (a message's text, the template
+        between two messages) is tokenised once, however many drops are tried: the processor's
+        ids are its segments' ids end to end, so lengths and ids are exactly those of encoding
+        every candidate prompt whole."""
         processor = self.engine.processor
-        counts = {sha: rows.shape[0] for sha, rows in media.rows.items()}
+        counts = {ident: rows.shape[0] for ident, rows in media.rows.items()}
         budget = self.engine.limits.max_context_tokens - request.params.max_new_tokens
+        encoded: dict[tuple[type, Segment], list[int]] = {}
+
+        def ids_of(segment: Segment) -> list[int]:
+            key = (type(segment), segment)  # PlainText and template text tokenise differently
+            if key not in encoded:
+                encoded[key] = processor.encode([segment])
+            return encoded[key]
+
         history = list(request.history)
         dropped = 0
         while True:
             messages = [*history, request.user]
-            ids = processor.encode(processor.prompt_segments(messages, counts))
-            if len(ids) <= budget:
-                return messages, ids, dropped
+            segments = processor.prompt_segments(messages, counts)
+            length = sum(len(ids_of(s)) for s in segments)
+            if length <= budget:
+                return messages, [i for s in segments for i in ids_of(s)], dropped
             if not history:
                 raise InvalidInput(
-                    f"the turn needs {len(ids)} prompt tokens but only {budget} fit the context "
+                    f"the turn needs {length} prompt tokens but only {budget} fit the context "
                     f"({self.engine.limits.max_context_tokens} minus max_new_tokens); send less "
                     "media or lower max_new_tokens"
                 )

@@ -70,6 +70,8 @@ class LiveConversation:
         try:
             async for request in requests:
                 await self._handle(request)
+            # The client is done sending but still listens: its reply ends and is committed.
+            await self.live.finish()
         except Exception as exc:
             self.error = as_project_error(exc, "the live stream")
         finally:

@@ -355,7 +355,24 @@ class LiveSession:
             self._spawn(self._truncate(reply, played_ms))
         return True
 
+    async def finish(self, timeout_s: float | None = None) -> None:
+        """The client stopped sending (its request stream ended) but still listens: what is in
+        progress (the reply, a playback cut) runs to its end, its reply done and committed as
+        a manual turn already queued is, within `timeout_s` (by default the runner's turn
+        timeout); then the session closes. A reply started early is dropped: no silence
+        confirmed the user's turn over."""
+        reply = self.reply
+        if reply is not None and reply.speculative:
+            reply.running.discard()
+        limit = self.runner.limits.turn_timeout_s if timeout_s is None else timeout_s
+        try:
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=limit)
+        finally:
+            await self.close()
+
     async def close(self) -> None:
+        """Stop now: the reply in progress is cancelled (the client is gone)."""
         reply = self.reply
         if reply is not None:
             if reply.speculative:
@@ -513,6 +530,11 @@ class LiveSession:
             await self.runner.run(turn, emit, reply.running)
         except IomniError as exc:
             await self._warn(exc.code, f"turn {turn.turn_id} failed: {exc.detail}")
+        except Exception as exc:  # a bug: the client hears of it too, the log has the traceback
+            log.exception("live turn %s failed", turn.turn_id)
+            await self._warn(
+                ErrorCode.INTERNAL, f"turn {turn.turn_id} failed: {type(exc).__name__}"
+            )
         finally:
             reply.finished = True
 

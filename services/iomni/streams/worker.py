@@ -22,7 +22,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from iomni import wire
-from iomni.errors import IomniError, LeaseLost, NotFound, SessionBusy, Unavailable
+from iomni.errors import IomniError, LeaseLost, NotFound, Unavailable
 from iomni.streams.publisher import TurnPublisher, make_producer
 from iomni.streams.topics import StreamSettings, ensure_topics
 from iomni.telemetry.metrics import TurnMetrics
@@ -246,10 +246,12 @@ class TurnWorker:
         deadline = time.monotonic() + self.settings.busy_retry_s
         while True:
             try:
-                await self.runner.run(turn, emit)
+                # Another worker (perhaps a dead one whose lease has not expired) may hold the
+                # session: the runner waits for it, and counts the request's turn once.
+                await self.runner.run(turn, emit, busy_wait_s=deadline - time.monotonic())
                 return
-            except (SessionBusy, LeaseLost):
-                # Another worker (perhaps a dead one whose lease has not expired) holds it.
+            except LeaseLost:
+                # Taken over before this turn said anything: it is run again.
                 if time.monotonic() > deadline or publisher.sequence:
                     raise
                 await asyncio.sleep(0.5)

@@ -25,6 +25,7 @@ from iomni.errors import (
     IomniError,
     LeaseLost,
     ResourceExhausted,
+    SessionBusy,
     Unavailable,
 )
 from iomni.model.conversation import Message, TextPart
@@ -49,6 +50,7 @@ USAGE_FIELDS = (
     "audio_ms",
 )
 Sent = tuple[float, int] | None  # when a text delta was sent, and its token index
+BUSY_POLL_S = 0.5  # how often a turn waiting for its busy session asks for the lease again
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,18 @@ class TurnRunner:
         """Renew the lease three times per TTL: two beats can be missed before it lapses."""
         return self.store.lease_ttl_ms / 3000
 
-    async def run(self, turn: TurnInput, emit: Emit, running: RunningTurn | None = None) -> None:
-        """Run `turn`, sending its outputs to `emit`; the last one is a `TurnFinished`."""
+    async def run(
+        self,
+        turn: TurnInput,
+        emit: Emit,
+        running: RunningTurn | None = None,
+        busy_wait_s: float = 0.0,
+    ) -> None:
+        """Run `turn`, sending its outputs to `emit`; the last one is a `TurnFinished`.
+
+        A session busy with another turn fails at once with SessionBusy, or, with
+        `busy_wait_s`, is asked for again until then (a queued request, whose session's holder
+        may have died with a lease yet to lapse). Either way the turn has one outcome."""
         running = running or RunningTurn()
         if self.draining:  # not a failure: the client retries on another replica
             raise Unavailable("this replica is draining for shutdown; retry on another one")
@@ -197,7 +209,10 @@ class TurnRunner:
             with tracer().start_as_current_span("turn") as span:
                 span.set_attribute("iomni.session_id", turn.session_id)
                 span.set_attribute("iomni.turn_id", turn.turn_id)
-                self.observer.outcome(await self._run(turn, emit, running))
+                self.observer.outcome(await self._run(turn, emit, running, busy_wait_s))
+        except asyncio.CancelledError:
+            self.observer.outcome("cancelled")  # the client went away (or its front door closed)
+            raise
         except IomniError as exc:
             self.observer.outcome(exc.code.outcome)
             raise
@@ -223,10 +238,12 @@ class TurnRunner:
                 f"{self.limits.max_turn_bytes / (1 << 20):.0f} MiB"
             )
 
-    async def _run(self, turn: TurnInput, emit: Emit, running: RunningTurn) -> str:
+    async def _run(
+        self, turn: TurnInput, emit: Emit, running: RunningTurn, busy_wait_s: float
+    ) -> str:
         """The turn under its lease; returns the outcome label."""
         await self.store.get_session(turn.tenant, turn.session_id)
-        lease = await self.store.acquire_lease(turn.session_id, self.owner, turn.turn_id)
+        lease = await self._acquire(turn, busy_wait_s)
         renewer = asyncio.create_task(self._renew(lease, running))
         try:
             record = await self.store.begin_turn(lease, turn.turn_id)
@@ -267,6 +284,16 @@ class TurnRunner:
             renewer.cancel()
             with contextlib.suppress(IomniError):
                 await self.store.release_lease(lease)
+
+    async def _acquire(self, turn: TurnInput, busy_wait_s: float) -> Lease:
+        deadline = time.monotonic() + busy_wait_s
+        while True:
+            try:
+                return await self.store.acquire_lease(turn.session_id, self.owner, turn.turn_id)
+            except SessionBusy:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(BUSY_POLL_S)
 
     async def _stream(self, request: TurnRequest, emit: Emit, running: RunningTurn) -> TurnDone:
         """Run the engine turn, forwarding its events; a cancel stops every stage."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +20,7 @@ from iomni.engine import turn as turn_module
 from iomni.engine.cache import MemoryMediaStore
 from iomni.engine.events import TextDelta, TurnDone, TurnEvent
 from iomni.engine.parts import GenerationRequest, InProcessParts, LLMStep
-from iomni.engine.turn import TurnEngine, TurnLimits, TurnRequest
+from iomni.engine.turn import TurnEngine, TurnLimits, TurnRequest, _MediaState
 from iomni.errors import InvalidInput, NotFound
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.conversation import MediaPart, Message, TextPart
@@ -213,6 +216,146 @@ async def test_cancel_before_generation_produces_empty_record(
     events = [e async for e in turn.events()]
     assert len(events) == 1 and events[0].stop_reason == "cancelled"
     assert events[0].record[1].text == "" and parts.steps == 0
+
+
+class BlockedPrepare:
+    """Media decoding that waits for the test: it signals when it starts, ends on `release`."""
+
+    def __init__(self, fail: bool) -> None:
+        self.started, self.release, self.fail = threading.Event(), threading.Event(), fail
+        self.real = turn_module.prepare
+
+    def __call__(self, processor, part, data):  # type: ignore[no-untyped-def]
+        self.started.set()
+        self.release.wait(30)
+        if self.fail:
+            raise InvalidInput("decoded after the turn had ended")
+        return self.real(processor, part, data)
+
+
+async def cancel_while_preparing(
+    engine: TurnEngine, message: Message, blocked: BlockedPrepare
+) -> TurnDone:
+    """Cancel `message`'s turn while its media decode; its done, once the work left ended."""
+    turn = engine.start(TurnRequest(user=message, params=GREEDY))
+    events = turn.events()
+    first = asyncio.ensure_future(anext(events))
+    try:
+        assert await asyncio.to_thread(blocked.started.wait, 10), "the decode never started"
+        turn.cancel()
+        done, _ = await asyncio.wait({first}, timeout=5)
+        assert done, "the cancel waited for the media decode"
+    finally:
+        blocked.release.set()
+    await events.aclose()
+    for _ in range(500):  # the decode left running ends in the background
+        if asyncio.all_tasks() == {asyncio.current_task()}:
+            break
+        await asyncio.sleep(0.01)
+    assert asyncio.all_tasks() == {asyncio.current_task()}, "the media work never ended"
+    return first.result()
+
+
+async def test_a_cancel_does_not_wait_for_media_being_decoded(
+    engine: TurnEngine, parts: RecordingParts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A barge-in while a turn's media decode: its done comes at once; the decode goes on in
+    the background, where its failure is retrieved (not left to the loop's handler), and the
+    record leaves the media out (a later turn could not have loaded them)."""
+    unretrieved: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    blocked = BlockedPrepare(fail=True)
+    monkeypatch.setattr(turn_module, "prepare", blocked)
+    image = MediaPart.from_bytes("image", png())
+    try:
+        done = await cancel_while_preparing(engine, user(image, TextPart("what is it?")), blocked)
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert done.stop_reason == "cancelled" and done.usage.completion_tokens == 0
+    assert done.record[0].parts == (TextPart("what is it?"),)
+    assert parts.steps == 0 and parts.image_calls == 0
+    assert unretrieved == []
+    assert await engine.embeddings.get(engine.media_key(image)) is None
+
+
+async def test_media_work_a_cancel_left_behind_fills_the_cache(
+    engine: TurnEngine, parts: RecordingParts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = BlockedPrepare(fail=False)
+    monkeypatch.setattr(turn_module, "prepare", blocked)
+    image = MediaPart.from_bytes("image", png())
+    await cancel_while_preparing(engine, user(image, TextPart("what is it?")), blocked)
+    _, again = await run(engine, user(image, TextPart("and now?")))
+    assert again.usage.media_cache_hits == 1 and parts.image_calls == 1
+
+
+def history_of(exchanges: int, image: bool = True) -> list[Message]:
+    """Varied exchanges: an image, two text parts in one message, an empty reply."""
+    picture = MediaPart.from_bytes("image", png(64, 64))
+    out: list[Message] = []
+    for i in range(exchanges):
+        parts: tuple[TextPart | MediaPart, ...] = (TextPart(f"question {i} " + "word " * (3 * i)),)
+        if i == 1 and image:
+            parts = (picture, *parts)
+        if i == 2:
+            parts = (*parts, TextPart(" and <IMG_CONTEXT> more"))
+        reply = "" if i == 3 else f"answer {i} " + "token " * (4 + i)
+        out += [Message("user", parts), Message("assistant", (TextPart(reply),))]
+    return out
+
+
+def fit_whole(
+    processor: Processor, request: TurnRequest, counts: dict[str, int], budget: int
+) -> tuple[list[Message], list[int], int]:
+    """The prompt fitting as it was: every candidate prompt encoded whole."""
+    history, dropped = list(request.history), 0
+    while True:
+        messages = [*history, request.user]
+        ids = processor.encode(processor.prompt_segments(messages, counts))
+        if len(ids) <= budget:
+            return messages, ids, dropped
+        history, dropped = history[2:], dropped + 1
+
+
+@pytest.mark.parametrize("drops", [0, 1, 4])
+def test_prompt_fitting_gives_the_ids_of_encoding_each_candidate_whole(
+    parts: RecordingParts, processor: Processor, drops: int
+) -> None:
+    history = history_of(6)
+    image = history[2].media[0]
+    media = _MediaState(rows={image.ident: torch.zeros(7, 4)})
+    request = TurnRequest(user=user(TextPart("the latest question")), history=history)
+    counts = {image.ident: 7}
+    new = request.params.max_new_tokens
+    # The context that fits the prompt after `drops` drops, and not after one fewer.
+    fits = len(
+        fit_whole(processor, replace(request, history=history[2 * drops :]), counts, 10**9)[1]
+    )
+    engine = TurnEngine(parts, processor, limits=TurnLimits(max_context_tokens=fits + new))
+    fitted = engine.start(request)._fit_prompt(request, media)
+    assert fitted == fit_whole(processor, request, counts, fits)
+    assert fitted[2] == drops
+
+
+async def test_the_prompt_is_fitted_off_the_event_loop_tokenising_each_message_once(
+    parts: RecordingParts, processor: Processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []  # the thread of each plain-text tokenisation
+    encode_plain = processor.tokenizer.encode_plain
+
+    def counting(text: str) -> list[int]:
+        calls.append(threading.get_ident())
+        return encode_plain(text)
+
+    monkeypatch.setattr(processor.tokenizer, "encode_plain", counting)
+    history = history_of(6, image=False)
+    engine = TurnEngine(parts, processor, limits=TurnLimits(max_context_tokens=130))
+    _, done = await run(engine, user(TextPart("latest question")), history)
+    assert done.usage.history_turns_dropped >= 2
+    assert threading.get_ident() not in calls
+    assert len(calls) <= len(history) + 1  # each message's text once, whatever the drops
 
 
 async def test_same_seed_same_reply(engine: TurnEngine) -> None:

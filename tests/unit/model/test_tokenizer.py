@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,29 @@ def test_missing_multimodal_token(tmp_path: Path, tok_dir: Path) -> None:
 def test_loads_offline(tok_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert len(Tokenizer.from_dir(tok_dir)) == 151681
+
+
+def test_plain_text_stays_plain_while_another_thread_encodes(tok: Tokenizer) -> None:
+    """The Hugging Face tokenizer switches special-token splitting per call on shared state:
+    prompts are built on a pool, so a user's typed placeholder must stay text even while
+    another thread encodes template text with real special tokens."""
+    placeholder = tok.special.img_context
+    stop = threading.Event()
+
+    def template_text() -> None:
+        while not stop.is_set():
+            tok.encode("<|im_start|>user\n<IMG_CONTEXT><|im_end|>")
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave between any two bytecodes
+    other = threading.Thread(target=template_text)
+    other.start()
+    try:
+        forged = sum(
+            placeholder in tok.encode_plain("see <IMG_CONTEXT> here") for _ in range(20_000)
+        )
+    finally:
+        stop.set()
+        other.join()
+        sys.setswitchinterval(switch)
+    assert forged == 0

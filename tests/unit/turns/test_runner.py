@@ -1,5 +1,6 @@
 """The turn core (`TurnRunner`) on the in-memory store and the real tiny model, in-process:
-lease renewal, idempotency, concurrent duplicates, limits, cancellation, outcomes."""
+lease renewal, idempotency, concurrent duplicates, limits, cancellation, outcomes, waiting for
+a busy session (as the Kafka worker does)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
+from iomni.streams.topics import StreamSettings
+from iomni.streams.worker import TurnWorker
 from iomni.turns.observer import NullObserver, TurnReport
 from iomni.turns.runner import RunnerLimits, RunningTurn, TurnFinished, TurnInput, TurnRunner
 from iomni.turns.store import MemoryDialogueStore
+from iomni.v1 import events_pb2
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 
@@ -246,3 +250,82 @@ async def test_the_report_carries_the_time_between_text_tokens(
     assert eight.time_per_output_token_s is not None
     assert 0.05 <= eight.time_per_output_token_s < 0.1
     assert one.time_per_output_token_s is None
+
+
+async def test_a_client_gone_mid_turn_counts_as_cancelled(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    task = asyncio.create_task(run(runner, text_turn("t1")))
+    await asyncio.sleep(0.15)
+    task.cancel()  # the front door's task ends with its client
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert observer.labels == ["cancelled"] and observer.active == 0
+    assert await store.history("acme", "s1") == []
+
+
+async def test_a_busy_session_is_waited_for_and_the_turn_counted_once(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    first = asyncio.create_task(run(runner, text_turn("t1")))
+    await asyncio.sleep(0.1)
+    outputs: list = []
+
+    async def emit(output) -> None:  # type: ignore[no-untyped-def]
+        outputs.append(output)
+
+    await runner.run(text_turn("t2"), emit, busy_wait_s=30)
+    await first
+    assert outputs[-1].stop_reason == "length"
+    assert sorted(observer.labels) == ["ok", "ok"]
+    assert len(await store.history("acme", "s1")) == 4
+
+
+async def test_a_session_busy_past_the_wait_fails_counted_once(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    await store.acquire_lease("s1", "another-worker", "t0")  # held past the wait
+    runner, observer = runner_for(tiny, processor, store)
+
+    async def emit(output) -> None:  # type: ignore[no-untyped-def]
+        raise AssertionError(f"nothing is emitted: {output}")
+
+    with pytest.raises(SessionBusy):
+        await runner.run(text_turn("t1"), emit, busy_wait_s=1.2)
+    assert observer.labels == ["busy"] and observer.active == 0
+
+
+class Publisher:
+    """What the Kafka worker's turn loop reads of its publisher: how much went out."""
+
+    sequence = 0
+
+    async def emit(self, response: object) -> None:
+        self.sequence += 1
+
+
+async def test_a_kafka_request_for_a_busy_session_counts_one_busy_turn(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    """The worker waits for a busy session (a dead worker's lease), through the runner: the
+    request is one turn in the metrics however long it waited, not one per attempt."""
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    await store.acquire_lease("s1", "a-dead-worker", "t0")  # held past the wait
+    runner, observer = runner_for(tiny, processor, store)
+    worker = TurnWorker(runner, store, StreamSettings(busy_retry_s=1.6))
+    request = events_pb2.TurnRequested(tenant="acme", session_id="s1", turn_id="t1")
+    request.parts.add(text="Hello there")
+    publisher = Publisher()
+    with pytest.raises(SessionBusy):
+        await worker._run(request, publisher)  # type: ignore[arg-type]
+    assert observer.labels == ["busy"] and observer.active == 0
+    assert publisher.sequence == 0
