@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Text tokens per speech-decoder step (InteractiveOmni's 5:25 interleave).
 SPEECH_TEXT_GROUP = 5
+# A prompt with at most this much text is fitted on the event loop (at most ~2 ms on one core
+# of the CI host): on the media pool, at its lower priority, it would wait behind image
+# decoding and for a share of saturated cores, on the way to the first token.
+INLINE_PROMPT_CHARS = 8000
 
 
 @dataclass(frozen=True)
@@ -439,6 +443,8 @@ class Turn:
         """The turn's media resolved, then its prompt: ids, and the exchanges dropped."""
         request = self.request
         media = await self._resolve_media([*request.history, request.user])
+        if _text_chars([*request.history, request.user]) <= INLINE_PROMPT_CHARS:
+            return media, *self._fit_prompt(request, media)
         # Tokenising a long history is CPU work: off the event loop, as decoding media is.
         messages, ids, dropped = await background.run(self._fit_prompt, request, media)
         return media, messages, ids, dropped
@@ -556,6 +562,10 @@ def _validate_user(user: Message, limits: TurnLimits) -> None:
         raise InvalidInput(f"text is {text} characters; the limit is {limits.max_text_chars}")
     if not media and not user.text.strip():
         raise InvalidInput("the turn has no content: the text is empty and there is no media")
+
+
+def _text_chars(messages: Sequence[Message]) -> int:
+    return sum(len(part.text) for m in messages for part in m.parts if isinstance(part, TextPart))
 
 
 def _unique_media(messages: Sequence[Message]) -> list[MediaPart]:

@@ -339,9 +339,13 @@ def test_prompt_fitting_gives_the_ids_of_encoding_each_candidate_whole(
     assert fitted[2] == drops
 
 
-async def test_the_prompt_is_fitted_off_the_event_loop_tokenising_each_message_once(
-    parts: RecordingParts, processor: Processor, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("long", [True, False], ids=["long-off-the-loop", "short-on-the-loop"])
+async def test_a_long_prompt_is_fitted_off_the_event_loop_tokenising_each_message_once(
+    parts: RecordingParts, processor: Processor, monkeypatch: pytest.MonkeyPatch, long: bool
 ) -> None:
+    """A long history is tokenised on the media pool; a short one on the loop, where it costs
+    less than the hop (and does not wait at the pool's lower priority)."""
+    monkeypatch.setattr(turn_module, "INLINE_PROMPT_CHARS", 0 if long else 10**6)
     calls: list[int] = []  # the thread of each plain-text tokenisation
     encode_plain = processor.tokenizer.encode_plain
 
@@ -354,7 +358,7 @@ async def test_the_prompt_is_fitted_off_the_event_loop_tokenising_each_message_o
     engine = TurnEngine(parts, processor, limits=TurnLimits(max_context_tokens=130))
     _, done = await run(engine, user(TextPart("latest question")), history)
     assert done.usage.history_turns_dropped >= 2
-    assert threading.get_ident() not in calls
+    assert (threading.get_ident() not in calls) is long
     assert len(calls) <= len(history) + 1  # each message's text once, whatever the drops
 
 
