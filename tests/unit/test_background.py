@@ -31,3 +31,15 @@ def test_errors_reach_the_caller() -> None:
         assert str(exc) == "bad image"
     else:
         raise AssertionError("the error was lost")
+
+
+def test_only_a_large_message_leaves_the_event_loop() -> None:
+    """Hashing a small message costs less than the hop; a large one would stall the loop."""
+
+    async def both() -> tuple[int, int]:
+        small = await background.run_if_large(background.LOOP_BYTES, threading.get_native_id)
+        large = await background.run_if_large(background.LOOP_BYTES + 1, threading.get_native_id)
+        return small, large
+
+    small, large = asyncio.run(both())
+    assert small == threading.get_native_id() != large

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import soundfile as sf
 
-from iomni import wire
+from iomni import background, wire
 from iomni.auth import Tenants
 from iomni.errors import DeadlineExceeded, InvalidInput, IomniError, ResourceExhausted
 from iomni.gateway.live import LiveConversation
@@ -164,7 +164,9 @@ class DialogueService(pb_grpc.DialogueServicer):
                 tenant,
                 session_id,
                 request.turn_id,
-                wire.chat_message(list(request.parts)),
+                await background.run_if_large(
+                    request.ByteSize(), wire.chat_message, list(request.parts)
+                ),
                 wire.sampling_params(request.sampling),
                 wire.speech_options(request.output),
             )
@@ -336,7 +338,7 @@ class _Conversation:
                 if kind == "cancel":
                     self._cancel(request.cancel.turn_id)
                 elif kind == "end_of_turn":
-                    self._queue(request.end_of_turn.turn_id or uuid.uuid4().hex, assembler)
+                    await self._queue(request.end_of_turn.turn_id or uuid.uuid4().hex, assembler)
                 elif kind == "config":
                     raise InvalidInput("`config` may only be the first message of a stream")
                 elif kind in LIVE_ONLY:
@@ -351,14 +353,15 @@ class _Conversation:
         finally:
             await self.turns.put(None)
 
-    def _queue(self, turn_id: str, assembler: TurnAssembler) -> None:
+    async def _queue(self, turn_id: str, assembler: TurnAssembler) -> None:
         if len(self.waiting) >= MAX_WAITING_TURNS:
             raise ResourceExhausted(
                 f"{MAX_WAITING_TURNS} turns are already waiting on this stream behind the "
                 "running one; send the next end_of_turn after a turn's `done`"
             )
+        message = await background.run_if_large(assembler.size, assembler.finish)
         self.waiting.add(turn_id)
-        self.turns.put_nowait((turn_id, assembler.finish()))
+        self.turns.put_nowait((turn_id, message))
 
     def _cancel(self, turn_id: str = "") -> None:
         """Cancel the running turn, or the waiting turn `turn_id` names (it will end as

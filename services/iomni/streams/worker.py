@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from iomni import wire
+from iomni import background, wire
 from iomni.errors import IomniError, LeaseLost, NotFound, Unavailable
 from iomni.streams.publisher import TurnPublisher, make_producer
 from iomni.streams.topics import StreamSettings, ensure_topics
@@ -235,7 +235,9 @@ class TurnWorker:
             request.tenant,
             request.session_id,
             request.turn_id,
-            wire.chat_message(list(request.parts)),
+            await background.run_if_large(
+                request.ByteSize(), wire.chat_message, list(request.parts)
+            ),
             wire.sampling_params(request.sampling),
             wire.speech_options(request.output),
         )
