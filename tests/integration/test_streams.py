@@ -291,3 +291,30 @@ def test_gateway_turns_reach_the_event_log(broker: str, start_gateway) -> None: 
     assert {e.source for e in events} == {"gateway"}
     assert events[-1].done.text == reply.text
     assert [e.sequence for e in events] == list(range(len(events)))
+
+
+def test_live_turns_reach_the_event_log(broker: str, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    """A live-mode turn (typed, committed by end_of_turn) is published behind the reply, to
+    its `done`, as manual turns are."""
+    import asyncio
+
+    from iomni.client import AsyncDialogueClient
+    from tests.integration.conftest import TENANT_KEYS
+
+    gateway = start_gateway("--events-bootstrap", broker)
+
+    async def live_turn() -> pb.ConverseResponse:
+        async with AsyncDialogueClient(gateway.target, TENANT_KEYS["acme"]) as client:
+            stream = client.live(speech=False, temperature=0.0, max_new_tokens=5)
+            stream.send_text("logged live")
+            stream.end_of_turn()
+            stream.close()  # the reply is still answered (the client only stopped sending)
+            return [r async for r in stream if r.WhichOneof("payload") == "done"][0]
+
+    follower = TurnFollower(StreamSettings(bootstrap=broker))
+    done = asyncio.run(live_turn())
+    events = list(follower.events(done.turn_id, 30))
+    follower.close()
+    assert {e.source for e in events} == {"gateway"}
+    assert events[-1].done.text == done.done.text
+    assert [e.sequence for e in events] == list(range(len(events)))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from iomni import wire
 from iomni.engine.events import AudioChunk, TextDelta
@@ -21,6 +21,7 @@ from iomni.v1 import dialogue_pb2 as pb
 
 if TYPE_CHECKING:
     from iomni.live.observer import LiveObserver
+    from iomni.streams.publisher import EventLogTap, FrontDoorEventLog
 
 EVENT_LOG_TURNS = 8  # publishers kept for turns still streaming
 
@@ -30,14 +31,14 @@ class LiveConversation:
         self,
         runner: TurnRunner,
         observer: LiveObserver,
-        event_log: Callable[[str, str], Any] | None,
+        event_log: FrontDoorEventLog | None,
         tenant: str,
         session_id: str,
         params: SamplingParams,
         speech: SpeechOptions | None,
         settings: LiveSettings,
     ) -> None:
-        self.event_log = event_log  # (session_id, turn_id) -> a publisher, as manual turns use
+        self.event_log = event_log
         self.session_id = session_id
         self.queue: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue()
         self.live = LiveSession(
@@ -51,7 +52,7 @@ class LiveConversation:
             observer,
         )
         self.error: IomniError | None = None
-        self._logs: OrderedDict[str, Any] = OrderedDict()
+        self._logs: OrderedDict[str, EventLogTap] = OrderedDict()
         self._reader: asyncio.Task | None = None
 
     async def run(
@@ -76,6 +77,7 @@ class LiveConversation:
             self.error = as_project_error(exc, "the live stream")
         finally:
             await self.live.close()
+            self._end_logs()
             await self.queue.put(None)
 
     async def _handle(self, request: pb.ConverseRequest) -> None:
@@ -106,23 +108,28 @@ class LiveConversation:
     async def _emit(self, turn_id: str, event: LiveEvent | TurnOutput) -> None:
         response = wire.live_response(self.session_id, turn_id, event)
         if isinstance(event, TextDelta | AudioChunk | TurnFinished):
-            await self._log(turn_id, response, finished=isinstance(event, TurnFinished))
+            self._log(turn_id, response)
         await self.queue.put(response)
 
-    async def _log(self, turn_id: str, response: pb.ConverseResponse, finished: bool) -> None:
-        """The turn's outputs also go to the Kafka event log, as manual turns' do."""
-        factory = self.event_log
-        if factory is None:
+    def _log(self, turn_id: str, response: pb.ConverseResponse) -> None:
+        """The turn's outputs also go to the Kafka event log, as manual turns' do (behind the
+        turn: the client never waits for the broker)."""
+        if self.event_log is None:
             return
-        publisher = self._logs.get(turn_id)
-        if publisher is None:
-            publisher = self._logs[turn_id] = factory(self.session_id, turn_id)
+        tap = self._logs.get(turn_id)
+        if tap is None:
+            tap = self._logs[turn_id] = self.event_log.turn(self.session_id, turn_id)
             while len(self._logs) > EVENT_LOG_TURNS:
-                self._logs.popitem(last=False)
-        with contextlib.suppress(Exception):  # the log must never break a live dialogue
-            await publisher.emit(response)
-        if finished:
+                self._logs.popitem(last=False)[1].end()
+        tap.put(response)  # its `done` ends it
+        if response.WhichOneof("payload") == "done":
             self._logs.pop(turn_id, None)
+
+    def _end_logs(self) -> None:
+        """Turns still streaming when the stream ends: their log says they did not finish."""
+        for tap in self._logs.values():
+            tap.end()
+        self._logs.clear()
 
     def fail(self, error: IomniError) -> None:
         """End the stream with `error` (the idle watchdog)."""
@@ -136,3 +143,4 @@ class LiveConversation:
             with contextlib.suppress(BaseException):
                 await self._reader
         await self.live.close()
+        self._end_logs()

@@ -34,15 +34,13 @@ HEALTH_PERIOD_S = 1.0
 
 
 def _event_log(bootstrap: str):  # type: ignore[no-untyped-def]
-    from iomni.streams.publisher import TurnPublisher, make_producer
+    from iomni.streams.publisher import FrontDoorEventLog, make_producer
     from iomni.streams.topics import StreamSettings, ensure_topics
 
     settings = StreamSettings(bootstrap=bootstrap)
     ensure_topics(settings)
     producer = make_producer(bootstrap, "iomni-gateway")
-    return lambda session_id, turn_id: TurnPublisher(
-        producer, settings.events_topic, session_id, turn_id, "gateway"
-    )
+    return FrontDoorEventLog(producer, settings.events_topic, "gateway")
 
 
 class Gateway:

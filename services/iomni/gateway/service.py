@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -16,7 +17,13 @@ import soundfile as sf
 
 from iomni import background, wire
 from iomni.auth import Tenants
-from iomni.errors import DeadlineExceeded, InvalidInput, IomniError, ResourceExhausted
+from iomni.errors import (
+    DeadlineExceeded,
+    ErrorCode,
+    InvalidInput,
+    IomniError,
+    ResourceExhausted,
+)
 from iomni.gateway.live import LiveConversation
 from iomni.gateway.registration import check
 from iomni.gateway.status import abort, as_project_error
@@ -26,6 +33,9 @@ from iomni.turns.runner import RunningTurn, TurnInput, TurnOutput, TurnRunner
 from iomni.turns.store import DialogueStore
 from iomni.v1 import dialogue_pb2 as pb
 from iomni.v1 import dialogue_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # Kafka is optional: imported where the log is configured
+    from iomni.streams.publisher import EventLogTap, FrontDoorEventLog
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +121,11 @@ class DialogueService(pb_grpc.DialogueServicer):
         store: DialogueStore,
         tenants: Tenants,
         metrics: GatewayMetrics,
-        event_log=None,  # type: ignore[no-untyped-def]
+        event_log: FrontDoorEventLog | None = None,
         idle_timeout_s: float = 300.0,
     ) -> None:
-        """`event_log(session_id, turn_id)`, when given, returns an object whose `emit` also
-        receives every response of that turn (the Kafka dialogue event log)."""
+        """`event_log`, when given, gets a copy of every turn's responses (the Kafka dialogue
+        event log), published behind the turn."""
         self.runner = runner
         self.store = store
         self.tenants = tenants
@@ -132,18 +142,26 @@ class DialogueService(pb_grpc.DialogueServicer):
 
     async def run_turn(self, turn: TurnInput, queue: Responses, running: RunningTurn) -> None:
         """Run a turn, its outputs as responses into `queue` (and the event log)."""
-        await self.runner.run(turn, self._emitter(turn, queue), running)
+        tap = self.event_log.turn(turn.session_id, turn.turn_id) if self.event_log else None
+        try:
+            await self.runner.run(turn, self._emitter(turn, queue, tap), running)
+        except IomniError as exc:
+            if tap is not None:
+                tap.end(exc.code, exc.detail)
+            raise
+        except Exception:
+            if tap is not None:
+                tap.end(ErrorCode.INTERNAL, "the turn failed on an internal error")
+            raise
+        finally:
+            if tap is not None:
+                tap.end()  # the client went away; a no-op after its `done` or its error
 
-    def _emitter(self, turn: TurnInput, queue: Responses):  # type: ignore[no-untyped-def]
-        log_turn = self.event_log(turn.session_id, turn.turn_id) if self.event_log else None
-
+    def _emitter(self, turn: TurnInput, queue: Responses, tap: EventLogTap | None):  # type: ignore[no-untyped-def]
         async def emit(output: TurnOutput) -> None:
             response = wire.response(turn.session_id, turn.turn_id, output)
-            if log_turn is not None:
-                try:
-                    await log_turn.emit(response)
-                except Exception:  # the log must never break a live dialogue
-                    log.exception("could not publish turn %s to the event log", turn.turn_id)
+            if tap is not None:
+                tap.put(response)  # published behind the turn: the client never waits for it
             await queue.put(response)
 
         return emit

@@ -123,3 +123,91 @@ class TurnPublisher:
         except KafkaError:
             await asyncio.to_thread(self.producer.renew)
             raise
+
+
+class EventLogTap:
+    """A front door's copy of one turn's responses into the event log, published behind the
+    turn rather than in its path: the client's reply never waits for the broker (a full
+    buffer, or metadata the producer lacks, blocks a send for up to 5 s).
+
+    One task publishes the turn's events in order, after the session's previous turn's (the
+    log keeps a session's order). When a send fails (the broker is down) or more than
+    `MAX_BEHIND` events wait, the rest of the turn is dropped, logged with its count. A turn
+    that ends without `done` gets a `failed` event, so every turn in the log has an end."""
+
+    MAX_BEHIND = 1024
+
+    def __init__(self, publisher: TurnPublisher, after: asyncio.Task | None = None) -> None:
+        self.publisher = publisher
+        self.queue: asyncio.Queue[pb.ConverseResponse | tuple[ErrorCode, str] | None]
+        self.queue = asyncio.Queue()
+        self.ended = False
+        self.dropped = 0
+        self.task = asyncio.get_running_loop().create_task(self._publish(after))
+
+    def put(self, response: pb.ConverseResponse) -> None:
+        """Queue a response of the turn (what is not an event of the log is skipped)."""
+        if self.ended:
+            return
+        if response.WhichOneof("payload") == "done":  # always: it is the turn's end
+            self.queue.put_nowait(response)
+            self._close()
+        elif self.queue.qsize() < self.MAX_BEHIND:
+            self.queue.put_nowait(response)
+        else:
+            self.dropped += 1
+
+    def end(self, code: ErrorCode = ErrorCode.CANCELLED, message: str = "") -> None:
+        """The turn is over; without a `done` it failed (`code`, `message`: why)."""
+        if self.ended:
+            return
+        why = message or "the turn ended without finishing (its stream closed)"
+        self.queue.put_nowait((code, why))
+        self._close()
+
+    def _close(self) -> None:
+        self.ended = True
+        self.queue.put_nowait(None)
+
+    async def _publish(self, after: asyncio.Task | None) -> None:
+        if after is not None:
+            await asyncio.wait([after])
+        broken = False
+        while (item := await self.queue.get()) is not None:
+            if broken:
+                self.dropped += 1
+                continue
+            try:
+                if isinstance(item, tuple):
+                    await asyncio.to_thread(self.publisher.fail, *item)
+                else:
+                    await self.publisher.emit(item)
+            except Exception:
+                log.exception("event log: turn %s could not be published", self.publisher.turn_id)
+                broken = True
+        if self.dropped:
+            log.warning(
+                "event log: %d events of turn %s were dropped (broker down or too slow)",
+                self.dropped,
+                self.publisher.turn_id,
+            )
+
+
+class FrontDoorEventLog:
+    """The event log of a front door (the gateway): a tap per turn, each session's in order."""
+
+    def __init__(self, producer: EventProducer, topic: str, source: str) -> None:
+        self.producer, self.topic, self.source = producer, topic, source
+        self._last: dict[str, asyncio.Task] = {}  # each session's latest tap, while publishing
+
+    def turn(self, session_id: str, turn_id: str) -> EventLogTap:
+        after = self._last.get(session_id)
+        publisher = TurnPublisher(self.producer, self.topic, session_id, turn_id, self.source)
+        tap = EventLogTap(publisher, after if after is not None and not after.done() else None)
+        self._last[session_id] = tap.task
+        tap.task.add_done_callback(lambda task: self._forget(session_id, task))
+        return tap
+
+    def _forget(self, session_id: str, task: asyncio.Task) -> None:
+        if self._last.get(session_id) is task:
+            del self._last[session_id]
