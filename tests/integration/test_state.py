@@ -325,6 +325,9 @@ async def test_media_store(redis_server: RedisServer) -> None:
         await state.redis.expire(key, 5)
         assert await store.get(sha) == data
         assert await state.redis.ttl(key) > state.media_ttl_s - 5  # a hit refreshes the TTL
+        await state.redis.expire(key, 5)
+        await store.touch([sha, "c" * 64])  # a session still uses it; an unknown one is no error
+        assert await state.redis.ttl(key) > state.media_ttl_s - 5
 
         big = bytes(1001)
         await store.put(content_hash(big), big)  # over the cap: skipped, not an error

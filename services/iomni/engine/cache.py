@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +26,10 @@ class MediaStore(Protocol):
     async def get(self, sha256: str) -> bytes | None: ...
 
     async def put(self, sha256: str, data: bytes) -> None: ...
+
+    async def touch(self, sha256s: Sequence[str]) -> None:
+        """Keep these blobs as long as a new one: a session still uses them (their
+        embeddings were cached, so nothing read the bytes)."""
 
 
 def embedding_key(model_id: str, kind: str, sha256: str, variant: str = "") -> str:
@@ -66,14 +71,35 @@ class MemoryEmbeddingCache:
 
 
 class MemoryMediaStore:
-    def __init__(self) -> None:
-        self._blobs: dict[str, bytes] = {}
+    """The embedded default: least recently used blobs evicted beyond `max_bytes` in all."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
 
     async def get(self, sha256: str) -> bytes | None:
-        return self._blobs.get(sha256)
+        data = self._blobs.get(sha256)
+        if data is not None:
+            self._blobs.move_to_end(sha256)
+        return data
 
     async def put(self, sha256: str, data: bytes) -> None:
+        if sha256 in self._blobs:
+            self._blobs.move_to_end(sha256)
+            return
+        if len(data) > self.max_bytes:
+            return
         self._blobs[sha256] = data
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes:
+            _, evicted = self._blobs.popitem(last=False)
+            self._bytes -= len(evicted)
+
+    async def touch(self, sha256s: Sequence[str]) -> None:
+        for sha256 in sha256s:
+            if sha256 in self._blobs:
+                self._blobs.move_to_end(sha256)
 
 
 class DirectoryMediaStore:
@@ -93,6 +119,9 @@ class DirectoryMediaStore:
             temp = path.with_suffix(".tmp")
             temp.write_bytes(data)
             temp.replace(path)
+
+    async def touch(self, sha256s: Sequence[str]) -> None:
+        """Files do not expire."""
 
 
 class DirectoryEmbeddingCache:

@@ -458,6 +458,9 @@ class Turn:
         cached_rows = {
             p.ident: await self.engine.embeddings.get(self.engine.media_key(p)) for p in parts
         }
+        if self.engine.media is not None:  # history media served from the cache stay stored
+            kept = [p.sha256 for p in parts if p.data is None and cached_rows[p.ident] is not None]
+            await self.engine.media.touch(kept)
         # Decode the new turn's media first: a bad file fails fast, before any encoding. Decoding
         # is CPU work: off the event loop, so other sessions' streams keep flowing meanwhile,
         # and at low priority, so it does not take the cores from audio being rendered. Bytes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
@@ -73,6 +74,18 @@ class RedisMediaStore:
         # saves sending up to max_bytes again.
         if not await self.redis.expire(key, self.ttl_s):
             await self.redis.set(key, data, ex=self.ttl_s)
+
+    @guarded
+    async def touch(self, sha256s: Sequence[str]) -> None:
+        """Refresh the TTL of blobs a session still uses (one round trip): their embeddings
+        were cached, so nothing read them; expired, the next turn that needed them re-encoded
+        would fail with NOT_FOUND."""
+        if not sha256s:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sha256 in sha256s:
+                pipe.expire(media_key(self.scope, sha256), self.ttl_s)
+            await pipe.execute()
 
 
 class RedisEmbeddingCache:

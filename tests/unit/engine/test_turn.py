@@ -6,7 +6,7 @@ import asyncio
 import gc
 import io
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -175,6 +175,40 @@ async def test_history_media_is_reencoded_from_store_after_cache_loss(
     fresh_engine = TurnEngine(parts, processor, media=store)  # empty embedding cache
     _, again = await run(fresh_engine, user(TextPart("again")), list(done.record))
     assert again.usage.media_encoded == 1 and parts.image_calls == 2
+
+
+class TouchRecordingStore(MemoryMediaStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.touched: list[str] = []
+
+    async def touch(self, sha256s: Sequence[str]) -> None:
+        self.touched += sha256s
+        await super().touch(sha256s)
+
+
+async def test_history_media_served_from_the_cache_stay_stored(
+    parts: RecordingParts, processor: Processor
+) -> None:
+    """Their bytes are not read (the embedding is cached), yet a later turn may need them
+    (the embedding expires first): each turn keeps them as fresh as a new upload."""
+    store = TouchRecordingStore()
+    engine = TurnEngine(parts, processor, media=store)
+    image = MediaPart.from_bytes("image", png())
+    _, done = await run(engine, user(image, TextPart("hi")))
+    assert store.touched == []  # new media are put, not touched
+    _, again = await run(engine, user(TextPart("again")), list(done.record))
+    assert again.usage.media_cache_hits == 1 and store.touched == [image.sha256]
+
+
+async def test_the_embedded_media_store_is_bounded_least_recent_first() -> None:
+    store = MemoryMediaStore(max_bytes=10)
+    await store.put("a", b"aaaa")
+    await store.put("b", b"bbbb")
+    await store.touch(["a"])  # used by a turn: now the most recent
+    await store.put("c", b"cccc")
+    assert await store.get("a") == b"aaaa" and await store.get("b") is None
+    assert await store.get("c") == b"cccc"
 
 
 async def test_history_media_missing_everywhere_is_not_found(
