@@ -143,7 +143,12 @@ class SpeechScheduler:
 
     def discard(self, key: Hashable, answer: SpeechAnswer) -> None:
         """A barge-in: the reply's queued requests are answered as cancelled, a render of it in
-        progress stops before its next chunk, and `answer` completes once that is done."""
+        progress stops before its next chunk, and `answer` completes once that is done. A
+        reply already over (or never started) is answered at once: queued, its discard would
+        look like a new reply's first audio waiting and break off the batch being rendered."""
+        if not self._known(key) and not self._stop.is_set():
+            _tell(answer.complete)
+            return
         with self.lock:  # before the free: a request taken meanwhile is told it was discarded
             self._discarded.add(key)
         self._free(key)
@@ -154,6 +159,14 @@ class SpeechScheduler:
             return
         for request in stale:
             _tell(request.answer.fail, Cancelled("the reply was discarded (barge-in)"))
+
+    def _known(self, key: Hashable) -> bool:
+        """Whether reply `key` has state here or requests queued or being served. Its owner
+        is closing it and sends nothing more, so a reply found unknown stays so."""
+        if self.queue.active(key):
+            return True
+        with self.lock:
+            return key in self.sessions
 
     def _render_loop(self) -> None:
         with torch.inference_mode():

@@ -184,6 +184,25 @@ def test_a_discard_cancels_what_is_queued_and_stops_the_render_in_progress(
     assert scheduler.queue.take_batch(8, timeout_s=0) is None
 
 
+def test_closing_a_finished_reply_is_answered_at_once_and_queues_nothing(
+    seen: Recorder,
+) -> None:
+    """The engine closes every reply; after its end there is nothing to discard. Queued, the
+    discard looked like a new reply's first audio waiting and broke off the other replies'
+    batch."""
+    scheduler = SpeechScheduler()
+    put(scheduler, seen, "a", "a1", start=True)
+    end = SpeechRequest(Answer("a-end", seen), start=False, end=True)
+    scheduler.put("a", end)
+    serve(scheduler)
+    assert seen.answered == ["a1", "a-end"] and "a" not in scheduler.sessions
+    scheduler.discard("a", Answer("close", seen))
+    assert seen.answered[-1] == "close"
+    assert not scheduler.queue.first_audio_waiting() and len(scheduler.queue) == 0
+    scheduler.discard("never-started", Answer("close-2", seen))
+    assert seen.answered[-1] == "close-2" and len(scheduler.queue) == 0
+
+
 def test_text_without_a_row_per_token_fails_its_request(seen: Recorder) -> None:
     scheduler = SpeechScheduler()
     request = SpeechRequest(
