@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -57,6 +58,9 @@ from iomni.parts import ChunkCallback
 log = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 300.0  # a 4b checkpoint's speech parts from a slow disk
+# After a replica failed to start, replies do not start it again in the background for this
+# long (a reply that needs it still tries, and reports why it cannot).
+RESTART_BACKOFF_S = 30.0
 # (event, value, instance): what a speech decoder's scheduler reports (SchedulerHooks.reporting)
 MetricListener = Callable[[str, int, str], None]
 
@@ -129,6 +133,7 @@ class SpeechWorker:
 
     _shared: ClassVar[dict[tuple[WorkerSpec, int], SpeechWorker]] = {}
     _starting: ClassVar[dict[tuple[WorkerSpec, int], threading.Lock]] = {}
+    _failed_at: ClassVar[dict[tuple[WorkerSpec, int], float]] = {}  # last failed start
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
@@ -158,12 +163,16 @@ class SpeechWorker:
             try:
                 cls.shared(spec, replica)
             except IomniError as exc:  # a reply that needs it tries again and reports it
+                cls._failed_at[(spec, replica)] = time.monotonic()
                 log.warning("speech decoder process %d: %s", replica, exc)
 
         def start_all() -> None:
             starting = []
             for replica in range(replicas):
                 lock = cls._starting.get((spec, replica))
+                failed = cls._failed_at.get((spec, replica), -RESTART_BACKOFF_S)
+                if time.monotonic() - failed < RESTART_BACKOFF_S:
+                    continue  # each try loads torch and the checkpoint on the rendering cores
                 if cls.running(spec, replica) is None and not (lock and lock.locked()):
                     starting.append(threading.Thread(target=start_one, args=(replica,)))
                     starting[-1].start()

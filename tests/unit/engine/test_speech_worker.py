@@ -474,3 +474,27 @@ async def test_an_answer_the_parent_cannot_read_fails_the_calls_and_retires_the_
         assert not worker.alive
     finally:
         worker.stop()
+
+
+def test_a_replica_that_fails_to_start_is_not_started_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each start loads torch and the checkpoint on the cores that render audio: a replica
+    that cannot start (no memory for another copy) is not relaunched for every reply."""
+    tries: list[int] = []
+
+    def failing(cls, spec, replica: int = 0):  # type: ignore[no-untyped-def]
+        tries.append(replica)
+        raise Unavailable("the speech decoder's process did not start (failed, exit code 1)")
+
+    monkeypatch.setattr(SpeechWorker, "shared", classmethod(failing))
+    failed_at: dict = {}
+    monkeypatch.setattr(SpeechWorker, "_failed_at", failed_at)
+    spec = object()
+    SpeechWorker.start(spec, 2).join(10)  # type: ignore[arg-type]
+    SpeechWorker.start(spec, 2).join(10)  # type: ignore[arg-type]
+    assert sorted(tries) == [0, 1]
+    for replica in failed_at:  # the backoff is over
+        failed_at[replica] -= speech_worker.RESTART_BACKOFF_S + 1
+    SpeechWorker.start(spec, 2).join(10)  # type: ignore[arg-type]
+    assert sorted(tries) == [0, 0, 1, 1]  # tried again once the backoff is over
