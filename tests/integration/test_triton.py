@@ -20,6 +20,7 @@ from iomni.model.checkpoint import LoadedCheckpoint, fingerprint
 from iomni.model.conversation import MediaPart, Message, TextPart
 from iomni.model.processor import Processor
 from iomni.model.sampling import SamplingParams
+from iomni.testing.speech import wav_bytes
 from iomni.triton import client as triton_client
 from iomni.triton.client import TritonParts
 from iomni.triton.server import TritonServer
@@ -101,6 +102,31 @@ async def test_turn_through_triton_equals_in_process(
     a = np.frombuffer(remote_audio, "<i2").astype(np.float32)
     b = np.frombuffer(local_audio, "<i2").astype(np.float32)
     assert np.abs(a - b).max() <= 64  # PCM16 steps: float noise from thread counts only
+    await triton_parts.close()
+
+
+async def test_a_cloned_voice_through_triton_sounds_as_in_process(
+    triton_parts: TritonParts, tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    """A reply in the voice of a reference clip (the speaker embedded as its first request
+    arrives), as the embedded engine renders it; a clip that is not audio is invalid input."""
+    user = Message("user", (TextPart("Say something"),))
+
+    async def run(parts, reference: bytes) -> bytes:  # type: ignore[no-untyped-def]
+        speech = SpeechOptions(speaker_wav=reference, seed=3)
+        request = TurnRequest(user=user, params=GREEDY, speech=speech, turn_id="voice-1")
+        events = [e async for e in TurnEngine(parts, processor).start(request).events()]
+        return b"".join(e.pcm for e in events if isinstance(e, AudioChunk))
+
+    reference = wav_bytes(np.sin(np.arange(16000) / 9.0).astype(np.float32) * 0.3, 16000)
+    remote, local = await run(triton_parts, reference), await run(InProcessParts(tiny), reference)
+    default = await run(triton_parts, b"")
+    assert len(remote) == len(local) > 0 and remote != default
+    a = np.frombuffer(remote, "<i2").astype(np.float32)
+    b = np.frombuffer(local, "<i2").astype(np.float32)
+    assert np.abs(a - b).max() <= 64
+    with pytest.raises(InvalidInput, match="speaker"):
+        await run(triton_parts, b"not audio at all")
     await triton_parts.close()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iomni.errors import InvalidInput, IomniError
+from iomni.errors import Internal, InvalidInput, IomniError
 from iomni.model.speech.scheduler import SchedulerHooks, SpeechRequest, SpeechScheduler
 from iomni.model.speech.speaker import SpeakerEncoder
 from iomni.model.speech.stream import SpeechSession, SpeechSettings
@@ -188,6 +188,7 @@ class TritonPythonModel:
             start = bool(input_array(request, START).reshape(-1)[0])
             end = bool(input_array(request, END).reshape(-1)[0])
             seed = request_seed(request_parameters(request)) if start else 0
+            speaker = self._voice(request) if start else None
         except IomniError as exc:
             return SpeechRequest(answer, invalid=exc)
         if len(ids) != hidden.shape[0]:
@@ -201,16 +202,25 @@ class TritonPythonModel:
             hidden=torch.from_numpy(hidden),
             start=start,
             end=end,
-            open=functools.partial(self._open, request, seed) if start else None,
+            open=(
+                functools.partial(SpeechSession.of_model, self.model, speaker, seed, self.settings)
+                if start
+                else None
+            ),
         )
 
-    def _open(self, request: Any, seed: int) -> SpeechSession:
-        """The reply's session, in the voice of its SPEAKER_WAV (else the default voice)."""
+    def _voice(self, request: Any) -> torch.Tensor | None:
+        """The voice of the reply's SPEAKER_WAV (None: the default voice), embedded as its
+        request arrives: on the render thread it held every other reply's audio meanwhile."""
         wav = input_array(request, SPEAKER_WAV, optional=True)
-        speaker = None
-        if wav is not None and wav.size and wav.reshape(-1)[0]:
-            speaker = self._speaker_encoder().embed(bytes(wav.reshape(-1)[0]))
-        return SpeechSession.of_model(self.model, speaker, seed, self.settings)
+        if wav is None or not wav.size or not wav.reshape(-1)[0]:
+            return None
+        try:
+            return self._speaker_encoder().embed(bytes(wav.reshape(-1)[0]))
+        except IomniError:
+            raise
+        except Exception as exc:
+            raise Internal(f"embedding {SPEAKER_WAV} failed: {type(exc).__name__}: {exc}") from exc
 
     def _speaker_encoder(self) -> SpeakerEncoder:
         if self._speaker is None:

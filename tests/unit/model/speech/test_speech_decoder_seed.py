@@ -1,4 +1,4 @@
-"""The Triton speech decoder reads a reply's `seed` with its first request: a seed it cannot
+"""The Triton speech decoder reads a reply's `seed` and voice with its first request: a seed it cannot
 use fails that request as the client's invalid input (INVALID_ARG), not as INTERNAL when the
 reply's session opens on the render thread."""
 
@@ -78,3 +78,30 @@ def test_the_seed_range_is_what_torch_seeds_with_seed_and_seed_plus_one() -> Non
     for seed in (-(2**63), 2**64 - 2):
         torch.Generator().manual_seed(request_seed({"seed": seed}))
         torch.Generator().manual_seed(request_seed({"seed": seed}) + 1)
+
+
+class RecordingEncoder:
+    def __init__(self) -> None:
+        self.embedded: list[bytes] = []
+
+    def embed(self, reference: bytes) -> torch.Tensor:
+        if reference == b"not audio":
+            raise InvalidInput("speaker_wav is not audio this server can decode")
+        self.embedded.append(reference)
+        return torch.ones(192)
+
+
+def test_a_cloned_voice_is_embedded_as_its_request_arrives(model: TritonPythonModel) -> None:
+    """Not when the reply opens on the render thread, where it held every other reply's audio;
+    a reference that does not decode fails its request as invalid input."""
+    encoder = RecordingEncoder()
+    model._speaker = encoder  # type: ignore[assignment]
+    request = FakeRequest({})
+    request.inputs[speech_decoder.SPEAKER_WAV] = np.array([b"RIFF..."], dtype=np.object_)
+    speech = model._speech_request(request)
+    assert encoder.embedded == [b"RIFF..."]  # at intake
+    assert speech.open is not None
+    speech.open()
+    assert encoder.embedded == [b"RIFF..."]  # not again on the render thread
+    request.inputs[speech_decoder.SPEAKER_WAV] = np.array([b"not audio"], dtype=np.object_)
+    assert isinstance(model._speech_request(request).invalid, InvalidInput)
