@@ -1,6 +1,6 @@
-"""The Triton speech decoder reads a reply's `seed` and voice with its first request: a seed it cannot
-use fails that request as the client's invalid input (INVALID_ARG), not as INTERNAL when the
-reply's session opens on the render thread."""
+"""The Triton speech decoder reads a reply's `seed` and voice with its first request: a
+seed it cannot use fails that request as the client's invalid input (INVALID_ARG), not as
+INTERNAL when the reply's session opens on the render thread."""
 
 from __future__ import annotations
 
