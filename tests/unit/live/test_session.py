@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +24,7 @@ from iomni.live.session import (
 )
 from iomni.model.sampling import SamplingParams
 from iomni.parts import SpeechOptions
-from iomni.runtime.build import Runtime, build_runner
-from iomni.runtime.settings import Settings
+from iomni.runtime.build import Runtime
 from iomni.testing.speech import RATE, espeak_available, pcm, silence, spoken
 from iomni.turns.runner import TurnFinished
 
@@ -52,14 +50,6 @@ class Recorder:
         while len(self.of(kind)) < count:
             assert time.monotonic() < deadline, f"no {kind.__name__} #{count}: {self.kinds()}"
             await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def runtime(tiny_dir: Path):  # type: ignore[no-untyped-def]
-    settings = Settings(model=tiny_dir, transport="inprocess", redis_url="memory")
-    built: Runtime = build_runner(settings, role="test")
-    yield built
-    await built.close()
 
 
 async def live(runtime: Runtime, **changes) -> tuple[LiveSession, Recorder]:  # type: ignore[no-untyped-def]

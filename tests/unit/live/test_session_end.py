@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 
 import pytest
 
 from iomni.errors import ErrorCode
 from iomni.live.session import LiveSession, LiveSettings, LiveWarning
 from iomni.model.sampling import SamplingParams
-from iomni.runtime.build import Runtime, build_runner
-from iomni.runtime.settings import Settings
+from iomni.runtime.build import Runtime
 from iomni.turns.runner import RunnerLimits, RunningTurn, TurnFinished, TurnInput
 
 PARAMS = SamplingParams(temperature=0.0, max_new_tokens=24)
@@ -85,14 +83,6 @@ async def test_finishing_waits_for_the_reply_only_so_long() -> None:
     await session.commit()
     await asyncio.wait_for(session.finish(timeout_s=0.2), 10)
     assert runner.cancelled
-
-
-@pytest.fixture
-async def runtime(tiny_dir: Path):  # type: ignore[no-untyped-def]
-    settings = Settings(model=tiny_dir, transport="inprocess", redis_url="memory")
-    built: Runtime = build_runner(settings, role="test")
-    yield built
-    await built.close()
 
 
 async def test_a_reply_in_progress_when_the_client_stops_sending_is_finished(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -73,6 +74,15 @@ def runner_for(
     observer = Outcomes()
     engine = TurnEngine(SlowParts(tiny, step_s), processor)
     return TurnRunner(engine, store, "gw-test", limits, observer), observer
+
+
+async def one_session(
+    tiny: LoadedCheckpoint, processor: Processor, step_s: float = 0.0, **options: Any
+) -> tuple[MemoryDialogueStore, TurnRunner, Outcomes]:
+    """A store holding session s1 of tenant acme, and a runner (and its observer) on it."""
+    store = MemoryDialogueStore()
+    await store.create_session("acme", "s1")
+    return (store, *runner_for(tiny, processor, store, step_s, **options))
 
 
 def text_turn(turn_id: str, text: str = "Hello there", session: str = "s1") -> TurnInput:
@@ -149,9 +159,7 @@ async def test_a_lease_taken_over_mid_turn_stops_the_turn(
 async def test_a_done_turn_id_is_replayed_not_run_again(
     tiny: LoadedCheckpoint, processor: Processor
 ) -> None:
-    store = MemoryDialogueStore()
-    await store.create_session("acme", "s1")
-    runner, observer = runner_for(tiny, processor, store)
+    store, runner, observer = await one_session(tiny, processor)
     first = await run(runner, text_turn("t1"))
     again = await run(runner, text_turn("t1"))
     assert [type(o) for o in again] == [TextDelta, TurnFinished]
@@ -165,9 +173,7 @@ async def test_two_calls_with_one_turn_id_run_it_once(
     tiny: LoadedCheckpoint, processor: Processor
 ) -> None:
     """A client that retries before the first call ended: the second waits, then replays."""
-    store = MemoryDialogueStore()
-    await store.create_session("acme", "s1")
-    runner, observer = runner_for(tiny, processor, store, step_s=0.02)
+    store, runner, observer = await one_session(tiny, processor, step_s=0.02)
     a, b = await asyncio.gather(run(runner, text_turn("t1")), run(runner, text_turn("t1")))
     assert sorted(observer.labels) == ["ok", "replayed"]
     assert a[-1].text == b[-1].text
@@ -179,9 +185,7 @@ async def test_two_calls_with_one_turn_id_run_it_once(
 async def test_another_turn_of_a_busy_session_is_refused(
     tiny: LoadedCheckpoint, processor: Processor
 ) -> None:
-    store = MemoryDialogueStore()
-    await store.create_session("acme", "s1")
-    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    store, runner, observer = await one_session(tiny, processor, step_s=0.05)
     first = asyncio.create_task(run(runner, text_turn("t1")))
     await asyncio.sleep(0.1)
     with pytest.raises(SessionBusy) as busy:
@@ -211,9 +215,7 @@ async def test_limits_refuse_before_any_work(tiny: LoadedCheckpoint, processor: 
 async def test_cancel_stops_the_turn_and_commits_what_was_said(
     tiny: LoadedCheckpoint, processor: Processor
 ) -> None:
-    store = MemoryDialogueStore()
-    await store.create_session("acme", "s1")
-    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    store, runner, observer = await one_session(tiny, processor, step_s=0.05)
     running = RunningTurn()
     task = asyncio.create_task(run(runner, text_turn("t1"), running))
     await asyncio.sleep(0.15)
@@ -239,9 +241,7 @@ async def test_the_report_carries_the_time_between_text_tokens(
 ) -> None:
     """Each decode step is held 50 ms: the mean time per token after the first is that; a
     one-token reply has no such time."""
-    store = MemoryDialogueStore()
-    await store.create_session("acme", "s1")
-    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    store, runner, observer = await one_session(tiny, processor, step_s=0.05)
     await run(runner, text_turn("t1"))  # 8 tokens
     one_token = SamplingParams(temperature=0.0, max_new_tokens=1)
     turn = TurnInput("acme", "s1", "t2", Message("user", (TextPart("Hi"),)), one_token)
@@ -255,9 +255,7 @@ async def test_the_report_carries_the_time_between_text_tokens(
 async def test_a_client_gone_mid_turn_counts_as_cancelled(
     tiny: LoadedCheckpoint, processor: Processor
 ) -> None:
-    store = MemoryDialogueStore()
-    await store.create_session("acme", "s1")
-    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    store, runner, observer = await one_session(tiny, processor, step_s=0.05)
     task = asyncio.create_task(run(runner, text_turn("t1")))
     await asyncio.sleep(0.15)
     task.cancel()  # the front door's task ends with its client
@@ -270,9 +268,7 @@ async def test_a_client_gone_mid_turn_counts_as_cancelled(
 async def test_a_busy_session_is_waited_for_and_the_turn_counted_once(
     tiny: LoadedCheckpoint, processor: Processor
 ) -> None:
-    store = MemoryDialogueStore()
-    await store.create_session("acme", "s1")
-    runner, observer = runner_for(tiny, processor, store, step_s=0.05)
+    store, runner, observer = await one_session(tiny, processor, step_s=0.05)
     first = asyncio.create_task(run(runner, text_turn("t1")))
     await asyncio.sleep(0.1)
     outputs: list = []
