@@ -505,10 +505,10 @@ class Turn:
     ) -> tuple[list[Message], list[int], int]:
         """Prompt ids; the oldest exchanges are dropped when the context would overflow.
 
-        CPU work, run off the event loop. Each distinct segment (a message's text, the template
-        between two messages) is tokenised once, however many drops are tried: the processor's
-        ids are its segments' ids end to end, so lengths and ids are exactly those of encoding
-        every candidate prompt whole."""
+        CPU work (a long prompt's runs off the event loop: `_prompt`). Each distinct segment (a
+        message's text, the template between two messages) is tokenised once, however many
+        drops are tried: `Processor.encode` encodes segment by segment, so lengths and ids are
+        exactly those of encoding every candidate prompt whole."""
         processor = self.engine.processor
         counts = {ident: rows.shape[0] for ident, rows in media.rows.items()}
         budget = self.engine.limits.max_context_tokens - request.params.max_new_tokens

@@ -133,7 +133,9 @@ class EventLogTap:
     One task publishes the turn's events in order, after the session's previous turn's (the
     log keeps a session's order). When a send fails (the broker is down) or more than
     `MAX_BEHIND` events wait, the rest of the turn is dropped, logged with its count. A turn
-    that ends without `done` gets a `failed` event, so every turn in the log has an end."""
+    that ends without `done` after it said something gets a `failed` event, so every turn in
+    the log has an end; one that said nothing (refused: busy, invalid) leaves no trace, as a
+    retry of it may be running under the same turn id."""
 
     MAX_BEHIND = 1024
 
@@ -142,6 +144,7 @@ class EventLogTap:
         self.queue: asyncio.Queue[pb.ConverseResponse | tuple[ErrorCode, str] | None]
         self.queue = asyncio.Queue()
         self.ended = False
+        self.said = False  # a response was put
         self.dropped = 0
         self.task = asyncio.get_running_loop().create_task(self._publish(after))
 
@@ -149,6 +152,7 @@ class EventLogTap:
         """Queue a response of the turn (what is not an event of the log is skipped)."""
         if self.ended:
             return
+        self.said = True
         if response.WhichOneof("payload") == "done":  # always: it is the turn's end
             self.queue.put_nowait(response)
             self._close()
@@ -161,8 +165,9 @@ class EventLogTap:
         """The turn is over; without a `done` it failed (`code`, `message`: why)."""
         if self.ended:
             return
-        why = message or "the turn ended without finishing (its stream closed)"
-        self.queue.put_nowait((code, why))
+        if self.said:
+            why = message or "the turn ended without finishing (its stream closed)"
+            self.queue.put_nowait((code, why))
         self._close()
 
     def _close(self) -> None:

@@ -76,6 +76,19 @@ def test_a_turn_that_ends_without_done_is_failed_in_the_log() -> None:
     assert events[1].failed.message == "turn t1 exceeded 120 s"
 
 
+def test_a_turn_refused_before_it_said_anything_leaves_no_trace() -> None:
+    """Refused as busy, its turn id may be running in a retry: a `failed` would end that."""
+
+    async def scenario() -> list[events_pb2.TurnEvent]:
+        producer = Producer()
+        tap = tap_for(producer)
+        tap.end(ErrorCode.SESSION_BUSY, "session s1 is busy with turn t1")
+        await asyncio.wait_for(tap.task, 10)
+        return producer.events
+
+    assert asyncio.run(scenario()) == []
+
+
 def test_a_broker_that_is_down_drops_the_rest_of_the_turn() -> None:
     async def scenario() -> EventLogTap:
         tap = tap_for(Producer(broken=True))
