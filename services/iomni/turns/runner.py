@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from iomni.engine.events import AudioChunk, StopReason, TextDelta, TurnDone, Usage
 from iomni.engine.turn import TurnEngine, TurnRequest
@@ -133,6 +135,26 @@ class _Gate:
 
     def close(self) -> None:
         self.released.cancel()
+
+
+class _Measures:
+    """What a turn's stream observes. A speculative turn's are held until its verdict: a
+    discarded one was never heard, and must not count in the latency histograms."""
+
+    def __init__(self, held: bool) -> None:
+        self.held: list[Callable[[], None]] | None = [] if held else None
+
+    def record(self, observe: Callable[..., None], *values: Any) -> None:
+        if self.held is None:
+            observe(*values)
+        else:
+            self.held.append(functools.partial(observe, *values))
+
+    def release(self) -> None:
+        """The turn was confirmed: what it observed counts."""
+        held, self.held = self.held or [], None
+        for observe in held:
+            observe()
 
 
 @dataclass(frozen=True)
@@ -259,9 +281,10 @@ class TurnRunner:
                 turn_id=turn.turn_id,
             )
             gate = _Gate(emit, running) if running.speculative else None
+            measures = _Measures(held=running.speculative)
             try:
                 done = await asyncio.wait_for(
-                    self._stream(request, gate or emit, running),
+                    self._stream(request, gate or emit, running, measures),
                     timeout=self.limits.turn_timeout_s,
                 )
                 if gate is not None:
@@ -269,6 +292,7 @@ class TurnRunner:
                     if running.discarded:
                         return "discarded"
                     await gate.released  # everything held went out, in order
+                    measures.release()
             except TimeoutError as exc:
                 raise DeadlineExceeded(
                     f"turn {turn.turn_id} exceeded {self.limits.turn_timeout_s:.0f} s"
@@ -295,8 +319,11 @@ class TurnRunner:
                     raise
                 await asyncio.sleep(BUSY_POLL_S)
 
-    async def _stream(self, request: TurnRequest, emit: Emit, running: RunningTurn) -> TurnDone:
+    async def _stream(
+        self, request: TurnRequest, emit: Emit, running: RunningTurn, measures: _Measures
+    ) -> TurnDone:
         """Run the engine turn, forwarding its events; a cancel stops every stage."""
+        observer = self.observer
         turn = self.engine.start(request)
         events = turn.events()
         watcher = asyncio.create_task(_cancel_on(running.cancel, turn.cancel))
@@ -312,20 +339,21 @@ class TurnRunner:
                     last_text = (now, event.token_index)
                     if first_text is None:
                         first_text = last_text
-                        self.observer.first_token(now - started)
+                        measures.record(observer.first_token, now - started)
                     await emit(event)
                 elif isinstance(event, AudioChunk):
                     if turn.cancelled:
                         continue  # nothing is spoken after a barge-in
                     if first_audio is None:
                         first_audio = now
-                        self.observer.first_audio(now - started)
+                        measures.record(observer.first_audio, now - started)
                     elif now - first_audio > sent_audio_s:
-                        self.observer.audio_underrun()
+                        measures.record(observer.audio_underrun)
                     sent_audio_s += event.duration_ms / 1000
                     await emit(event)
                 else:
-                    self.observer.turn_done(_report(event, started, running, first_text, last_text))
+                    report = _report(event, started, running, first_text, last_text)
+                    measures.record(observer.turn_done, report)
                     return event
         finally:
             watcher.cancel()

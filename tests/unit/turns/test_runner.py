@@ -50,6 +50,7 @@ class Outcomes(NullObserver):
         self.labels: list[str] = []
         self.active = 0
         self.done: list[TurnReport] = []
+        self.first_tokens: list[float] = []
 
     def turn_started(self) -> None:
         self.active += 1
@@ -62,6 +63,9 @@ class Outcomes(NullObserver):
 
     def turn_done(self, report: TurnReport) -> None:
         self.done.append(report)
+
+    def first_token(self, seconds: float) -> None:
+        self.first_tokens.append(seconds)
 
 
 def runner_for(
@@ -325,3 +329,28 @@ async def test_a_kafka_request_for_a_busy_session_counts_one_busy_turn(
         await worker._run(request, publisher)  # type: ignore[arg-type]
     assert observer.labels == ["busy"] and observer.active == 0
     assert publisher.sequence == 0
+
+
+@pytest.mark.parametrize("heard", [True, False], ids=["confirmed", "discarded"])
+async def test_a_speculative_turn_counts_in_the_latencies_only_if_it_was_heard(
+    tiny: LoadedCheckpoint, processor: Processor, heard: bool
+) -> None:
+    """A live reply started before the user's turn was confirmed over: its time to first
+    token and its report count once it is confirmed; discarded, nobody heard it."""
+    store, runner, observer = await one_session(tiny, processor)
+    running = RunningTurn(speculative=True)
+    task = asyncio.create_task(run(runner, text_turn("t1"), running))
+    parts = runner.engine.parts
+    assert isinstance(parts, SlowParts)
+    while parts.steps < GREEDY.max_new_tokens:  # the engine is done; the verdict is pending
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert observer.first_tokens == [] and observer.done == []
+    if heard:
+        running.confirm()
+    else:
+        running.discard()
+    outputs = await asyncio.wait_for(task, 30)
+    assert bool(outputs) is heard
+    assert len(observer.first_tokens) == len(observer.done) == int(heard)
+    assert observer.labels == ["ok" if heard else "discarded"]
