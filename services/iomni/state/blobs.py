@@ -6,7 +6,6 @@ the media again), oversize values are skipped, and every entry has a TTL that a 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
+from iomni import background
 from iomni.errors import InvalidInput
 from iomni.state.connection import guarded
 from iomni.state.keys import embedding_key, media_key
@@ -22,15 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-# Above this, hashing and (de)serialising leave the event loop for a thread.
-_OFFLOAD_BYTES = 1 << 20
 _TENSOR_NAME = "embeddings"
-
-
-async def _maybe_offload(nbytes: int, fn, *args):  # type: ignore[no-untyped-def]
-    if nbytes > _OFFLOAD_BYTES:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
 
 
 def _sha256(data: bytes) -> str:
@@ -66,7 +58,7 @@ class RedisMediaStore:
             )
             return
         # A wrong hash would poison every later turn that names it: check before storing.
-        actual = await _maybe_offload(len(data), _sha256, data)
+        actual = await background.run_if_large(len(data), _sha256, data)
         if actual != sha256:
             raise InvalidInput(f"media bytes hash to {actual[:12]}…, not {sha256[:12]}…")
         key = media_key(self.scope, sha256)
@@ -108,7 +100,7 @@ class RedisEmbeddingCache:
             self.misses += 1
             return None
         try:
-            value = await _maybe_offload(len(blob), _load, blob)
+            value = await background.run_if_large(len(blob), _load, blob)
         except Exception:  # a corrupt entry is a miss; the engine re-encodes and overwrites it
             log.warning("embedding %s in Redis is corrupt; treating it as a miss", key)
             self.misses += 1
@@ -124,7 +116,7 @@ class RedisEmbeddingCache:
                 "embedding %s is %d bytes, over the %d cap; not cached", key, size, self.max_bytes
             )
             return
-        blob = await _maybe_offload(size, _save, value)
+        blob = await background.run_if_large(size, _save, value)
         await self.redis.set(embedding_key(self.scope, key), blob, ex=self.ttl_s)
 
 
