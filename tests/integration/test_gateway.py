@@ -173,7 +173,10 @@ def test_a_cancel_naming_a_waiting_turn_cancels_that_turn(gateway: GatewayProces
 
 def test_turns_waiting_on_a_stream_are_bounded(gateway: GatewayProcess) -> None:
     """Each waiting turn holds its media (up to the turn size limit): past the bound the
-    stream ends with a clear RESOURCE_EXHAUSTED instead of queueing without end."""
+    stream ends with a clear RESOURCE_EXHAUSTED instead of queueing without end, and the
+    turns that were waiting do not run after it (they used to, on a stream already gone)."""
+    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+    before = Scrape(url)
     stub = pb_grpc.DialogueStub(grpc.insecure_channel(gateway.target))
     texts = ["Tell me a long story"] + [f"then {i}" for i in range(7)]
     responses = stub.Converse(
@@ -184,6 +187,14 @@ def test_turns_waiting_on_a_stream_are_bounded(gateway: GatewayProcess) -> None:
             pass
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "already waiting on this stream" in (info.value.details() or "")
+    deadline = time.monotonic() + 30
+    while Scrape(url).value("iomni_gateway_active_turns") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # a waiting turn that wrongly starts does so within this
+    after = Scrape(url)
+    assert after.value("iomni_gateway_active_turns") == 0
+    started = delta(before, after, "iomni_gateway_turns_total")  # every outcome
+    assert started <= 1, f"{started} turns ran on a stream that had failed"
 
 
 def test_tenants_are_isolated(gateway: GatewayProcess) -> None:

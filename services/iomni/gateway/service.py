@@ -395,8 +395,8 @@ class _Conversation:
         try:
             while True:
                 item = await self.turns.get()
-                if item is None:
-                    break
+                if item is None or self.error is not None:
+                    break  # a failed stream runs none of the turns still waiting on it
                 turn_id, message = item
                 self.waiting.discard(turn_id)
                 self.running, self.running_id = RunningTurn(), turn_id
