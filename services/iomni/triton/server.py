@@ -35,6 +35,7 @@ from iomni.triton.tensors import MODELS
 
 log = logging.getLogger(__name__)
 SHM_GLOB = "triton_python_backend_shm_region_*"
+START_ATTEMPTS = 2  # a launch that dies on a signal is tried once more (see `start`)
 
 
 @dataclass
@@ -138,6 +139,29 @@ class TritonServer:
         return (self.work / "backends" / "python" / "triton_python_backend_stub").resolve()
 
     def start(self, timeout_s: float = 120) -> None:
+        """Launch and wait until every model is ready. A start that dies on a signal is tried
+        once more: 2.51's gRPC event engine now and then aborts before the server has done
+        anything of its own (`epoll_wait error: Bad file descriptor`, SIGABRT), intermittently,
+        so one more launch is worth its seconds. Any other failure (exit status, a model that fails to
+        load, no readiness in time) is raised at once: trying again would not change it."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self._launch()
+            try:
+                self.wait_ready(timeout_s)
+                return
+            except Unavailable:
+                signalled = self.process is not None and (self.process.returncode or 0) < 0
+                if not signalled or attempt == START_ATTEMPTS:
+                    raise
+                log.warning(
+                    "tritonserver died on signal %d while starting (attempt %d of %d); "
+                    "starting it again. Its log: %s\n%s",
+                    -self.process.returncode, attempt, START_ATTEMPTS,  # type: ignore[union-attr]
+                    self.log_file, self.log_tail(5),
+                )  # fmt: skip
+                self._kill_stubs()
+
+    def _launch(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         reaped = self.reap_orphans()
         if reaped:
@@ -145,20 +169,19 @@ class TritonServer:
         self.drain_file.unlink(missing_ok=True)
         log_path = self.log_file or self.work / "tritonserver.log"
         self.log_file = log_path
-        output = log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=server_environment(self.checkpoint, self.drain_file, self.env),
-            # Its own process group keeps a terminal's Ctrl-C away from it (the launcher drains
-            # it), but not its own session: Linux schedules each session as one group
-            # (autogroup), and the models' `nice` must weigh against the gateway's too.
-            process_group=0,
-            preexec_fn=_die_with_parent,
-        )
+        with log_path.open("ab") as output:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=server_environment(self.checkpoint, self.drain_file, self.env),
+                # Its own process group keeps a terminal's Ctrl-C away from it (the launcher
+                # drains it), but not its own session: Linux schedules each session as one
+                # group (autogroup), and the models' `nice` must weigh against the gateway's.
+                process_group=0,
+                preexec_fn=_die_with_parent,
+            )
         self.pid_file.write_text(f"{self.process.pid}\n")
-        self.wait_ready(timeout_s)
 
     def reap_orphans(self) -> int:
         """Stop a tritonserver and stubs left in this work directory by a launcher that died
