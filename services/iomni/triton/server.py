@@ -142,8 +142,9 @@ class TritonServer:
         """Launch and wait until every model is ready. A start that dies on a signal is tried
         once more: 2.51's gRPC event engine now and then aborts before the server has done
         anything of its own (`epoll_wait error: Bad file descriptor`, SIGABRT), intermittently,
-        so one more launch is worth its seconds. Any other failure (exit status, a model that fails to
-        load, no readiness in time) is raised at once: trying again would not change it."""
+        so one more launch is worth its seconds. Any other failure (exit status, a model that
+        fails to load, no readiness in time) is raised at once: trying again would not change
+        it."""
         for attempt in range(1, START_ATTEMPTS + 1):
             self._launch()
             try:
