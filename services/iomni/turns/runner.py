@@ -282,17 +282,15 @@ class TurnRunner:
             )
             gate = _Gate(emit, running) if running.speculative else None
             measures = _Measures(held=running.speculative)
-            try:
-                done = await asyncio.wait_for(
-                    self._stream(request, gate or emit, running, measures),
-                    timeout=self.limits.turn_timeout_s,
-                )
-                if gate is not None:
-                    await asyncio.wait_for(running.confirmed.wait(), self.limits.turn_timeout_s)
-                    if running.discarded:
-                        return "discarded"
-                    await gate.released  # everything held went out, in order
-                    measures.release()
+            try:  # one deadline for the reply and, for a speculative turn, its verdict
+                async with asyncio.timeout(self.limits.turn_timeout_s):
+                    done = await self._stream(request, gate or emit, running, measures)
+                    if gate is not None:
+                        await running.confirmed.wait()
+                        if running.discarded:
+                            return "discarded"
+                        await gate.released  # everything held went out, in order
+                        measures.release()
             except TimeoutError as exc:
                 raise DeadlineExceeded(
                     f"turn {turn.turn_id} exceeded {self.limits.turn_timeout_s:.0f} s"

@@ -13,7 +13,14 @@ import pytest
 from iomni.engine.events import AudioChunk, TextDelta
 from iomni.engine.parts import GenerationRequest, InProcessParts, LLMStep
 from iomni.engine.turn import TurnEngine
-from iomni.errors import ErrorCode, InvalidInput, LeaseLost, ResourceExhausted, SessionBusy
+from iomni.errors import (
+    DeadlineExceeded,
+    ErrorCode,
+    InvalidInput,
+    LeaseLost,
+    ResourceExhausted,
+    SessionBusy,
+)
 from iomni.model.checkpoint import LoadedCheckpoint
 from iomni.model.conversation import Message, TextPart
 from iomni.model.processor import Processor
@@ -354,3 +361,16 @@ async def test_a_speculative_turn_counts_in_the_latencies_only_if_it_was_heard(
     assert bool(outputs) is heard
     assert len(observer.first_tokens) == len(observer.done) == int(heard)
     assert observer.labels == ["ok" if heard else "discarded"]
+
+
+async def test_a_speculative_turn_has_one_deadline_for_its_reply_and_its_verdict(
+    tiny: LoadedCheckpoint, processor: Processor
+) -> None:
+    """The reply takes 1.6 s of a 2 s limit and no verdict comes: the turn ends at the limit
+    (DeadlineExceeded), not at 1.6 s plus another whole limit for the verdict."""
+    limits = RunnerLimits(turn_timeout_s=2.0)
+    _, runner, observer = await one_session(tiny, processor, step_s=0.2, limits=limits)
+    task = asyncio.create_task(run(runner, text_turn("t1"), RunningTurn(speculative=True)))
+    with pytest.raises(DeadlineExceeded, match="exceeded 2 s"):
+        await asyncio.wait_for(task, 3.0)  # two separate limits would end it at 3.6 s
+    assert observer.labels == ["timeout"] and observer.active == 0
