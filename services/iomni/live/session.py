@@ -177,6 +177,7 @@ class LiveSession:
         self._manual_ms = 0
         self.reply: _Reply | None = None  # the latest turn started
         self.replies: deque[_Reply] = deque(maxlen=8)  # recent ones, for playback reports
+        self.closed = False  # the client is gone: no turn starts any more
         self.pending: Message | None = None  # committed, not yet answered (auto_respond off)
         self._resampler: object | None = None
         self._rate = 0
@@ -317,7 +318,13 @@ class LiveSession:
         return Utterance(audio, start, self._manual_ms, forced=True)
 
     def clear(self) -> None:
-        """Drop input audio not yet committed."""
+        """Drop input audio not yet committed. A reply started early on it is dropped too: the
+        silence that would confirm it can no longer come (it would wait for its verdict until
+        the turn timeout, holding the session)."""
+        reply = self.reply
+        if reply is not None and reply.speculative and not reply.running.discarded:
+            reply.running.discard()
+            self.observer.speculative("discarded")
         self._manual = []
         self.detector = TurnDetector(self.settings.detection)
         self.vad.reset()
@@ -372,9 +379,12 @@ class LiveSession:
             await self.close()
 
     async def close(self) -> None:
-        """Stop now: the reply in progress is cancelled (the client is gone)."""
-        reply = self.reply
-        if reply is not None:
+        """Stop now (the client is gone): every reply not finished is cancelled, and a turn
+        still waiting for the one before it never starts."""
+        self.closed = True
+        for reply in self.replies:  # the latest ones, `self.reply` among them
+            if reply.finished:
+                continue
             if reply.speculative:
                 reply.running.discard()
             reply.running.request_cancel()
@@ -482,7 +492,7 @@ class LiveSession:
     ) -> str | None:
         """Start answering `message`. `announce`: say `TurnCommitted` (the user's turn ends
         here); a reply to what was committed earlier says `ReplyStarted` instead."""
-        if not message.parts:
+        if not message.parts or self.closed:
             return None
         previous = self.reply
         turn_id = uuid.uuid4().hex
@@ -508,11 +518,6 @@ class LiveSession:
         return turn_id
 
     async def _run(self, turn: TurnInput, reply: _Reply, previous: _Reply | None) -> None:
-        if previous is not None and previous.task is not None and previous is not reply:
-            # One turn of a session at a time: the one before (interrupted or discarded) ends first.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(previous.task)
-
         async def emit(output: TurnOutput) -> None:
             if isinstance(output, TextDelta):
                 reply.deltas.append(output)
@@ -527,6 +532,12 @@ class LiveSession:
             await self.emit(turn.turn_id, output)
 
         try:
+            if previous is not None and previous.task is not None and previous is not reply:
+                # One turn of a session at a time: the one before (interrupted or discarded)
+                # ends first. Its outcome is its own; a cancel of this one (close) gets through.
+                await asyncio.wait([previous.task])
+            if self.closed:
+                return
             await self.runner.run(turn, emit, reply.running)
         except IomniError as exc:
             await self._warn(exc.code, f"turn {turn.turn_id} failed: {exc.detail}")

@@ -239,3 +239,23 @@ async def test_a_flood_of_camera_frames_is_cut_to_the_frame_rate(runtime: Runtim
     warnings = [e for _, e in events.of(LiveWarning) if e.code is ErrorCode.RESOURCE_EXHAUSTED]  # type: ignore[attr-defined]
     assert len(warnings) == 40 - calls and "per second" in warnings[0].message  # type: ignore[attr-defined]
     await session.close()
+
+
+async def test_clearing_the_input_drops_a_reply_started_early_on_it(runtime: Runtime) -> None:
+    """The user pauses (the reply starts early), then the client clears the input (Realtime
+    `input_audio_buffer.clear`): the early reply goes with it. Its confirming silence can no
+    longer come; it used to wait for it until the turn timeout, holding the session."""
+    session, events = await live(runtime, early_start=True)
+    await stream(session, np.concatenate([spoken("Hello"), silence(0.45)]), speed=2.0)
+    await events.wait_for(SpeechStopped)
+    reply = session.reply
+    assert reply is not None and reply.speculative
+    session.clear()
+    assert reply.running.discarded
+    deadline = time.monotonic() + 30
+    while runtime.runner.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert runtime.runner.active == 0, "the early reply still waits for its verdict"
+    assert not [t for _, t, _ in events.events if t == reply.turn_id]  # nothing of it was sent
+    assert await runtime.store.history("acme", session.session_id) == []
+    await session.close()

@@ -102,3 +102,34 @@ async def test_a_reply_in_progress_when_the_client_stops_sending_is_finished(
     history = await runtime.store.history("acme", session_id)
     assert [m.role for m in history] == ["user", "assistant"]
     assert history[1].text == finished.text
+
+
+class CountingRunner(StubRunner):
+    """Turns that run until cancelled, counted as they start."""
+
+    def __init__(self) -> None:
+        super().__init__(fail=False)
+        self.started: list[str] = []
+
+    async def run(self, turn: TurnInput, emit, running: RunningTurn) -> None:  # type: ignore[no-untyped-def]
+        self.started.append(turn.turn_id)
+        await super().run(turn, emit, running)
+
+
+async def test_turns_waiting_for_the_one_before_never_start_once_the_client_is_gone() -> None:
+    """Three replies asked for, one after another: the first runs, two wait behind it. The
+    client goes: the first is cancelled and the other two never run (a waiting turn used to
+    swallow the cancel, start with nobody listening and commit an empty reply)."""
+    runner = CountingRunner()
+    session, _ = stub_session(runner)
+    for text in ("one", "two", "three"):
+        session.add_text(text)
+        assert await session.commit()
+    await asyncio.sleep(0.1)
+    assert len(runner.started) == 1
+    closing = asyncio.ensure_future(session.close())
+    done, _ = await asyncio.wait([closing], timeout=5)  # wait_for would hang on a stuck close
+    assert len(runner.started) == 1, f"{len(runner.started)} turns ran after close"
+    assert done, "close() did not return: a turn that waited is running with nobody listening"
+    assert runner.cancelled
+    assert all(reply.finished for reply in session.replies)
