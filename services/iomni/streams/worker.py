@@ -132,6 +132,9 @@ class TurnWorker:
 
     async def _drain(self, tp: TopicPartition, partition: _Partition) -> None:
         while not partition.queue.empty():
+            if self.stopping.is_set():
+                self._leave(partition)
+                return
             record = partition.queue.get_nowait()
             try:
                 await self._handle(record)
@@ -148,6 +151,16 @@ class TurnWorker:
             finally:
                 self.in_flight -= 1
                 self.metrics.in_flight.set(self.in_flight)
+
+    def _leave(self, partition: _Partition) -> None:
+        """Shutting down: the records queued behind the turn that ran are not started (a
+        poll can queue 16 per partition, more than a grace period runs). Never committed,
+        they go to the partition's next owner, in order."""
+        left = partition.queue.qsize()
+        while not partition.queue.empty():
+            partition.queue.get_nowait()
+        self.in_flight -= left
+        self.metrics.in_flight.set(self.in_flight)
 
     async def _rewind(self, tp: TopicPartition, partition: _Partition, offset: int) -> None:
         """Never commit past a record that failed: seek back and drop what was queued after
@@ -290,7 +303,8 @@ class TurnWorker:
         )
 
     async def _shutdown(self) -> None:
-        """Finish in-flight turns, commit, leave the group."""
+        """Finish the turns running, commit, leave the group (what was queued behind them
+        is left to the partition's next owner)."""
         tasks = [p.task for p in self.partitions.values() if p.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(self.producer.flush, 30)
