@@ -153,7 +153,7 @@ async def inprocess_turn(
 
 @dataclass(frozen=True)
 class BargeIn:
-    """A spoken reply cancelled at its first audio chunk, as a client saw it."""
+    """A spoken reply cancelled during its audio, as a client saw it."""
 
     session_id: str
     to_last_audio_ms: float  # cancel sent -> the last audio byte received (0: none after)
@@ -161,11 +161,14 @@ class BargeIn:
 
 
 async def barge_in(
-    client: AsyncDialogueClient, session_id: str = "", text: str = "talk"
+    client: AsyncDialogueClient, session_id: str = "", text: str = "talk", after_s: float = 0.0
 ) -> BargeIn:
     """One Converse turn of session `session_id` (empty: a new one) asking for a long spoken
-    reply, cancelled (a barge-in) as its first audio chunk arrives."""
+    reply, cancelled (a barge-in) `after_s` after its first audio chunk arrived: with a
+    delay the cancel lands while a later chunk renders, not only between chunks. The cancel
+    is timed when it goes to the stream."""
     queue: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
+    cancel = pb.ConverseRequest(cancel=pb.Cancel())
     config = pb.SessionConfig(
         session_id=session_id,
         output=pb.OutputOptions(speech=True),
@@ -178,22 +181,28 @@ async def barge_in(
     ):
         queue.put_nowait(request)
 
+    cancelled_at: float | None = None
+
     async def requests() -> AsyncIterator[pb.ConverseRequest]:
+        nonlocal cancelled_at
         while (item := await queue.get()) is not None:
+            if item is cancel:
+                cancelled_at = time.perf_counter()
             yield item
 
-    cancelled_at = last_audio = done_at = None
+    asked = last_audio = done_at = None
     async for response in client.converse(requests()):
         kind = response.WhichOneof("payload")
         now = time.perf_counter()
         if kind == "audio":
             last_audio = now
-            if cancelled_at is None:
-                cancelled_at = now
-                queue.put_nowait(pb.ConverseRequest(cancel=pb.Cancel()))
+            if asked is None:
+                asked = asyncio.get_running_loop().call_later(after_s, queue.put_nowait, cancel)
         elif kind == "done":
             session_id, done_at = response.session_id, now
             queue.put_nowait(None)
+    if asked is not None:
+        asked.cancel()  # the reply ended first (then there was nothing to cancel)
     if cancelled_at is None or done_at is None or last_audio is None:
         raise RuntimeError("the reply ended without audio or without done: nothing to cancel")
     return BargeIn(
