@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import random
 import resource
 import signal
 import statistics
-import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -62,7 +60,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 class CpuMeter:
     """CPU seconds used by the gateway, tritonserver, each model's stub process and this
-    benchmark's own process (the client; Redis is left out)."""
+    benchmark's own processes (the client; Redis is left out)."""
 
     def __init__(self, gateway: int, triton: TritonServer) -> None:
         self.gateway, self.triton = gateway, triton
@@ -223,49 +221,51 @@ def start_gateway(
 
 async def audio_gaps(target: str, image: bytes | None, senders: int = 4) -> tuple[float, float]:
     """One long spoken reply, alone or while `senders` other sessions send large images back
-    to back: the largest gap between its audio chunks (ms), and the silence (ms) a client
-    playing it from the first chunk on would hear."""
-    stop = asyncio.Event()
-    sent = itertools.count()
-
-    async def send_images(client: AsyncDialogueClient) -> None:
-        while not stop.is_set():
-            assert image is not None
-            await client.chat(
-                "",
-                uuid.uuid4().hex,
-                images=[png_variant(image, next(sent))],
-                text="what is it?",
-                max_new_tokens=2,
+    to back (`loadtests.image_senders`, a process of its own): the largest gap between its
+    audio chunks (ms), and the silence (ms) a client playing it from the first chunk on would
+    hear."""
+    async with contextlib.AsyncExitStack() as stack:
+        if image is not None:
+            await stack.enter_async_context(_image_senders(target, image, senders))
+        async with AsyncDialogueClient(target, KEY) as client:
+            request = chat_request(
+                "", uuid.uuid4().hex, text="talk", speech=True, temperature=0.0, max_new_tokens=150
             )
-
-    async with AsyncDialogueClient(target, KEY) as client:
-        load = [asyncio.create_task(send_images(client)) for _ in range(senders if image else 0)]
-        await asyncio.sleep(1.0 if image else 0)
-        request = chat_request(
-            "", uuid.uuid4().hex, text="talk", speech=True, temperature=0.0, max_new_tokens=150
-        )
-        chunks = []
-        async for response in client.chat_stream(request):
-            if response.WhichOneof("payload") == "audio":
-                audio = response.audio
-                chunks.append((time.perf_counter(), len(audio.pcm) / 2 / audio.sample_rate_hz))
-        stop.set()
-        await asyncio.gather(*load, return_exceptions=True)
+            chunks = []
+            async for response in client.chat_stream(request):
+                if response.WhichOneof("payload") == "audio":
+                    audio = response.audio
+                    chunks.append((time.perf_counter(), len(audio.pcm) / 2 / audio.sample_rate_hz))
     stamps = [arrived for arrived, _ in chunks]
     gap = max((b - a) * 1000 for a, b in zip(stamps, stamps[1:], strict=False))
     return gap, harness.silence_heard(chunks) * 1000
 
 
-def png_variant(png: bytes, number: int) -> bytes:
-    """The same picture as other bytes (a text chunk before the end): each turn's image is
-    new to the embedding cache, so it is decoded and encoded every time, as different photos
-    would be (a resent image is neither)."""
-    text = b"Comment\x00" + str(number).encode()
-    chunk = struct.pack(">I", len(text)) + b"tEXt" + text
-    chunk += struct.pack(">I", zlib.crc32(b"tEXt" + text))
-    end = png.rindex(b"IEND") - 4  # the IEND chunk: its length, type and CRC
-    return png[:end] + chunk + png[end:]
+@contextlib.asynccontextmanager
+async def _image_senders(target: str, image: bytes, senders: int) -> AsyncIterator[None]:
+    """`loadtests.image_senders` running (its first image answered) while inside; it stops
+    when its stdin closes, and is waited for (so its CPU counts in this one's children)."""
+    with tempfile.NamedTemporaryFile(suffix=".png") as file:
+        file.write(image)
+        file.flush()
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "loadtests.image_senders", target, KEY, file.name),
+            str(senders),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            if (await process.stdout.readline()).strip() != b"sending":
+                raise RuntimeError("the image senders did not start; see their output above")
+            yield
+        finally:
+            process.stdin.close()
+            try:
+                await asyncio.wait_for(process.wait(), 60)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 def big_png() -> bytes:
@@ -381,8 +381,12 @@ def _medians(turns: list[dict]) -> dict[str, float]:
 
 
 def _own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU and its finished children's (the image senders, once joined)."""
+    cpu = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        cpu += usage.ru_utime + usage.ru_stime
+    return cpu
 
 
 async def measure(target: str, checkpoint: Path, meter: CpuMeter) -> dict:
@@ -525,8 +529,8 @@ def write(results: dict, out: Path) -> None:
         _profile_row(f"audio gap while images ({GAP_PAIRS} runs)", results["images_profile"]),
         "",
         "A session row's CPU includes its left-out first round. "
-        "`client` is this benchmark's own process (its turns' gRPC streams, the PNGs it "
-        "makes); Redis is not counted. "
+        "`client` is this benchmark's own processes (its turns' gRPC streams; the image "
+        "senders, `loadtests.image_senders`); Redis is not counted. "
         "`cores busy` is CPU seconds used by these processes ÷ (wall time × cores): near 100% the "
         "machine is saturated and time to first audio grows with the work queued ahead of it, "
         "whatever the scheduling.",
