@@ -489,8 +489,8 @@ def write(results: dict, out: Path) -> None:
         f"p95 at 8 sessions ÷ p50 at 1: **{results['p95_at_8_over_p50_at_1']:.2f}**. Prompts: "
         f"{results['prompt_tokens']['min']}-{results['prompt_tokens']['max']} tokens. Each row "
         "leaves out a first round at its concurrency (the connection opens, batch shapes are "
-        "met); p50 and p95 are nearest-rank: of 8 turns p95 is the slowest, of 16 and 32 the "
-        "second slowest.",
+        "met); p50 and p95 are nearest-rank: of 8 turns p95 is the slowest, of 16 the second "
+        "slowest, of 32 the third slowest.",
         "",
         _inprocess_line(results),
         "",
