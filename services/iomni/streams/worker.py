@@ -133,7 +133,10 @@ class TurnWorker:
     async def _drain(self, tp: TopicPartition, partition: _Partition) -> None:
         while not partition.queue.empty():
             if self.stopping.is_set():
-                self._leave(partition)
+                # Shutting down: what was queued behind the turn that ran is not started (a
+                # poll can queue 16, more than a grace period runs). Never committed, it goes
+                # to the partition's next owner, in order.
+                self._drop_queued(partition)
                 return
             record = partition.queue.get_nowait()
             try:
@@ -152,10 +155,8 @@ class TurnWorker:
                 self.in_flight -= 1
                 self.metrics.in_flight.set(self.in_flight)
 
-    def _leave(self, partition: _Partition) -> None:
-        """Shutting down: the records queued behind the turn that ran are not started (a
-        poll can queue 16 per partition, more than a grace period runs). Never committed,
-        they go to the partition's next owner, in order."""
+    def _drop_queued(self, partition: _Partition) -> None:
+        """Forget the partition's queued records (uncommitted: they are fetched again)."""
         left = partition.queue.qsize()
         while not partition.queue.empty():
             partition.queue.get_nowait()
@@ -168,10 +169,7 @@ class TurnWorker:
         await asyncio.sleep(1.0)
         with contextlib.suppress(Exception):
             await self._consumer_call(self.consumer.seek, tp, offset)
-        dropped = partition.queue.qsize()
-        while not partition.queue.empty():
-            partition.queue.get_nowait()
-        self.in_flight -= dropped
+        self._drop_queued(partition)
 
     async def _apply_backpressure(self) -> None:
         full = self.in_flight >= self.settings.max_in_flight

@@ -151,14 +151,13 @@ class TritonServer:
                 self.wait_ready(timeout_s)
                 return
             except Unavailable:
-                signalled = self.process is not None and (self.process.returncode or 0) < 0
-                if not signalled or attempt == START_ATTEMPTS:
-                    raise
+                code = self.process.returncode if self.process is not None else None
+                if code is None or code >= 0 or attempt == START_ATTEMPTS:
+                    raise  # not a death by signal, or the last try
                 log.warning(
                     "tritonserver died on signal %d while starting (attempt %d of %d); "
                     "starting it again. Its log: %s\n%s",
-                    -self.process.returncode, attempt, START_ATTEMPTS,  # type: ignore[union-attr]
-                    self.log_file, self.log_tail(5),
+                    -code, attempt, START_ATTEMPTS, self.log_file, self.log_tail(5),
                 )  # fmt: skip
                 self._kill_stubs()
 
