@@ -308,6 +308,28 @@ def test_triton_probes_use_tritons_own_endpoints(scenario: str) -> None:
         assert {"/models/checkpoint", "/models/repository"} <= mounts
 
 
+def test_triton_starts_by_removing_the_last_containers_shared_memory(tmp_path: Path) -> None:
+    """Run the rendered command with a stand-in tritonserver (and the dshm path pointed at a
+    scratch directory): a region a crashed container left is gone, any other file stays, and
+    tritonserver is exec'd with the rendered args untouched."""
+    container = by_name(docs("cpu"), "Deployment")[part_name("llm")]["spec"]["template"]
+    container = container["spec"]["containers"][0]
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    (shm / "triton_python_backend_shm_region_0b1c").write_bytes(b"left by a crash")
+    (shm / "something_else").write_bytes(b"not ours")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "tritonserver"
+    stand_in.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "argv"}\n')
+    stand_in.chmod(0o755)
+    command = [part.replace("/dev/shm/", f"{shm}/") for part in container["command"]]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run([*command, *container["args"]], env=env, check=True, timeout=30)
+    assert sorted(p.name for p in shm.iterdir()) == ["something_else"]
+    assert (tmp_path / "argv").read_text().splitlines() == container["args"]
+
+
 @ALL
 def test_images_are_pinned(scenario: str) -> None:
     for name, spec in pod_specs(docs(scenario)):

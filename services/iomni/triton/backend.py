@@ -23,6 +23,7 @@ import torch
 from iomni import background
 from iomni.errors import CheckpointError, Internal, InvalidInput, IomniError
 from iomni.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from iomni.triton.server import SHM_PREFIX
 from iomni.triton.tensors import ERROR_CODE, ERROR_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def server_alive() -> bool:
 
 # The stub's own C++ monitor `exit`s without unlinking the shared-memory region 300 ms after
 # the dead server is reaped; checking more often than that lets the region go first (at 1 s a
-# fresh-clone CI run once left a region behind).
+# fresh-clone CI run once left a region behind). A check starved of the GIL still loses that
+# race; the next start in the same work directory removes the region by its name (server.py).
 WATCH_INTERVAL_S = 0.1
 
 
@@ -125,7 +127,7 @@ def _unlink_own_shm() -> None:
     try:
         argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")
         region = argv[2].decode()
-        if region.startswith("triton_python_backend_shm_region_"):
+        if region.startswith(SHM_PREFIX):
             (Path("/dev/shm") / region).unlink(missing_ok=True)
     except (OSError, IndexError, UnicodeDecodeError):
         pass

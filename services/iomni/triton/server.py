@@ -9,13 +9,17 @@ shared-memory region the server left behind.
 Nothing outlives its owner: tritonserver gets SIGKILL from the kernel if the process that
 started it dies (PR_SET_PDEATHSIG), its stubs exit within a second of it dying (a watch thread
 in iomni.triton.backend), and the stubs of a server are found by their executable, which lies
-in this server's own work directory, so cleanup never touches another server's processes.
+in this server's own work directory, so cleanup never touches another server's processes. Its
+shared-memory regions carry a name of the work directory's own (`shm_prefix`): a stub whose
+watch thread never ran (its GIL held by a call into the dead server) leaves its region, and
+the next start in the same work directory removes it by name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +38,8 @@ from iomni.errors import Unavailable
 from iomni.triton.tensors import MODELS
 
 log = logging.getLogger(__name__)
-SHM_GLOB = "triton_python_backend_shm_region_*"
+SHM_PREFIX = "triton_python_backend_shm_region_"  # the python backend's own; ours extend it
+SHM_GLOB = SHM_PREFIX + "*"
 START_ATTEMPTS = 2  # a launch that dies on a signal is tried once more (see `start`)
 
 
@@ -116,6 +121,7 @@ class TritonServer:
             str(binary),
             f"--model-repository={self.repository.resolve()}",
             f"--backend-directory={prepare_backend_dir(self.work).resolve()}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
@@ -129,6 +135,14 @@ class TritonServer:
             "--grpc-address=127.0.0.1",
             "--metrics-address=127.0.0.1",
         ]
+
+    @property
+    def shm_prefix(self) -> str:
+        """The names of this work directory's shared-memory regions. A region is found by its
+        name alone, so one whose stub is already gone (and took its command line with it) is
+        still removed, and another server's regions are never touched."""
+        tag = hashlib.sha256(str(self.work.resolve()).encode()).hexdigest()[:12]
+        return f"{SHM_PREFIX}iomni-{tag}-"
 
     @property
     def pid_file(self) -> Path:
@@ -185,14 +199,15 @@ class TritonServer:
 
     def reap_orphans(self) -> int:
         """Stop a tritonserver and stubs left in this work directory by a launcher that died
-        (SIGKILL, a crash before PR_SET_PDEATHSIG existed); returns how many were stopped."""
+        (SIGKILL, a crash before PR_SET_PDEATHSIG existed), and the shared memory of any stub
+        that died without removing its own; returns how many processes were stopped."""
         pids = self.stub_pids()
         server = _read_pid(self.pid_file)
         if server is not None and _is_tritonserver(server, self.work):
             pids.append(server)
-        self._free_shm(pids)  # read their command lines while they still have them
         for pid in pids:
             _kill(pid)
+        self._free_shm()
         self.pid_file.unlink(missing_ok=True)
         return len(pids)
 
@@ -250,17 +265,15 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self._free_shm(stubs)
         for pid in stubs:
             _kill(pid)
         self._kill_stubs()
 
     def _kill_stubs(self) -> None:
         """After the server exited (or was killed): its stubs and shared memory go too."""
-        stubs = self.stub_pids()
-        self._free_shm(stubs)
-        for pid in stubs:
+        for pid in self.stub_pids():
             _kill(pid)
+        self._free_shm()
         self.pid_file.unlink(missing_ok=True)
 
     def stub_pids(self) -> list[int]:
@@ -274,15 +287,11 @@ class TritonServer:
                     pids.append(int(exe.parent.name))
         return pids
 
-    @staticmethod
-    def _free_shm(pids: list[int]) -> None:
-        """Unlink the shared-memory regions these stubs use (argv[2] of a stub)."""
-        for pid in pids:
-            with contextlib.suppress(OSError, IndexError, UnicodeDecodeError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                region = argv[2].decode()
-                if region.startswith(SHM_GLOB.rstrip("*")):
-                    (Path("/dev/shm") / region).unlink(missing_ok=True)
+    def _free_shm(self) -> None:
+        """Unlink this server's shared-memory regions, once its processes are stopped or killed
+        (a mapping outlives the unlink, so a process still dying loses nothing)."""
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     def _get(self, path: str) -> int:
         try:
