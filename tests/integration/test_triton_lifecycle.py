@@ -285,8 +285,8 @@ def test_a_killed_launcher_takes_its_server_and_stubs_with_it(
         serve.wait(10)
         _wait_gone([server, *stubs], set(), timeout_s=10)
         # The ports are free again: a new launcher on the same work directory starts cleanly,
-        # and no region is left (a stub's watch thread removes its own unless its GIL is held
-        # by a call into the dead server; the new start removes what such a stub left).
+        # and no region is left (a stub's watch thread removes its own unless it runs too late;
+        # the new start removes what such a stub left).
         again = _serve(tiny_dir, work, ports, "llm")
         assert not [r for r in regions if r.exists()]
         again.send_signal(signal.SIGTERM)

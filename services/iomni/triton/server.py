@@ -11,8 +11,9 @@ started it dies (PR_SET_PDEATHSIG), its stubs exit within a second of it dying (
 in iomni.triton.backend), and the stubs of a server are found by their executable, which lies
 in this server's own work directory, so cleanup never touches another server's processes. Its
 shared-memory regions carry a name of the work directory's own (`shm_prefix`): a stub whose
-watch thread never ran (its GIL held by a call into the dead server) leaves its region, and
-the next start in the same work directory removes it by name.
+watch thread did not run in time (the GIL busy, the host loaded) leaves its region, and the
+launcher, or if the launcher died too the next start in the same work directory, removes it by
+name.
 """
 
 from __future__ import annotations
