@@ -92,8 +92,9 @@ def server_alive() -> bool:
 
 # The stub's own C++ monitor `exit`s without unlinking the shared-memory region 300 ms after
 # the dead server is reaped; checking more often than that lets the region go first (at 1 s a
-# fresh-clone CI run once left a region behind). A check starved of the GIL still loses that
-# race; the next start in the same work directory removes the region by its name (server.py).
+# fresh-clone CI run once left a region behind). A check that runs too late still loses that
+# race; the launcher, or the next start in the same work directory, then removes the region by
+# its name (server.py).
 WATCH_INTERVAL_S = 0.1
 
 

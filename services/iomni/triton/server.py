@@ -251,7 +251,6 @@ class TritonServer:
         if self.process is None or self.process.poll() is not None:
             self._kill_stubs()
             return
-        stubs = self.stub_pids()
         self.drain_file.write_text(f"{time.time() + grace_s}\n")
         for model in self.models:
             self._post_json(f"/v2/repository/models/{model}/unload", {})
@@ -266,8 +265,6 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        for pid in stubs:
-            _kill(pid)
         self._kill_stubs()
 
     def _kill_stubs(self) -> None:
