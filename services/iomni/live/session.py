@@ -321,10 +321,7 @@ class LiveSession:
         """Drop input audio not yet committed. A reply started early on it is dropped too: the
         silence that would confirm it can no longer come (it would wait for its verdict until
         the turn timeout, holding the session)."""
-        reply = self.reply
-        if reply is not None and reply.speculative and not reply.running.discarded:
-            reply.running.discard()
-            self.observer.speculative("discarded")
+        self._discard_early_reply()
         self._manual = []
         self.detector = TurnDetector(self.settings.detection)
         self.vad.reset()
@@ -414,13 +411,20 @@ class LiveSession:
             await self._committed(event)
 
     async def _speech_started(self, event: SpeechStarted) -> None:
-        reply = self.reply
-        if reply is not None and reply.speculative:
-            reply.running.discard()  # the user went on: the early turn never happened
-            self.observer.speculative("discarded")
-        elif self.settings.interrupt_response and reply is not None:
+        # The user went on: a turn started early never happened; any other reply is cut.
+        if not self._discard_early_reply() and self.settings.interrupt_response:
             self._interrupt("voice")
         await self.emit("", event)
+
+    def _discard_early_reply(self) -> bool:
+        """Drop the latest reply if it was started early and not dropped yet (counted once);
+        False if there is none such."""
+        reply = self.reply
+        if reply is None or not reply.speculative or reply.running.discarded:
+            return False
+        reply.running.discard()
+        self.observer.speculative("discarded")
+        return True
 
     def _interrupt(self, by: Literal["voice", "client"]) -> None:
         reply = self.reply
